@@ -1,0 +1,97 @@
+//! Overlay mounts: image layers below, the machine's writable layer on top.
+//!
+//! The writable layer is a directory pair (`upper`, `work`) inside the
+//! machine's pool volume, so a snapshot of the volume captures both and a
+//! later issue can stack sealed checkpoint layers between the image layers
+//! and the upper without moving data.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::{Result, RootfsError, io_err};
+
+/// Where the writable layer lives inside a machine's volume.
+#[derive(Debug, Clone)]
+pub struct WritableLayer {
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl WritableLayer {
+    /// The layer inside volume directory `volume`, creating its directories.
+    pub fn in_volume(volume: &Path) -> Result<WritableLayer> {
+        let layer = WritableLayer {
+            upper: volume.join("upper"),
+            work: volume.join("work"),
+        };
+        for dir in [&layer.upper, &layer.work] {
+            fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        Ok(layer)
+    }
+}
+
+/// The option string for an overlay mount. Lower layers are given top-most
+/// first, the order overlayfs expects.
+pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
+    if lowers.is_empty() {
+        return Err(RootfsError::Invalid("an overlay needs at least one lower layer".into()));
+    }
+    for p in lowers.iter().chain([&layer.upper, &layer.work]) {
+        let s = p.to_str().unwrap_or(",");
+        if s.contains([',', ':']) || !p.is_absolute() {
+            return Err(RootfsError::Invalid(format!(
+                "overlay layer path {} must be absolute and free of ',' and ':'",
+                p.display()
+            )));
+        }
+    }
+    let lower = lowers.iter().map(|p| p.to_str().expect("checked")).collect::<Vec<_>>().join(":");
+    // index/metacopy/redirect_dir stay off: they are this host's module
+    // defaults, and snapshots of an upper made with them on would only be
+    // valid over the exact same lowers.
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        layer.upper.display(),
+        layer.work.display()
+    );
+    // The kernel copies mount data into one page.
+    if opts.len() >= 4096 {
+        return Err(RootfsError::Invalid(format!(
+            "overlay options are {} bytes, over the kernel's 4095 (too many image layers or a long data dir path)",
+            opts.len()
+        )));
+    }
+    Ok(opts)
+}
+
+/// Mounts the overlay at `target` (created if missing).
+pub fn mount(lowers: &[PathBuf], layer: &WritableLayer, target: &Path) -> Result<()> {
+    let opts = options(lowers, layer)?;
+    fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
+    let data = std::ffi::CString::new(opts).map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
+    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
+        .map_err(io_err(format!("mounting the overlay at {}", target.display())))
+}
+
+/// Whether something is mounted at `target` (its device differs from its
+/// parent's).
+pub fn is_mounted(target: &Path) -> bool {
+    let (Ok(me), Some(Ok(parent))) = (fs::metadata(target), target.parent().map(fs::metadata)) else {
+        return false;
+    };
+    me.dev() != parent.dev()
+}
+
+/// Unmounts `target` if mounted. Lazy (`MNT_DETACH`): the mount disappears
+/// from the namespace now and is torn down when the last user lets go.
+pub fn unmount(target: &Path) -> Result<()> {
+    if !is_mounted(target) {
+        return Ok(());
+    }
+    rustix::mount::unmount(target, UnmountFlags::DETACH)
+        .map_err(io_err(format!("unmounting {}", target.display())))
+}

@@ -1,0 +1,85 @@
+//! Schema migrations, applied in order and recorded in `schema_migrations`
+//! inside the same transaction as the change, so a crash mid-migration leaves
+//! the previous version intact.
+
+use sqlx::SqlitePool;
+
+use crate::{Result, db};
+
+/// Each entry is one migration; never edit a released one, append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE apps (
+    name TEXT PRIMARY KEY,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE TABLE images (
+    reference TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    image_json TEXT NOT NULL
+);
+CREATE INDEX images_digest ON images (digest);
+CREATE TABLE machines (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL REFERENCES apps (name),
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    image_reference TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    run_ms BIGINT NOT NULL,
+    started_at_ms BIGINT,
+    restart_count BIGINT NOT NULL,
+    last_exit_json TEXT
+);
+-- Names are unique among the living; a destroyed machine frees its name.
+CREATE UNIQUE INDEX machines_live_name ON machines (app, name) WHERE state <> 'destroyed';
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    source TEXT NOT NULL,
+    timestamp_ms BIGINT NOT NULL,
+    detail_json TEXT
+);
+CREATE INDEX events_machine ON events (machine_id, seq);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#];
+
+pub(crate) async fn migrate(pool: &SqlitePool) -> Result<()> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
+        .execute(pool)
+        .await
+        .map_err(db("creating schema_migrations"))?;
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+        .fetch_one(pool)
+        .await
+        .map_err(db("reading schema version"))?;
+    if applied as usize > MIGRATIONS.len() {
+        return Err(crate::StoreError::Corrupt(format!(
+            "database schema version {applied} is newer than this daemon knows ({}): upgrade hangar",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let mut tx = pool.begin().await.map_err(db("migrating"))?;
+        sqlx::raw_sql(*sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(format!("applying migration {}", i + 1)))?;
+        sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
+            .bind(i as i64 + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording migration"))?;
+        tx.commit().await.map_err(db("migrating"))?;
+    }
+    Ok(())
+}

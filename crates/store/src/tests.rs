@@ -1,0 +1,79 @@
+use super::*;
+use hangar_api::MachineConfig;
+
+fn machine(id: &str, name: &str) -> MachineRecord {
+    MachineRecord {
+        id: id.into(),
+        app: "a".into(),
+        name: name.into(),
+        state: MachineState::Created,
+        config: MachineConfig {
+            image: "oci:/x".into(),
+            ..Default::default()
+        },
+        image_reference: "oci:/x".into(),
+        image_digest: "sha256:00".into(),
+        instance_id: "i1".into(),
+        host: "h".into(),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        run_ms: 0,
+        started_at_ms: None,
+        restart_count: 0,
+        last_exit: None,
+    }
+}
+
+fn event(kind: &str) -> MachineEvent {
+    MachineEvent {
+        kind: kind.into(),
+        status: "created".into(),
+        source: "user".into(),
+        timestamp: 5,
+        detail: Some(serde_json::json!({"k": 1})),
+    }
+}
+
+#[tokio::test]
+async fn machines_round_trip_and_names_are_unique_among_the_living() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    store.create_app("a", 1).await.unwrap();
+    assert!(matches!(store.create_app("a", 2).await, Err(StoreError::Conflict(_))));
+
+    let mut m = machine("m1", "web");
+    store.insert_machine(&m, &event("create")).await.unwrap();
+    assert!(matches!(
+        store.insert_machine(&machine("m2", "web"), &event("create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.get_machine("m1").await.unwrap().unwrap(), m);
+
+    m.state = MachineState::Destroyed;
+    store.update_machine(&m, Some(&event("destroy"))).await.unwrap();
+    store.insert_machine(&machine("m2", "web"), &event("create")).await.unwrap();
+    assert_eq!(store.list_machines(Some("a")).await.unwrap().len(), 2);
+    let events = store.list_events("m1").await.unwrap();
+    assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["create", "destroy"]);
+    assert_eq!(events[0].detail, Some(serde_json::json!({"k": 1})));
+
+    assert!(matches!(store.delete_app("a").await, Err(StoreError::Conflict(_))));
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let store = Store::open(&path).await.unwrap();
+        store.create_app("a", 1).await.unwrap();
+        store.insert_machine(&machine("m1", "x"), &event("create")).await.unwrap();
+        store.put_setting("host", "h1").await.unwrap();
+    }
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.get_machine("m1").await.unwrap().unwrap().name, "x");
+    assert_eq!(store.get_setting("host").await.unwrap().as_deref(), Some("h1"));
+    store.purge_machine("m1").await.unwrap();
+    store.delete_app("a").await.unwrap();
+    assert!(store.get_app("a").await.unwrap().is_none());
+}

@@ -122,7 +122,7 @@ pub struct MachineFile {
     pub mode: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// OCI runtime runc: the default.
@@ -353,14 +353,20 @@ pub struct ExecResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecStreamEvent {
-    Stdout { data: String },
-    Stderr { data: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     Exit {
         exit_code: Option<i32>,
         exit_signal: Option<i32>,
         timed_out: bool,
     },
-    Error { error: String },
+    Error {
+        error: String,
+    },
 }
 
 /// File metadata inside a machine.

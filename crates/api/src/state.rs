@@ -93,7 +93,10 @@ impl std::str::FromStr for MachineState {
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
                 let all: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
-                format!("unknown machine state {s:?}; expected one of {}", all.join(", "))
+                format!(
+                    "unknown machine state {s:?}; expected one of {}",
+                    all.join(", ")
+                )
             })
     }
 }

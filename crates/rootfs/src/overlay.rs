@@ -38,7 +38,9 @@ impl WritableLayer {
 /// first, the order overlayfs expects.
 pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
     if lowers.is_empty() {
-        return Err(RootfsError::Invalid("an overlay needs at least one lower layer".into()));
+        return Err(RootfsError::Invalid(
+            "an overlay needs at least one lower layer".into(),
+        ));
     }
     for p in lowers.iter().chain([&layer.upper, &layer.work]) {
         let s = p.to_str().unwrap_or(",");
@@ -49,7 +51,11 @@ pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
             )));
         }
     }
-    let lower = lowers.iter().map(|p| p.to_str().expect("checked")).collect::<Vec<_>>().join(":");
+    let lower = lowers
+        .iter()
+        .map(|p| p.to_str().expect("checked"))
+        .collect::<Vec<_>>()
+        .join(":");
     // index/metacopy/redirect_dir stay off: they are this host's module
     // defaults, and snapshots of an upper made with them on would only be
     // valid over the exact same lowers.
@@ -72,15 +78,26 @@ pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
 pub fn mount(lowers: &[PathBuf], layer: &WritableLayer, target: &Path) -> Result<()> {
     let opts = options(lowers, layer)?;
     fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
-    let data = std::ffi::CString::new(opts).map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
-    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
-        .map_err(io_err(format!("mounting the overlay at {}", target.display())))
+    let data = std::ffi::CString::new(opts)
+        .map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::empty(),
+        data.as_c_str(),
+    )
+    .map_err(io_err(format!(
+        "mounting the overlay at {}",
+        target.display()
+    )))
 }
 
 /// Whether something is mounted at `target` (its device differs from its
 /// parent's).
 pub fn is_mounted(target: &Path) -> bool {
-    let (Ok(me), Some(Ok(parent))) = (fs::metadata(target), target.parent().map(fs::metadata)) else {
+    let (Ok(me), Some(Ok(parent))) = (fs::metadata(target), target.parent().map(fs::metadata))
+    else {
         return false;
     };
     me.dev() != parent.dev()

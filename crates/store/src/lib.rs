@@ -207,11 +207,13 @@ impl Store {
 
     /// The image with this manifest digest (any reference naming it).
     pub async fn get_image_by_digest(&self, digest: &str) -> Result<Option<ImageRecord>> {
-        let row = sqlx::query("SELECT reference, digest, image_json FROM images WHERE digest = ? LIMIT 1")
-            .bind(digest)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db("reading image"))?;
+        let row = sqlx::query(
+            "SELECT reference, digest, image_json FROM images WHERE digest = ? LIMIT 1",
+        )
+        .bind(digest)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading image"))?;
         row.map(|r| {
             Ok(ImageRecord {
                 reference: r.try_get("reference").map_err(db("reading image"))?,
@@ -265,7 +267,11 @@ impl Store {
 
     /// Writes the machine's new state (and everything else that changed)
     /// together with the event that explains it, atomically.
-    pub async fn update_machine(&self, m: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
+    pub async fn update_machine(
+        &self,
+        m: &MachineRecord,
+        event: Option<&MachineEvent>,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db("updating machine"))?;
         let config = serde_json::to_string(&m.config).expect("config serializes");
         let done = sqlx::query(
@@ -279,7 +285,11 @@ impl Store {
         .bind(m.run_ms)
         .bind(m.started_at_ms)
         .bind(m.restart_count as i64)
-        .bind(m.last_exit.as_ref().map(|e| serde_json::to_string(e).expect("serializes")))
+        .bind(
+            m.last_exit
+                .as_ref()
+                .map(|e| serde_json::to_string(e).expect("serializes")),
+        )
         .bind(&m.id)
         .execute(&mut *tx)
         .await
@@ -297,7 +307,10 @@ impl Store {
     /// Forgets a machine entirely (used to undo a create that never finished).
     pub async fn purge_machine(&self, id: &str) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db("purging machine"))?;
-        for sql in ["DELETE FROM events WHERE machine_id = ?", "DELETE FROM machines WHERE id = ?"] {
+        for sql in [
+            "DELETE FROM events WHERE machine_id = ?",
+            "DELETE FROM machines WHERE id = ?",
+        ] {
             sqlx::query(sql)
                 .bind(id)
                 .execute(&mut *tx)
@@ -320,7 +333,12 @@ impl Store {
     /// Machines of one app (or of all apps), oldest first.
     pub async fn list_machines(&self, app: Option<&str>) -> Result<Vec<MachineRecord>> {
         let rows = match app {
-            Some(app) => sqlx::query(MACHINE_SELECT_BY_APP).bind(app).fetch_all(&self.pool).await,
+            Some(app) => {
+                sqlx::query(MACHINE_SELECT_BY_APP)
+                    .bind(app)
+                    .fetch_all(&self.pool)
+                    .await
+            }
             None => sqlx::query(MACHINE_SELECT_ALL).fetch_all(&self.pool).await,
         }
         .map_err(db("listing machines"))?;
@@ -337,7 +355,8 @@ impl Store {
         .map_err(db("listing events"))?;
         rows.iter()
             .map(|r| {
-                let detail: Option<String> = r.try_get("detail_json").map_err(db("reading event"))?;
+                let detail: Option<String> =
+                    r.try_get("detail_json").map_err(db("reading event"))?;
                 Ok(MachineEvent {
                     kind: r.try_get("kind").map_err(db("reading event"))?,
                     status: r.try_get("status").map_err(db("reading event"))?,
@@ -413,7 +432,9 @@ fn machine_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<MachineRecord> {
     let state: String = r.try_get("state").map_err(get)?;
     let config: String = r.try_get("config_json").map_err(get)?;
     let last_exit: Option<String> = r.try_get("last_exit_json").map_err(get)?;
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("machine {id} {what}: {e}"));
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("machine {id} {what}: {e}"))
+    };
     Ok(MachineRecord {
         state: MachineState::from_str(&state).map_err(|e| corrupt("state", &e))?,
         config: serde_json::from_str(&config).map_err(|e| corrupt("config", &e))?,

@@ -39,25 +39,42 @@ async fn machines_round_trip_and_names_are_unique_among_the_living() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.db")).await.unwrap();
     store.create_app("a", 1).await.unwrap();
-    assert!(matches!(store.create_app("a", 2).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.create_app("a", 2).await,
+        Err(StoreError::Conflict(_))
+    ));
 
     let mut m = machine("m1", "web");
     store.insert_machine(&m, &event("create")).await.unwrap();
     assert!(matches!(
-        store.insert_machine(&machine("m2", "web"), &event("create")).await,
+        store
+            .insert_machine(&machine("m2", "web"), &event("create"))
+            .await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.get_machine("m1").await.unwrap().unwrap(), m);
 
     m.state = MachineState::Destroyed;
-    store.update_machine(&m, Some(&event("destroy"))).await.unwrap();
-    store.insert_machine(&machine("m2", "web"), &event("create")).await.unwrap();
+    store
+        .update_machine(&m, Some(&event("destroy")))
+        .await
+        .unwrap();
+    store
+        .insert_machine(&machine("m2", "web"), &event("create"))
+        .await
+        .unwrap();
     assert_eq!(store.list_machines(Some("a")).await.unwrap().len(), 2);
     let events = store.list_events("m1").await.unwrap();
-    assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["create", "destroy"]);
+    assert_eq!(
+        events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["create", "destroy"]
+    );
     assert_eq!(events[0].detail, Some(serde_json::json!({"k": 1})));
 
-    assert!(matches!(store.delete_app("a").await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.delete_app("a").await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 #[tokio::test]
@@ -67,12 +84,18 @@ async fn state_survives_reopen() {
     {
         let store = Store::open(&path).await.unwrap();
         store.create_app("a", 1).await.unwrap();
-        store.insert_machine(&machine("m1", "x"), &event("create")).await.unwrap();
+        store
+            .insert_machine(&machine("m1", "x"), &event("create"))
+            .await
+            .unwrap();
         store.put_setting("host", "h1").await.unwrap();
     }
     let store = Store::open(&path).await.unwrap();
     assert_eq!(store.get_machine("m1").await.unwrap().unwrap().name, "x");
-    assert_eq!(store.get_setting("host").await.unwrap().as_deref(), Some("h1"));
+    assert_eq!(
+        store.get_setting("host").await.unwrap().as_deref(),
+        Some("h1")
+    );
     store.purge_machine("m1").await.unwrap();
     store.delete_app("a").await.unwrap();
     assert!(store.get_app("a").await.unwrap().is_none());

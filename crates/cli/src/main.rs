@@ -1,0 +1,635 @@
+//! `hangar`: runs the daemon, and drives it through its REST API.
+
+mod client;
+mod output;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use hangar_api::{
+    App, CreateMachineRequest, ExecRequest, ExecStreamEvent, FileInfo, GuestConfig, InitConfig,
+    Machine, MachineConfig, RestartConfig, RestartPolicy, RuntimeKind, StopRequest,
+};
+use reqwest::Method;
+
+use crate::client::Client;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Machines for AI coding agents: create once, start in milliseconds."
+)]
+struct Cli {
+    /// Daemon URL (default: read from the data dir of a local daemon).
+    #[arg(long, global = true, env = "HANGAR_URL")]
+    url: Option<String>,
+    /// API token (default: DATA_DIR/api-token).
+    #[arg(long, global = true, env = "HANGAR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The daemon's data dir (for `serve`, and to find a local daemon).
+    #[arg(
+        long,
+        global = true,
+        env = "HANGAR_DATA_DIR",
+        default_value = "/var/lib/hangar"
+    )]
+    data_dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Manage apps (namespaces of machines).
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Manage machines.
+    #[command(subcommand, alias = "m")]
+    Machine(MachineCommand),
+    /// Local image tools.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:4280")]
+    listen: SocketAddr,
+    /// The static hangar-init binary (default: next to this binary, or the
+    /// workspace's static build).
+    #[arg(long, env = "HANGAR_INIT_BINARY")]
+    init_binary: Option<PathBuf>,
+    /// Default sandbox runtime.
+    #[arg(long, value_enum, default_value = "runc")]
+    runtime: RuntimeArg,
+    /// A directory on btrfs to hold machine filesystems (default: the data
+    /// dir if on btrfs, else a loop-mounted image file in it).
+    #[arg(long)]
+    pool_dir: Option<PathBuf>,
+    /// Size of the loop-mounted pool image, in GiB.
+    #[arg(long, default_value_t = 16)]
+    pool_size_gb: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RuntimeArg {
+    Runc,
+    Runsc,
+}
+
+impl From<RuntimeArg> for RuntimeKind {
+    fn from(r: RuntimeArg) -> RuntimeKind {
+        match r {
+            RuntimeArg::Runc => RuntimeKind::Runc,
+            RuntimeArg::Runsc => RuntimeKind::Runsc,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AppCommand {
+    Create {
+        name: String,
+    },
+    #[command(alias = "list")]
+    Ls,
+    #[command(alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AppArg {
+    /// The app (created on first use if it is the default).
+    #[arg(long, short, env = "HANGAR_APP", default_value = "default")]
+    app: String,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    app: AppArg,
+    /// `oci:/path/to/layout[:tag]` or `oci-archive:/path/file.tar[:tag]`.
+    image: String,
+    #[arg(long)]
+    name: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long, short)]
+    env: Vec<String>,
+    /// KEY=VALUE metadata, repeatable.
+    #[arg(long)]
+    metadata: Vec<String>,
+    #[arg(long)]
+    cpus: Option<u32>,
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    #[arg(long, value_parser = ["no", "on-failure", "always"])]
+    restart: Option<String>,
+    #[arg(long, value_enum)]
+    runtime: Option<RuntimeArg>,
+    /// Override the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Destroy the machine when its process exits.
+    #[arg(long)]
+    rm: bool,
+    /// The command (overrides the image's Cmd).
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct MachineArg {
+    #[command(flatten)]
+    app: AppArg,
+    /// Machine id or name.
+    machine: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum MachineCommand {
+    /// Create a machine from an image and start it.
+    Run(CreateArgs),
+    /// Create a machine without starting it.
+    Create(CreateArgs),
+    Start(MachineArg),
+    Stop {
+        #[command(flatten)]
+        m: MachineArg,
+        #[arg(long)]
+        signal: Option<String>,
+        /// Seconds before SIGKILL.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    Restart(MachineArg),
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        app: AppArg,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    #[command(alias = "show")]
+    Status(MachineArg),
+    /// Run a command inside a started machine; exits with its exit code.
+    Exec {
+        #[command(flatten)]
+        m: MachineArg,
+        #[arg(long, short)]
+        env: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Kill the command after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Output of the machine's main process.
+    Logs {
+        #[command(flatten)]
+        m: MachineArg,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    Ps(MachineArg),
+    Events(MachineArg),
+    /// Copy a file: `hangar machine cp ./f ID:/path` or `cp ID:/path ./f`.
+    Cp {
+        #[command(flatten)]
+        app: AppArg,
+        src: String,
+        dst: String,
+    },
+    #[command(alias = "destroy")]
+    Rm {
+        #[command(flatten)]
+        m: MachineArg,
+        /// Destroy even if started.
+        #[arg(long, short)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Package a directory as a one-layer OCI image layout.
+    FromDir {
+        dir: PathBuf,
+        /// `oci:/path/to/layout:tag`.
+        output: String,
+        /// The image's Cmd.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn key_values(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("{what} {p:?} must look like KEY=VALUE"),
+        })
+        .collect()
+}
+
+fn machine_path(app: &str, m: &str) -> String {
+    format!("/v1/apps/{app}/machines/{m}")
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let client = || client::connect(cli.url.clone(), cli.token.clone(), &cli.data_dir);
+    let json = cli.json;
+    match cli.command {
+        Command::Serve(args) => serve(&cli.data_dir, args).await.map(|()| 0),
+        Command::Image(ImageCommand::FromDir { dir, output, cmd }) => {
+            let (layout, tag) = match output.strip_prefix("oci:").and_then(|r| r.rsplit_once(':')) {
+                Some((l, t)) => (PathBuf::from(l), t.to_owned()),
+                None => bail!("output must look like oci:/path/to/layout:tag"),
+            };
+            let config = hangar_image::ImageConfig {
+                cmd,
+                env: vec![
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ],
+                ..Default::default()
+            };
+            let digest = hangar_image::write_oci_layout(&layout, &tag, &dir, &config)?;
+            println!("{digest}");
+            Ok(0)
+        }
+        Command::App(cmd) => {
+            let c = client()?;
+            match cmd {
+                AppCommand::Create { name } => {
+                    let app: App = c
+                        .post("/v1/apps", &serde_json::json!({ "app_name": name }))
+                        .await?;
+                    output::print(json, &app, || println!("created app {}", app.name));
+                }
+                AppCommand::Ls => {
+                    let list: hangar_api::AppList = c.get("/v1/apps").await?;
+                    output::print(json, &list.apps, || output::apps(&list.apps));
+                }
+                AppCommand::Rm { name } => {
+                    c.send(c.request(Method::DELETE, &format!("/v1/apps/{name}")))
+                        .await?;
+                    if !json {
+                        println!("deleted app {name}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Machine(cmd) => machine(client()?, json, cmd).await,
+    }
+}
+
+async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let init_binary = match args.init_binary {
+        Some(p) => p,
+        None => find_init_binary()?,
+    };
+    let cfg = hangar_machine::ManagerConfig {
+        data_dir: data_dir.to_owned(),
+        init_binary,
+        default_runtime: args.runtime.into(),
+        runc_binary: "runc".into(),
+        runsc_binary: "runsc".into(),
+        pool_dir: args.pool_dir,
+        pool_image_bytes: args.pool_size_gb << 30,
+    };
+    hangar_daemon::serve(args.listen, cfg)
+        .await
+        .map_err(anyhow::Error::msg)
+}
+
+/// hangar-init must be static (it runs inside arbitrary images), so it is
+/// built for an explicit target; look where the build puts it.
+fn find_init_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("locating this binary")?;
+    let mut candidates = vec![dir.join("hangar-init")];
+    if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
+        let static_build = target.join("x86_64-unknown-linux-gnu").join(profile);
+        candidates.insert(0, static_build.join("hangar-init"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("hangar-init not found next to hangar: build it with scripts/build.sh, or pass --init-binary")
+}
+
+async fn ensure_app(c: &Client, app: &str) -> Result<()> {
+    if app == "default" {
+        let exists = c
+            .send(c.request(Method::GET, "/v1/apps/default"))
+            .await
+            .is_ok();
+        if !exists {
+            let _: serde_json::Value = c
+                .post("/v1/apps", &serde_json::json!({ "app_name": "default" }))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
+    match cmd {
+        MachineCommand::Run(args) => create(&c, json, args, false).await,
+        MachineCommand::Create(args) => create(&c, json, args, true).await,
+        MachineCommand::Start(m) => {
+            let machine: Machine = c
+                .post(
+                    &format!("{}/start", machine_path(&m.app.app, &m.machine)),
+                    &(),
+                )
+                .await?;
+            output::print(json, &machine, || {
+                println!("{} {}", machine.id, machine.state)
+            });
+            Ok(0)
+        }
+        MachineCommand::Stop { m, signal, timeout } => {
+            let req = StopRequest {
+                signal,
+                timeout: timeout.map(hangar_api::Duration::Seconds),
+            };
+            let machine: Machine = c
+                .post(
+                    &format!("{}/stop", machine_path(&m.app.app, &m.machine)),
+                    &req,
+                )
+                .await?;
+            output::print(json, &machine, || {
+                println!("{} {}", machine.id, machine.state)
+            });
+            Ok(0)
+        }
+        MachineCommand::Restart(m) => {
+            let machine: Machine = c
+                .post(
+                    &format!("{}/restart", machine_path(&m.app.app, &m.machine)),
+                    &(),
+                )
+                .await?;
+            output::print(json, &machine, || {
+                println!("{} {}", machine.id, machine.state)
+            });
+            Ok(0)
+        }
+        MachineCommand::Ls { app, state } => {
+            let mut req = c.request(Method::GET, &format!("/v1/apps/{}/machines", app.app));
+            if let Some(s) = state {
+                req = req.query(&[("state", s)]);
+            }
+            let list: Vec<Machine> = c.json(req).await?;
+            output::print(json, &list, || output::machines(&list));
+            Ok(0)
+        }
+        MachineCommand::Status(m) => {
+            let machine: Machine = c.get(&machine_path(&m.app.app, &m.machine)).await?;
+            output::print(json, &machine, || output::machine(&machine));
+            Ok(0)
+        }
+        MachineCommand::Exec {
+            m,
+            env,
+            cwd,
+            user,
+            timeout,
+            command,
+        } => {
+            let req = ExecRequest {
+                command,
+                stdin: None,
+                env: key_values(&env, "--env")?,
+                cwd,
+                user,
+                timeout,
+            };
+            exec(&c, json, &machine_path(&m.app.app, &m.machine), &req).await
+        }
+        MachineCommand::Logs { m, follow } => {
+            let req = c
+                .request(
+                    Method::GET,
+                    &format!("{}/logs", machine_path(&m.app.app, &m.machine)),
+                )
+                .query(&[("follow", follow)]);
+            let mut body = c.send(req).await?.bytes_stream();
+            let mut out = std::io::stdout();
+            while let Some(chunk) = body.next().await {
+                out.write_all(&chunk?)?;
+                out.flush()?;
+            }
+            Ok(0)
+        }
+        MachineCommand::Ps(m) => {
+            let ps: Vec<hangar_api::ProcessInfo> = c
+                .get(&format!("{}/ps", machine_path(&m.app.app, &m.machine)))
+                .await?;
+            output::print(json, &ps, || output::processes(&ps));
+            Ok(0)
+        }
+        MachineCommand::Events(m) => {
+            let ev: Vec<hangar_api::MachineEvent> = c
+                .get(&format!("{}/events", machine_path(&m.app.app, &m.machine)))
+                .await?;
+            output::print(json, &ev, || output::events(&ev));
+            Ok(0)
+        }
+        MachineCommand::Cp { app, src, dst } => copy(&c, json, &app.app, &src, &dst).await,
+        MachineCommand::Rm { m, force } => {
+            let req = c
+                .request(Method::DELETE, &machine_path(&m.app.app, &m.machine))
+                .query(&[("force", force)]);
+            c.send(req).await?;
+            if !json {
+                println!("destroyed {}", m.machine);
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn create(c: &Client, json: bool, a: CreateArgs, skip_launch: bool) -> Result<i32> {
+    ensure_app(c, &a.app.app).await?;
+    let guest = (a.cpus.is_some() || a.memory_mb.is_some()).then(|| GuestConfig {
+        cpus: a.cpus.unwrap_or(1),
+        memory_mb: a.memory_mb.unwrap_or(256),
+        ..Default::default()
+    });
+    let restart = a.restart.map(|p| RestartConfig {
+        policy: match p.as_str() {
+            "always" => RestartPolicy::Always,
+            "on-failure" => RestartPolicy::OnFailure,
+            _ => RestartPolicy::No,
+        },
+        max_retries: None,
+    });
+    let req = CreateMachineRequest {
+        name: a.name,
+        config: MachineConfig {
+            image: a.image,
+            init: InitConfig {
+                entrypoint: a.entrypoint.map(|e| vec![e]),
+                cmd: (!a.cmd.is_empty()).then_some(a.cmd),
+                ..Default::default()
+            },
+            env: key_values(&a.env, "--env")?,
+            guest,
+            restart,
+            auto_destroy: a.rm,
+            metadata: key_values(&a.metadata, "--metadata")?,
+            runtime: a.runtime.map(Into::into),
+            ..Default::default()
+        },
+        skip_launch,
+        region: None,
+    };
+    let machine: Machine = c
+        .post(&format!("/v1/apps/{}/machines", a.app.app), &req)
+        .await?;
+    output::print(json, &machine, || {
+        println!("{} {} {}", machine.id, machine.name, machine.state)
+    });
+    Ok(0)
+}
+
+async fn exec(c: &Client, json: bool, path: &str, req: &ExecRequest) -> Result<i32> {
+    if json {
+        let resp: hangar_api::ExecResponse = c.post(&format!("{path}/exec"), req).await?;
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+        return Ok(resp.exit_code.unwrap_or(1));
+    }
+    let mut body = c
+        .send(
+            c.request(Method::POST, &format!("{path}/exec/stream"))
+                .json(req),
+        )
+        .await?
+        .bytes_stream();
+    let mut pending = Vec::new();
+    while let Some(chunk) = body.next().await {
+        pending.extend_from_slice(&chunk?);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            match serde_json::from_slice::<ExecStreamEvent>(&line)? {
+                ExecStreamEvent::Stdout { data } => {
+                    std::io::stdout().write_all(data.as_bytes())?;
+                    std::io::stdout().flush()?;
+                }
+                ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(data.as_bytes())?,
+                ExecStreamEvent::Exit {
+                    exit_code,
+                    exit_signal,
+                    timed_out,
+                } => {
+                    if timed_out {
+                        eprintln!("hangar: command timed out");
+                    }
+                    return Ok(exit_code.unwrap_or(128 + exit_signal.unwrap_or(0)));
+                }
+                ExecStreamEvent::Error { error } => bail!("{error}"),
+            }
+        }
+    }
+    bail!("the exec stream ended without an exit status")
+}
+
+/// `ID:/path` names a file in a machine; anything else is local.
+fn split_remote(s: &str) -> Option<(&str, &str)> {
+    s.split_once(':')
+        .filter(|(m, p)| !m.is_empty() && !m.contains('/') && p.starts_with('/'))
+}
+
+async fn copy(c: &Client, json: bool, app: &str, src: &str, dst: &str) -> Result<i32> {
+    match (split_remote(src), split_remote(dst)) {
+        (None, Some((m, path))) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(src).with_context(|| format!("reading {src}"))?;
+            let mode = format!("{:o}", meta.permissions().mode() & 0o7777);
+            let file = tokio::fs::File::open(src)
+                .await
+                .with_context(|| format!("opening {src}"))?;
+            let req = c
+                .request(
+                    Method::PUT,
+                    &format!("{}/files/content", machine_path(app, m)),
+                )
+                .query(&[("path", path), ("mode", &mode), ("parents", "true")])
+                .body(reqwest::Body::from(file));
+            let info: FileInfo = c.json(req).await?;
+            output::print(json, &info, || {
+                println!("{} bytes -> {m}:{}", info.size, info.path)
+            });
+        }
+        (Some((m, path)), None) => {
+            let req = c
+                .request(
+                    Method::GET,
+                    &format!("{}/files/content", machine_path(app, m)),
+                )
+                .query(&[("path", path)]);
+            let resp = c.send(req).await?;
+            let expected = resp.content_length();
+            let tmp = format!("{dst}.hangar-part");
+            let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {tmp}"))?;
+            let mut body = resp.bytes_stream();
+            let mut n = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                n += chunk.len() as u64;
+                out.write_all(&chunk)?;
+            }
+            if expected.is_some_and(|e| e != n) {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("download of {m}:{path} was cut short ({n} bytes)");
+            }
+            out.sync_all()?;
+            std::fs::rename(&tmp, dst)?;
+            if !json {
+                println!("{m}:{path} -> {dst} ({n} bytes)");
+            }
+        }
+        _ => bail!("exactly one of SRC and DST must be MACHINE:/absolute/path"),
+    }
+    Ok(0)
+}

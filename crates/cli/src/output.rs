@@ -1,0 +1,127 @@
+//! Human-readable output. `--json` bypasses all of it.
+
+use hangar_api::{App, Machine, MachineEvent, ProcessInfo};
+use serde::Serialize;
+
+pub fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce()) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("serializes")
+        );
+    } else {
+        human();
+    }
+}
+
+/// Prints rows as left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn apps(apps: &[App]) {
+    table(
+        &["NAME", "MACHINES", "CREATED"],
+        apps.iter()
+            .map(|a| {
+                vec![
+                    a.name.clone(),
+                    a.machine_count.to_string(),
+                    a.created_at.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn machines(ms: &[Machine]) {
+    table(
+        &["ID", "NAME", "STATE", "IMAGE", "RUN SECONDS", "UPDATED"],
+        ms.iter()
+            .map(|m| {
+                vec![
+                    m.id.clone(),
+                    m.name.clone(),
+                    m.state.to_string(),
+                    m.image_ref.reference.clone(),
+                    format!("{:.1}", m.run_seconds),
+                    m.updated_at.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn machine(m: &Machine) {
+    println!("id:          {}", m.id);
+    println!("name:        {}", m.name);
+    println!("app:         {}", m.app);
+    println!("state:       {}", m.state);
+    println!(
+        "image:       {} ({})",
+        m.image_ref.reference, m.image_ref.digest
+    );
+    println!("run seconds: {:.3}", m.run_seconds);
+    println!("created:     {}", m.created_at);
+    println!("updated:     {}", m.updated_at);
+    if let Some(e) = &m.last_exit {
+        let how = match (e.exit_code, e.signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ => "unknown".into(),
+        };
+        let oom = if e.oom_killed { ", out of memory" } else { "" };
+        println!("last exit:   {how}{oom} at {}", e.exited_at);
+    }
+}
+
+pub fn processes(ps: &[ProcessInfo]) {
+    table(
+        &["PID", "PPID", "UID", "STATE", "RSS KB", "COMMAND"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    p.pid.to_string(),
+                    p.ppid.to_string(),
+                    p.uid.to_string(),
+                    p.state.clone(),
+                    p.rss_kb.to_string(),
+                    p.command.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn events(ev: &[MachineEvent]) {
+    table(
+        &["TIMESTAMP", "TYPE", "STATUS", "SOURCE"],
+        ev.iter()
+            .map(|e| {
+                vec![
+                    e.timestamp.to_string(),
+                    e.kind.clone(),
+                    e.status.clone(),
+                    e.source.clone(),
+                ]
+            })
+            .collect(),
+    );
+}

@@ -1,0 +1,231 @@
+//! Hangar's HTTP edge. Handlers in [`routes`] are thin: they turn requests
+//! into calls on [`hangar_machine::Manager`] and its errors into JSON
+//! ([`error`]). The OpenAPI document is generated from the handlers' types
+//! and served at `/v1/openapi.json`; a test keeps the committed copy
+//! (`openapi/hangar.json`) in step.
+
+pub mod error;
+pub mod extract;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hangar_machine::{Manager, ManagerConfig};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+
+/// Largest JSON request body accepted.
+pub const JSON_BODY_LIMIT: usize = 1 << 20;
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub mgr: Manager,
+    token: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Hangar", description = "Machines for AI coding agents: create once, start in milliseconds."),
+    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files")),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    use routes::{apps, files, machines};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(apps::create_app, apps::list_apps))
+        .routes(routes!(apps::get_app, apps::delete_app))
+        .routes(routes!(machines::create_machine, machines::list_machines))
+        .routes(routes!(machines::get_machine, machines::destroy_machine))
+        .routes(routes!(machines::start_machine))
+        .routes(routes!(machines::stop_machine))
+        .routes(routes!(machines::restart_machine))
+        .routes(routes!(machines::signal_machine))
+        .routes(routes!(machines::wait_machine))
+        .routes(routes!(machines::machine_events))
+        .routes(routes!(machines::machine_ps))
+        .routes(routes!(machines::machine_logs))
+        .routes(routes!(machines::exec))
+        .routes(routes!(machines::exec_stream))
+        .routes(routes!(files::read_file, files::write_file))
+        .routes(routes!(files::stat_file))
+        .routes(routes!(files::list_files))
+        .routes(routes!(files::make_dir))
+        .routes(routes!(files::remove_file))
+}
+
+/// The OpenAPI document, as served and as committed.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+/// Constant-time comparison, so response timing reveals nothing about the
+/// token.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same_secret(t.trim().as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <token>`; the token is in DATA_DIR/api-token",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see GET /v1/openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint; see GET /v1/openapi.json",
+    )
+}
+
+/// The whole HTTP service.
+pub fn router(mgr: Manager, token: String) -> axum::Router {
+    let state = AppState { mgr, token };
+    let (api, doc) = api_router().split_for_parts();
+    let doc = serde_json::to_value(&doc).expect("openapi serializes");
+    let api = api
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state);
+    axum::Router::new()
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(move || async move { axum::Json(doc) }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .merge(api)
+        .fallback(not_found)
+}
+
+/// Reads the API token from `DATA_DIR/api-token`, creating it (mode 0600)
+/// on first start.
+pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("api-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut buf = [0u8; 32];
+    rand::fill(&mut buf);
+    let token = hex::encode(buf);
+    let tmp = data_dir.join("api-token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Machines keep running when the
+/// daemon stops; the next start re-attaches to them.
+pub async fn serve(listen: SocketAddr, cfg: ManagerConfig) -> anyhow_like::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+    let token =
+        load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
+    let mgr = Manager::open(cfg).await.map_err(|e| e.to_string())?;
+    let report = mgr
+        .recover()
+        .await
+        .map_err(|e| format!("recovering machines: {e}"))?;
+    tracing::info!(?report, "recovered machine state");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("listening on {listen}: {e}"))?;
+    let url = format!(
+        "http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    // Lets a CLI on this host find the daemon from the data dir alone.
+    let about = serde_json::json!({ "url": url, "pid": std::process::id() });
+    std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())
+        .map_err(|e| format!("writing daemon.json: {e}"))?;
+    tracing::info!(
+        "hangar listening on {url} (token in {})",
+        mgr.data_dir().join("api-token").display()
+    );
+    axum::serve(listener, router(mgr, token))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Errors at the daemon's outermost edge are just messages for the operator.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, String>;
+}

@@ -1,0 +1,7 @@
+//! HTTP handlers: each parses and validates its request, calls one
+//! operation of the machine manager, and shapes the answer. No logic lives
+//! here.
+
+pub mod apps;
+pub mod files;
+pub mod machines;

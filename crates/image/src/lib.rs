@@ -1,0 +1,22 @@
+//! Hangar's local image store.
+//!
+//! Imports OCI images from local layouts (`oci:/path[:tag]`) and archives
+//! (`oci-archive:/file.tar[:tag]`) into a content-addressed blob store, and
+//! unpacks each layer once into a directory that overlayfs can use as a lower
+//! layer (whiteouts converted to overlayfs' form). Layer tars are untrusted:
+//! nothing in one can write outside its layer directory.
+//!
+//! The API is blocking; async callers run it on a blocking thread.
+//! Importing needs root (owners, device nodes, `trusted.*` xattrs).
+
+mod error;
+mod oci;
+mod reference;
+mod store;
+mod unpack;
+mod writer;
+
+pub use error::{ImageError, Result};
+pub use reference::ImageRef;
+pub use store::{Image, ImageConfig, ImageStore, Layer};
+pub use writer::write_oci_layout;

@@ -1,0 +1,415 @@
+//! The `exec` request: run a command in its own session and stream its
+//! output back as frames.
+//!
+//! Threads per exec:
+//! - the connection thread spawns the child and then runs the output loop:
+//!   `poll` over stdout, stderr, the socket (for hangup) and a wake pipe;
+//! - a waiter receives the exit status from the reaper (the only caller of
+//!   `waitpid`), enforces the timeout, and wakes the output loop;
+//! - with `stdin`, a feeder copies `Stdin` frames into the child's stdin.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hangar_init_protocol::{
+    CHUNK, ErrorKind, ErrorReply, ExitStatus, FrameKind, io_message, read_frame, write_frame,
+    write_json,
+};
+
+use crate::state::{Init, configure_child, kill, lock};
+use crate::users;
+
+/// How long output may keep flowing after the child has exited.
+///
+/// Everything the child itself wrote is already in the pipes when it exits,
+/// so a normal command reaches EOF on both pipes at once. If the pipes stay
+/// open, a background process it started (`server &`) still holds them, and
+/// waiting for EOF could take forever. So after the exit we drain for a
+/// short grace period, then close our ends and send `Exit`; a straggler that
+/// writes later gets EPIPE/SIGPIPE, like after an ssh session ends.
+const EXIT_GRACE: Duration = Duration::from_millis(100);
+
+/// The fields of [`hangar_init_protocol::Request::Exec`].
+#[derive(Debug)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub stdin: bool,
+}
+
+/// State shared by the threads of one exec.
+struct Ctl {
+    /// Process group (= session = pid) of the child.
+    pgid: i32,
+    /// Set once the exec is over (Exit sent or client gone); after that the
+    /// group must not be signalled any more: its pgid may be reused.
+    done: AtomicBool,
+    timed_out: AtomicBool,
+    /// Set when the client broke the protocol while sending stdin.
+    broken: AtomicBool,
+    exit: Mutex<Option<ExitStatus>>,
+    wake: io::PipeWriter,
+}
+
+impl Ctl {
+    fn kill_group(&self) {
+        if !self.done.load(Ordering::SeqCst) {
+            let _ = kill(-self.pgid, libc::SIGKILL);
+        }
+    }
+
+    fn wake(&self) {
+        // A full pipe already has a wakeup pending, so errors don't matter.
+        let _ = (&self.wake).write(&[1]);
+    }
+}
+
+/// Handles one exec request on `stream`. Returns an error only when the
+/// client could not be written to.
+pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
+    // Everything that can fail without the child's help is set up before
+    // it is spawned, so an early error cannot leave it running unwatched.
+    let spawned = io::pipe()
+        .map_err(|e| ErrorReply::from_io(&e, "exec: pipe"))
+        .and_then(|wake| Ok((wake, spawn(init, &spec)?)));
+    let ((wake_r, wake_w), (mut child, rx)) = match spawned {
+        Ok(x) => x,
+        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e),
+    };
+    let ctl = Arc::new(Ctl {
+        pgid: child.id() as i32,
+        done: AtomicBool::new(false),
+        timed_out: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
+        exit: Mutex::new(None),
+        wake: wake_w,
+    });
+
+    let deadline = spec
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let waiter = {
+        let ctl = ctl.clone();
+        thread::Builder::new()
+            .name("exec-wait".into())
+            .spawn(move || wait_exit(rx, deadline, &ctl))
+    };
+    if let Err(e) = waiter {
+        ctl.kill_group();
+        return Err(e);
+    }
+    if let Some(stdin) = child.stdin.take() {
+        let feeder = stream.try_clone().and_then(|sock| {
+            let ctl = ctl.clone();
+            thread::Builder::new()
+                .name("exec-stdin".into())
+                .spawn(move || feed_stdin(sock, stdin, &ctl))
+        });
+        if let Err(e) = feeder {
+            ctl.kill_group();
+            return Err(e);
+        }
+    }
+    let outputs = [
+        child
+            .stdout
+            .take()
+            .map(|p| (FrameKind::Stdout, File::from(std::os::fd::OwnedFd::from(p)))),
+        child
+            .stderr
+            .take()
+            .map(|p| (FrameKind::Stderr, File::from(std::os::fd::OwnedFd::from(p)))),
+    ];
+    let result = pump(stream, outputs, wake_r, &ctl);
+    // Whatever happened, make sure nothing of this exec outlives a failed
+    // connection, then stop signalling the group.
+    if !matches!(result, Ok(true)) {
+        ctl.kill_group();
+    }
+    ctl.done.store(true, Ordering::SeqCst);
+    result.map(drop)
+}
+
+fn spawn(
+    init: &Init,
+    spec: &ExecSpec,
+) -> Result<(std::process::Child, Receiver<ExitStatus>), ErrorReply> {
+    let Some(program) = spec.argv.first() else {
+        return Err(ErrorReply::invalid("exec: argv is empty"));
+    };
+    let creds = spec
+        .user
+        .as_deref()
+        .map(users::resolve_system)
+        .transpose()
+        .map_err(ErrorReply::invalid)?;
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.argv[1..]).env_clear();
+    let mut has_home = false;
+    for entry in &spec.env {
+        match entry.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                has_home |= k == "HOME";
+                cmd.env(k, v);
+            }
+            _ => {
+                return Err(ErrorReply::invalid(format!(
+                    "exec: environment entry {entry:?} is not KEY=VALUE"
+                )));
+            }
+        }
+    }
+    if let (false, Some(home)) = (has_home, creds.as_ref().and_then(|c| c.home.as_ref())) {
+        cmd.env("HOME", home);
+    }
+    if let Some(cwd) = &spec.cwd {
+        // Checked here because a failing chdir in the child is reported
+        // exactly like a missing program.
+        match std::fs::metadata(cwd) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(ErrorReply::new(
+                    ErrorKind::NotADirectory,
+                    format!("exec {program:?}: working directory {cwd}: Not a directory"),
+                ));
+            }
+            Err(e) => {
+                return Err(ErrorReply::from_io(
+                    &e,
+                    format!("exec {program:?}: working directory {cwd}"),
+                ));
+            }
+        }
+        cmd.current_dir(cwd);
+    }
+    cmd.stdin(if spec.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    configure_child(&mut cmd, creds.as_ref(), true);
+    init.spawn_tracked(&mut cmd).map_err(|e| {
+        ErrorReply::new(
+            ErrorKind::ExecFailed,
+            format!("exec {program:?}: {}", io_message(&e)),
+        )
+    })
+}
+
+/// Waits for the reaper to deliver the child's status, killing the group
+/// when the deadline passes first.
+fn wait_exit(rx: Receiver<ExitStatus>, deadline: Option<Instant>, ctl: &Ctl) {
+    let status = match deadline {
+        Some(deadline) => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Err(RecvTimeoutError::Timeout) => {
+                ctl.timed_out.store(true, Ordering::SeqCst);
+                ctl.kill_group();
+                rx.recv().ok()
+            }
+            other => other.ok(),
+        },
+        None => rx.recv().ok(),
+    };
+    // The sender is only dropped if the reaper is gone, i.e. init is exiting.
+    let mut status = status.unwrap_or(ExitStatus {
+        code: None,
+        signal: None,
+        timed_out: false,
+    });
+    status.timed_out = ctl.timed_out.load(Ordering::SeqCst);
+    *lock(&ctl.exit) = Some(status);
+    ctl.wake();
+}
+
+/// Copies `Stdin` frames to the child until `StdinEof` or the end of the
+/// client's stream.
+fn feed_stdin(mut sock: UnixStream, stdin: ChildStdin, ctl: &Ctl) {
+    let mut stdin = Some(stdin);
+    if let Some(s) = &stdin {
+        // Non-blocking so a child that never reads cannot pin this thread
+        // after the exec is over (see write_child).
+        let _ = set_nonblocking(s.as_fd());
+    }
+    loop {
+        match read_frame(&mut sock) {
+            Ok(Some((FrameKind::Stdin, data))) => {
+                if let Some(s) = &mut stdin
+                    && write_child(s, &data, ctl).is_err()
+                {
+                    // The child closed its stdin; drop further input.
+                    stdin = None;
+                }
+            }
+            Ok(Some((FrameKind::StdinEof, _))) => stdin = None,
+            // A half-close (shutdown(SHUT_WR)) is a valid way to say EOF; a
+            // real disconnect is noticed by the output loop as a hangup.
+            Ok(None) => return,
+            Ok(Some(_)) | Err(_) => {
+                if !ctl.done.load(Ordering::SeqCst) {
+                    ctl.broken.store(true, Ordering::SeqCst);
+                    ctl.wake();
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn write_child(stdin: &mut ChildStdin, mut data: &[u8], ctl: &Ctl) -> io::Result<()> {
+    while !data.is_empty() {
+        if ctl.done.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        match stdin.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Re-check `done` now and then: a background process may
+                // hold the pipe open without ever reading it.
+                poll_fds(&mut [pollfd(stdin.as_fd(), libc::POLLOUT)], 200)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The output loop. Returns `Ok(true)` once `Exit` was sent, `Ok(false)` if
+/// the client hung up or broke the protocol.
+fn pump(
+    stream: &UnixStream,
+    mut outputs: [Option<(FrameKind, File)>; 2],
+    mut wake: io::PipeReader,
+    ctl: &Ctl,
+) -> io::Result<bool> {
+    for (_, f) in outputs.iter().flatten() {
+        set_nonblocking(f.as_fd())?;
+    }
+    set_nonblocking(wake.as_fd())?;
+    let mut out = stream;
+    let mut buf = vec![0u8; CHUNK];
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        let exit = *lock(&ctl.exit);
+        if exit.is_some() && exited_at.is_none() {
+            exited_at = Some(Instant::now());
+        }
+        if ctl.broken.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let open = outputs.iter().any(Option::is_some);
+        let timeout = match exited_at {
+            Some(_) if !open => break,
+            Some(at) => match EXIT_GRACE.checked_sub(at.elapsed()) {
+                Some(left) if !left.is_zero() => left.as_millis().max(1) as i32,
+                _ => break,
+            },
+            None => -1,
+        };
+
+        // [wake, socket, stdout?, stderr?]. The socket is polled for no
+        // events: POLLHUP is reported anyway once the client has closed the
+        // connection entirely (a half-close does not count).
+        let mut fds = vec![
+            pollfd(wake.as_fd(), libc::POLLIN),
+            pollfd(stream.as_fd(), 0),
+        ];
+        let slots: Vec<usize> = (0..2).filter(|&i| outputs[i].is_some()).collect();
+        for &i in &slots {
+            if let Some((_, f)) = &outputs[i] {
+                fds.push(pollfd(f.as_fd(), libc::POLLIN));
+            }
+        }
+        poll_fds(&mut fds, timeout)?;
+
+        if fds[0].revents != 0 {
+            let mut sink = [0u8; 64];
+            while matches!(wake.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return Ok(false);
+        }
+        for (k, &i) in slots.iter().enumerate() {
+            if fds[2 + k].revents == 0 {
+                continue;
+            }
+            let Some((kind, f)) = &mut outputs[i] else {
+                continue;
+            };
+            match f.read(&mut buf) {
+                Ok(0) => outputs[i] = None,
+                Ok(n) => {
+                    if write_frame(&mut out, *kind, &buf[..n]).is_err() {
+                        return Ok(false);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => outputs[i] = None,
+            }
+        }
+    }
+    let status = lock(&ctl.exit).unwrap_or(ExitStatus {
+        code: None,
+        signal: None,
+        timed_out: false,
+    });
+    // Mark done before the last write so a hangup right after it cannot make
+    // anyone signal a group that may no longer be ours.
+    ctl.done.store(true, Ordering::SeqCst);
+    write_json(&mut out, FrameKind::Exit, &status)?;
+    Ok(true)
+}
+
+fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}
+
+/// `poll`, retrying on EINTR (with the full timeout again; callers loop and
+/// recompute their deadlines anyway).
+fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of
+        // the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a valid borrowed fd with integer arguments.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The daemon-facing socket: one thread and one request per connection.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::thread;
+use std::time::Duration;
+
+use hangar_init_protocol::{
+    ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json,
+};
+
+use crate::exec::{self, ExecSpec};
+use crate::state::{Init, kill};
+use crate::{files, ps};
+
+/// How long a client may take to send its request frame. After that the
+/// connection only carries data the request asked for, which may be slow.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections forever (or until the listener breaks).
+pub fn serve(init: &'static Init, listener: UnixListener) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let spawned = thread::Builder::new()
+                    .name("conn".into())
+                    .spawn(move || handle(init, stream));
+                if let Err(e) = spawned {
+                    // The stream was moved into the failed closure and is
+                    // closed with it; the client sees a reset and may retry.
+                    eprintln!("hangar-init: cannot start connection thread: {e}");
+                }
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK) => {
+                    eprintln!("hangar-init: listening socket unusable, no longer serving: {e}");
+                    return;
+                }
+                // EMFILE, ENOMEM, ECONNABORTED...: transient, back off.
+                _ => thread::sleep(Duration::from_millis(50)),
+            },
+        }
+    }
+}
+
+/// Serves one connection: read the request, answer it, close.
+pub fn handle(init: &Init, stream: UnixStream) {
+    let _ = serve_one(init, &stream);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
+    let mut w = stream;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let request = match read_frame(&mut w) {
+        Ok(Some((FrameKind::Request, payload))) => match decode_json::<Request>(&payload) {
+            Ok(r) => r,
+            Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad request: {e}"))),
+        },
+        Ok(Some((kind, _))) => {
+            return send_error(
+                stream,
+                ErrorReply::invalid(format!("expected a Request frame, got {kind:?}")),
+            );
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad frame: {e}"))),
+    };
+    stream.set_read_timeout(None)?;
+    match request {
+        Request::Exec {
+            argv,
+            env,
+            cwd,
+            user,
+            timeout_ms,
+            stdin,
+        } => exec::run(
+            init,
+            stream,
+            ExecSpec {
+                argv,
+                env,
+                cwd,
+                user,
+                timeout_ms,
+                stdin,
+            },
+        ),
+        Request::ReadFile { path } => files::read_file(&path, &mut w),
+        Request::WriteFile {
+            path,
+            mode,
+            make_parents,
+        } => reply(stream, files::write_file(&path, mode, make_parents, &mut w)),
+        Request::Stat { path } => reply(stream, files::stat(&path)),
+        Request::List { path } => reply(stream, files::list(&path)),
+        Request::Mkdir {
+            path,
+            mode,
+            parents,
+        } => reply(stream, files::mkdir(&path, mode, parents)),
+        Request::Remove { path, recursive } => reply(stream, files::remove(&path, recursive)),
+        Request::Ps => reply(
+            stream,
+            ps::list().map(|processes| Reply::Processes { processes }),
+        ),
+        Request::Signal { signal } => reply(stream, signal_main(init, signal)),
+        Request::Status => reply(
+            stream,
+            Ok(Reply::Status {
+                main_pid: Some(init.main_pid),
+                exited: init.main_exit(),
+            }),
+        ),
+    }
+}
+
+fn signal_main(init: &Init, signal: i32) -> Result<Reply, ErrorReply> {
+    if !(0..=64).contains(&signal) {
+        return Err(ErrorReply::invalid(format!("invalid signal {signal}")));
+    }
+    if init.main_exit().is_some() {
+        return Err(ErrorReply::invalid("the main process has already exited"));
+    }
+    kill(init.main_pid as i32, signal)
+        .map_err(|e| ErrorReply::from_io(&e, "signal main process"))?;
+    Ok(Reply::Ok)
+}
+
+fn reply(mut w: &UnixStream, result: Result<Reply, ErrorReply>) -> io::Result<()> {
+    match result {
+        Ok(r) => write_json(&mut w, FrameKind::Reply, &r),
+        Err(e) => write_json(&mut w, FrameKind::Error, &e),
+    }
+}
+
+fn send_error(mut w: &UnixStream, e: ErrorReply) -> io::Result<()> {
+    write_json(&mut w, FrameKind::Error, &e)
+}

@@ -1,0 +1,228 @@
+//! State shared by the signal loop and the connection threads: the main
+//! process, and the exec children waiting for the reaper to tell them how
+//! their process ended.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+
+use hangar_init_protocol::ExitStatus;
+
+use crate::users::Credentials;
+
+/// Locks a mutex, ignoring poisoning: a panicking connection thread must not
+/// take the whole init down with it, and the data we guard stays consistent
+/// across a panic (single inserts and removes).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Everything the threads of hangar-init share.
+pub struct Init {
+    /// Pid of the main process.
+    pub main_pid: u32,
+    main_exit: Mutex<Option<ExitStatus>>,
+    /// Held for reading while a child is spawned and registered, and for
+    /// writing while the reaper calls `waitpid(-1)`.
+    ///
+    /// This makes "spawn + register" atomic with respect to reaping, so the
+    /// reaper can never collect an exec child before its waiter is
+    /// registered (no early-exit bookkeeping needed), and any pid it reaps
+    /// that has no waiter is an orphan that nobody will ever ask about.
+    /// It also protects std: when exec fails, `Command::spawn` reaps the
+    /// failed child itself with `waitpid(pid)` and panics if someone else
+    /// already did.
+    spawn_lock: RwLock<()>,
+    waiters: Mutex<HashMap<u32, Sender<ExitStatus>>>,
+}
+
+impl Init {
+    /// State for a running main process `main_pid`.
+    pub fn new(main_pid: u32) -> Self {
+        Self {
+            main_pid,
+            main_exit: Mutex::new(None),
+            spawn_lock: RwLock::new(()),
+            waiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How the main process ended, once it has.
+    pub fn main_exit(&self) -> Option<ExitStatus> {
+        *lock(&self.main_exit)
+    }
+
+    /// Spawns `cmd` and returns the child with a channel on which the reaper
+    /// delivers its exit status. Never call `wait` on the returned child: the
+    /// reaper owns all waiting.
+    pub fn spawn_tracked(&self, cmd: &mut Command) -> io::Result<(Child, Receiver<ExitStatus>)> {
+        let _guard = self
+            .spawn_lock
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let child = cmd.spawn()?;
+        let (tx, rx) = mpsc::channel();
+        lock(&self.waiters).insert(child.id(), tx);
+        Ok((child, rx))
+    }
+
+    /// Reaps every child that has exited, delivering exec children's statuses
+    /// to their waiters. Returns the main process's status if it was among
+    /// them.
+    pub fn reap(&self) -> Option<ExitStatus> {
+        let _guard = self
+            .spawn_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut main = None;
+        while let Some((pid, status)) = wait_any(libc::WNOHANG) {
+            if pid == self.main_pid {
+                *lock(&self.main_exit) = Some(status);
+                main = Some(status);
+            } else if let Some(tx) = lock(&self.waiters).remove(&pid) {
+                // The receiver may be gone if its connection thread died;
+                // then nobody cares.
+                let _ = tx.send(status);
+            }
+        }
+        main
+    }
+
+    /// Runs `terminate` and exits with `code`, with spawning stopped for
+    /// good: exec requests arriving now block until the process is gone, so
+    /// nothing new starts while everything is being killed.
+    pub fn shut_down(&self, code: i32, terminate: impl FnOnce()) -> ! {
+        let _guard = self
+            .spawn_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        terminate();
+        std::process::exit(code)
+    }
+}
+
+/// One `waitpid(-1, flags)`; `None` when there is nothing (more) to reap.
+pub fn wait_any(flags: libc::c_int) -> Option<(u32, ExitStatus)> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid only writes to the status int we pass.
+        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+        if pid > 0 {
+            return Some((pid as u32, decode_wait_status(status)));
+        }
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None; // 0: children remain but none exited; -1: ECHILD
+    }
+}
+
+/// Translates a `waitpid` status word.
+pub fn decode_wait_status(status: libc::c_int) -> ExitStatus {
+    if libc::WIFEXITED(status) {
+        ExitStatus::exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ExitStatus::signaled(libc::WTERMSIG(status))
+    } else {
+        // Without WUNTRACED/WCONTINUED waitpid reports nothing else.
+        ExitStatus::exited(255)
+    }
+}
+
+/// Makes `cmd` start the way a process expects: empty signal mask and default
+/// dispositions (init blocks everything and the mask is inherited across
+/// exec), optionally a new session, and the given credentials.
+pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_session: bool) {
+    // Everything the closure needs is allocated here: after fork in a
+    // multi-threaded process only async-signal-safe calls are allowed.
+    let ids = creds.map(|c| {
+        let groups: Vec<libc::gid_t> = c.groups.clone();
+        (c.uid, c.gid, groups)
+    });
+    let setup = move || -> io::Result<()> {
+        // SAFETY: only async-signal-safe syscalls on memory owned by the
+        // closure; this runs in the forked child before exec.
+        unsafe {
+            reset_dispositions();
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                // Order matters: groups and gid need privileges that
+                // setuid drops.
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure is async-signal-safe (see above).
+    unsafe {
+        cmd.pre_exec(setup);
+    }
+}
+
+/// The kernel's `struct sigaction` on x86_64 and aarch64.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets every signal's disposition to the default. Goes straight to the
+/// kernel because glibc refuses to touch the two RT signals it reserves
+/// (32, 33), and an inherited SIG_IGN on those would survive exec.
+/// Async-signal-safe.
+fn reset_dispositions() {
+    // 64 is the highest signal number on Linux (NSIG - 1).
+    for sig in (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        {
+            let act = KernelSigaction {
+                handler: libc::SIG_DFL,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            // SAFETY: `act` is a valid kernel sigaction; the old action is
+            // not requested; 8 is the kernel's sigset size.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &act as *const KernelSigaction,
+                    0usize,
+                    8usize,
+                )
+            };
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        // SAFETY: resetting to SIG_DFL installs no handler.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+}
+
+/// Sends `sig` to `pid` (a negative pid means a process group).
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,76 @@
+//! The one error type of the operations layer. It knows nothing of HTTP; the
+//! daemon maps each variant to a status code in exactly one place.
+
+use hangar_api::MachineState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong; retrying it unchanged will fail again.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A name is taken, or something still depends on what is being removed.
+    #[error("{0}")]
+    Conflict(String),
+    /// The operation is not legal in the machine's current state.
+    #[error("{message}")]
+    WrongState {
+        message: String,
+        state: MachineState,
+    },
+    /// A wait ran out of time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Too many requests for one machine at once.
+    #[error("{0}")]
+    Busy(String),
+    /// Something failed on our side; the message says what was being done.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> Error {
+        Error::Internal(format!("{context}: {e}"))
+    }
+}
+
+impl From<hangar_store::StoreError> for Error {
+    fn from(e: hangar_store::StoreError) -> Error {
+        use hangar_store::StoreError as S;
+        match e {
+            S::Conflict(m) => Error::Conflict(m),
+            S::NotFound(m) => Error::NotFound(m),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<hangar_image::ImageError> for Error {
+    fn from(e: hangar_image::ImageError) -> Error {
+        use hangar_image::ImageError as I;
+        match e {
+            I::Io { .. } => Error::Internal(format!("importing the image: {e}")),
+            I::NotFound { .. } => Error::NotFound(e.to_string()),
+            _ => Error::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl From<hangar_rootfs::RootfsError> for Error {
+    fn from(e: hangar_rootfs::RootfsError) -> Error {
+        match e {
+            hangar_rootfs::RootfsError::Invalid(m) => Error::BadRequest(m),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<hangar_runtime::RuntimeError> for Error {
+    fn from(e: hangar_runtime::RuntimeError) -> Error {
+        Error::Internal(e.to_string())
+    }
+}

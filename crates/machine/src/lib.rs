@@ -1,0 +1,215 @@
+//! The machine manager: Hangar's operations layer.
+//!
+//! Every operation a user can ask for is a method on [`Manager`]. The REST
+//! API, the CLI (through the API) and later the MCP server are adapters over
+//! these methods and hold no logic of their own.
+//!
+//! Durability: each lifecycle operation first records its intent (a
+//! transient state such as `starting`) with an event, then acts, then
+//! records the outcome. After a crash, [`Manager::recover`] finds machines in
+//! a transient state and finishes or undoes what they were doing.
+//!
+//! Concurrency: operations on one machine are serialised by that machine's
+//! slot lock; operations on different machines run in parallel.
+
+mod agent;
+mod error;
+pub mod launch;
+mod ops;
+mod paths;
+pub mod recover;
+mod sandbox;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use hangar_api::{MachineEvent, MachineState, RuntimeKind};
+use hangar_image::ImageStore;
+use hangar_rootfs::Pool;
+use hangar_runtime::OciRuntime;
+use hangar_store::Store;
+use tokio::sync::watch;
+
+pub use agent::{Exec, ExecOutput, FileReader};
+pub use error::{Error, Result};
+pub use paths::MachinePaths;
+
+/// How the manager is set up: where it keeps things and what it runs with.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub data_dir: PathBuf,
+    /// The static hangar-init binary bind-mounted into every machine.
+    pub init_binary: PathBuf,
+    pub default_runtime: RuntimeKind,
+    pub runc_binary: PathBuf,
+    pub runsc_binary: PathBuf,
+    /// A directory on btrfs to use as the storage pool; if `None`, the data
+    /// dir (if on btrfs) or a loop-mounted image file in it.
+    pub pool_dir: Option<PathBuf>,
+    /// Size of the loop-mounted pool image, when one is made.
+    pub pool_image_bytes: u64,
+}
+
+/// Per-machine runtime bookkeeping, in memory only. Everything needed to
+/// rebuild it is on disk (the store, the runtime's state, the machine dir).
+#[derive(Debug)]
+struct Slot {
+    /// Serialises lifecycle operations on this machine.
+    op: tokio::sync::Mutex<()>,
+    /// The machine's current state, for `wait`.
+    state: watch::Sender<MachineState>,
+    /// The live sandbox, while there is one.
+    running: Mutex<Option<Arc<sandbox::Running>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: ManagerConfig,
+    store: Store,
+    images: Arc<ImageStore>,
+    pool: Arc<dyn Pool>,
+    runtimes: HashMap<RuntimeKind, OciRuntime>,
+    host: String,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// The operations layer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::fill(&mut buf[..]);
+    hex::encode(buf)
+}
+
+pub(crate) fn event(
+    kind: &str,
+    status: &str,
+    source: &str,
+    detail: Option<serde_json::Value>,
+) -> MachineEvent {
+    MachineEvent {
+        kind: kind.into(),
+        status: status.into(),
+        source: source.into(),
+        timestamp: now_ms(),
+        detail,
+    }
+}
+
+impl Manager {
+    /// Opens the state store, image store and storage pool under the data
+    /// dir, checks the runtime, and makes the daemon the subreaper of the
+    /// sandboxes it starts (so it can collect their exit status). Call
+    /// [`Manager::recover`] next.
+    pub async fn open(cfg: ManagerConfig) -> Result<Manager> {
+        let data = &cfg.data_dir;
+        std::fs::create_dir_all(data.join("machines"))
+            .map_err(|e| Error::internal(&format!("creating {}", data.display()), e))?;
+        let store = Store::open(&data.join("state.db")).await?;
+        let images = ImageStore::open(&data.join("images"))?;
+        let pool: Arc<dyn Pool> = {
+            let (pool_dir, data) = (cfg.pool_dir.clone(), data.clone());
+            let size = cfg.pool_image_bytes;
+            let pool = tokio::task::spawn_blocking(move || match pool_dir {
+                Some(dir) => hangar_rootfs::BtrfsPool::open(&dir),
+                None => hangar_rootfs::BtrfsPool::open_for_data_dir(&data, size),
+            })
+            .await
+            .map_err(|e| Error::internal("opening the storage pool", e))??;
+            Arc::new(pool)
+        };
+        if !cfg.init_binary.is_file() {
+            return Err(Error::BadRequest(format!(
+                "hangar-init not found at {}: build it (see README) or pass --init-binary",
+                cfg.init_binary.display()
+            )));
+        }
+        let mut runtimes = HashMap::new();
+        for (kind, binary) in [
+            (RuntimeKind::Runc, &cfg.runc_binary),
+            (RuntimeKind::Runsc, &cfg.runsc_binary),
+        ] {
+            let rt = OciRuntime::new(
+                kind,
+                binary.clone(),
+                data.join("runtime").join(kind.binary()),
+            );
+            runtimes.insert(kind, rt);
+        }
+        runtimes[&cfg.default_runtime].check().await?;
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .map_err(|e| Error::internal("becoming the sandboxes' subreaper", e))?;
+        let host = match store.get_setting("host_id").await? {
+            Some(h) => h,
+            None => {
+                let h = random_hex(8);
+                store.put_setting("host_id", &h).await?;
+                h
+            }
+        };
+        Ok(Manager {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                images: Arc::new(images),
+                pool,
+                runtimes,
+                host,
+                slots: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// This daemon's id, recorded as the owner of the machines it creates.
+    pub fn host_id(&self) -> &str {
+        &self.inner.host
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.cfg.data_dir
+    }
+
+    fn slot(&self, id: &str, state: MachineState) -> Arc<Slot> {
+        let mut slots = self.inner.slots.lock().expect("slots lock");
+        slots
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    op: tokio::sync::Mutex::new(()),
+                    state: watch::channel(state).0,
+                    running: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    fn paths(&self, id: &str) -> MachinePaths {
+        MachinePaths::new(&self.inner.cfg.data_dir, id)
+    }
+
+    fn runtime(&self, kind: Option<RuntimeKind>) -> &OciRuntime {
+        &self.inner.runtimes[&kind.unwrap_or(self.inner.cfg.default_runtime)]
+    }
+}

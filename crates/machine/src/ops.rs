@@ -1,0 +1,954 @@
+//! The operations: one method per thing a user can ask for.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hangar_api::{
+    App, CreateMachineRequest, ExecRequest, ExecResponse, FileInfo, FileList, Machine,
+    MachineEvent, MachineState, ProcessInfo, RestartPolicy, StopRequest, validate_name,
+};
+use hangar_image::{Image, ImageRef};
+use hangar_init_protocol::{FileStat, Reply, Request};
+use hangar_store::{ImageRecord, MachineRecord};
+
+use crate::paths::volume_name;
+use crate::{
+    Error, Exec, ExecOutput, FileReader, Manager, Result, Slot, agent, event, now_ms, random_hex,
+    rfc3339,
+};
+
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const ON_FAILURE_MAX_RETRIES: u32 = 10;
+/// Buffered exec keeps at most this much of each stream; use the streaming
+/// exec for more.
+const EXEC_OUTPUT_CAP: usize = 16 << 20;
+
+fn machine_view(rec: &MachineRecord) -> Machine {
+    let running_ms = rec
+        .started_at_ms
+        .map(|s| (now_ms() - s).max(0))
+        .unwrap_or(0);
+    Machine {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        app: rec.app.clone(),
+        state: rec.state,
+        config: rec.config.clone(),
+        image_ref: hangar_api::ImageRef {
+            reference: rec.image_reference.clone(),
+            digest: rec.image_digest.clone(),
+        },
+        instance_id: rec.instance_id.clone(),
+        created_at: rfc3339(rec.created_at_ms),
+        updated_at: rfc3339(rec.updated_at_ms),
+        run_seconds: (rec.run_ms + running_ms) as f64 / 1000.0,
+        last_exit: rec.last_exit.clone(),
+        host: rec.host.clone(),
+    }
+}
+
+/// Parses `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(s: &str) -> Result<i32> {
+    const NAMES: &[(&str, i32)] = &[
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("KILL", libc::SIGKILL),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("TERM", libc::SIGTERM),
+        ("CONT", libc::SIGCONT),
+        ("STOP", libc::SIGSTOP),
+        ("WINCH", libc::SIGWINCH),
+    ];
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    if let Ok(n) = name.parse::<i32>()
+        && (1..=64).contains(&n)
+    {
+        return Ok(n);
+    }
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "unknown signal {s:?}: use a name like SIGTERM or a number 1-64"
+            ))
+        })
+}
+
+fn wrong_state(rec: &MachineRecord, what: &str, hint: &str) -> Error {
+    Error::WrongState {
+        message: format!(
+            "cannot {what} machine {}: it is {}; {hint}",
+            rec.id, rec.state
+        ),
+        state: rec.state,
+    }
+}
+
+fn to_file_info(s: FileStat) -> FileInfo {
+    FileInfo {
+        path: s.path,
+        kind: match s.kind {
+            hangar_init_protocol::FileKind::File => "file",
+            hangar_init_protocol::FileKind::Dir => "dir",
+            hangar_init_protocol::FileKind::Symlink => "symlink",
+            hangar_init_protocol::FileKind::Other => "other",
+        }
+        .into(),
+        size: s.size,
+        mode: s.mode,
+        uid: s.uid,
+        gid: s.gid,
+        mtime: s.mtime,
+        link_target: s.link_target,
+    }
+}
+
+fn check_path(path: &str) -> Result<()> {
+    hangar_rootfs::confined::components(path)?;
+    Ok(())
+}
+
+impl Manager {
+    // ---- apps ----
+
+    pub async fn create_app(&self, name: &str) -> Result<App> {
+        validate_name("app", name).map_err(Error::BadRequest)?;
+        let now = now_ms();
+        self.inner.store.create_app(name, now).await?;
+        Ok(App {
+            name: name.to_owned(),
+            created_at: rfc3339(now),
+            machine_count: 0,
+        })
+    }
+
+    pub async fn list_apps(&self) -> Result<Vec<App>> {
+        Ok(self
+            .inner
+            .store
+            .list_apps()
+            .await?
+            .into_iter()
+            .map(|a| App {
+                name: a.name,
+                created_at: rfc3339(a.created_at_ms),
+                machine_count: a.machine_count,
+            })
+            .collect())
+    }
+
+    pub async fn get_app(&self, name: &str) -> Result<App> {
+        let a = self.inner.store.get_app(name).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "app {name:?} not found: create it with POST /v1/apps"
+            ))
+        })?;
+        Ok(App {
+            name: a.name,
+            created_at: rfc3339(a.created_at_ms),
+            machine_count: a.machine_count,
+        })
+    }
+
+    pub async fn delete_app(&self, name: &str) -> Result<()> {
+        self.get_app(name).await?;
+        Ok(self.inner.store.delete_app(name).await?)
+    }
+
+    // ---- images ----
+
+    pub(crate) async fn load_image(&self, digest: &str) -> Result<Image> {
+        let rec = self
+            .inner
+            .store
+            .get_image_by_digest(digest)
+            .await?
+            .ok_or_else(|| {
+                Error::Internal(format!("image {digest} is missing from the state store"))
+            })?;
+        serde_json::from_str(&rec.image_json)
+            .map_err(|e| Error::internal(&format!("image {digest} record"), e))
+    }
+
+    /// Imports an image (the slow path: copy, verify and unpack) and records it.
+    pub async fn import_image(&self, reference: &str) -> Result<Image> {
+        let r: ImageRef = reference.parse()?;
+        let images = self.inner.images.clone();
+        let image = tokio::task::spawn_blocking(move || images.import(&r))
+            .await
+            .map_err(|e| Error::internal("importing the image", e))??;
+        self.inner
+            .store
+            .put_image(&ImageRecord {
+                reference: reference.to_owned(),
+                digest: image.manifest_digest.clone(),
+                image_json: serde_json::to_string(&image).expect("image serializes"),
+            })
+            .await?;
+        Ok(image)
+    }
+
+    // ---- machines: reading ----
+
+    /// The machine `id_or_name` of `app`.
+    async fn record(&self, app: &str, id_or_name: &str) -> Result<MachineRecord> {
+        if let Some(rec) = self.inner.store.get_machine(id_or_name).await?
+            && rec.app == app
+        {
+            return Ok(rec);
+        }
+        let by_name = self
+            .inner
+            .store
+            .list_machines(Some(app))
+            .await?
+            .into_iter()
+            .find(|m| m.name == id_or_name && m.state != MachineState::Destroyed);
+        match by_name {
+            Some(rec) => Ok(rec),
+            None => {
+                self.get_app(app).await?;
+                Err(Error::NotFound(format!(
+                    "machine {id_or_name:?} not found in app {app:?}"
+                )))
+            }
+        }
+    }
+
+    pub async fn get_machine(&self, app: &str, id: &str) -> Result<Machine> {
+        Ok(machine_view(&self.record(app, id).await?))
+    }
+
+    /// Machines of `app`, optionally only those in one of `states` and whose
+    /// metadata has every `(key, value)` in `metadata`.
+    pub async fn list_machines(
+        &self,
+        app: &str,
+        states: &[MachineState],
+        metadata: &BTreeMap<String, String>,
+        include_destroyed: bool,
+    ) -> Result<Vec<Machine>> {
+        self.get_app(app).await?;
+        Ok(self
+            .inner
+            .store
+            .list_machines(Some(app))
+            .await?
+            .iter()
+            .filter(|m| {
+                include_destroyed || m.state != MachineState::Destroyed || states.contains(&m.state)
+            })
+            .filter(|m| states.is_empty() || states.contains(&m.state))
+            .filter(|m| {
+                metadata
+                    .iter()
+                    .all(|(k, v)| m.config.metadata.get(k) == Some(v))
+            })
+            .map(machine_view)
+            .collect())
+    }
+
+    pub async fn machine_events(&self, app: &str, id: &str) -> Result<Vec<MachineEvent>> {
+        let rec = self.record(app, id).await?;
+        Ok(self.inner.store.list_events(&rec.id).await?)
+    }
+
+    /// Waits until the machine reaches `state`, or `timeout` passes.
+    pub async fn wait_machine(
+        &self,
+        app: &str,
+        id: &str,
+        state: MachineState,
+        timeout: Duration,
+    ) -> Result<Machine> {
+        if !matches!(
+            state,
+            MachineState::Started
+                | MachineState::Stopped
+                | MachineState::Failed
+                | MachineState::Destroyed
+        ) {
+            return Err(Error::BadRequest(format!(
+                "cannot wait for state {state}: use started, stopped, failed or destroyed"
+            )));
+        }
+        let rec = self.record(app, id).await?;
+        let slot = self.slot(&rec.id, rec.state);
+        let mut rx = slot.state.subscribe();
+        if rec.state != state {
+            // `wait_for` returns a borrow guard that isn't Send: drop it here.
+            let reached = tokio::time::timeout(timeout, rx.wait_for(|s| *s == state))
+                .await
+                .is_ok();
+            if !reached {
+                let now = self.record(app, id).await?;
+                return Err(Error::Timeout(format!(
+                    "machine {} did not reach {state} within {:?}; it is {}",
+                    rec.id, timeout, now.state
+                )));
+            }
+        }
+        self.get_machine(app, &rec.id).await
+    }
+
+    // ---- machines: lifecycle ----
+
+    pub async fn create_machine(&self, app: &str, req: CreateMachineRequest) -> Result<Machine> {
+        self.get_app(app).await?;
+        let id = random_hex(7);
+        let name = req.name.clone().unwrap_or_else(|| id.clone());
+        validate_name("machine", &name).map_err(Error::BadRequest)?;
+        crate::launch::validate(&req.config)?;
+        if req.config.image.trim().is_empty() {
+            return Err(Error::BadRequest(
+                "config.image is required, e.g. \"oci:/path/to/layout:tag\"".into(),
+            ));
+        }
+        // The slow path happens before anything is recorded, so a bad or
+        // missing image leaves no trace.
+        let image = self.import_image(&req.config.image).await?;
+        crate::launch::plan(&id, app, &req.config, &image.config)?;
+
+        let now = now_ms();
+        let mut rec = MachineRecord {
+            id: id.clone(),
+            app: app.to_owned(),
+            name,
+            state: MachineState::Creating,
+            config: req.config,
+            image_reference: image.reference.clone(),
+            image_digest: image.manifest_digest.clone(),
+            instance_id: random_hex(10),
+            host: self.inner.host.clone(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            run_ms: 0,
+            started_at_ms: None,
+            restart_count: 0,
+            last_exit: None,
+        };
+        self.inner
+            .store
+            .insert_machine(&rec, &event("create", "creating", "user", None))
+            .await?;
+        let slot = self.slot(&id, rec.state);
+        let _op = slot.op.lock().await;
+        if let Err(e) = self.lay_out(&rec).await {
+            self.undo_create(&rec).await;
+            return Err(e);
+        }
+        rec.state = MachineState::Created;
+        rec.updated_at_ms = now_ms();
+        self.inner
+            .store
+            .update_machine(&rec, Some(&event("create", "created", "user", None)))
+            .await?;
+        slot.state.send_replace(rec.state);
+        if !req.skip_launch {
+            // A start failure leaves a created machine the user can inspect
+            // and retry, so it is reported, not undone.
+            self.start_locked(&slot, &mut rec, "user").await?;
+        }
+        Ok(machine_view(&rec))
+    }
+
+    /// Creates the machine's volume and directories.
+    async fn lay_out(&self, rec: &MachineRecord) -> Result<()> {
+        let paths = self.paths(&rec.id);
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| Error::internal(&format!("creating {}", paths.dir.display()), e))?;
+        let pool = self.inner.pool.clone();
+        let name = volume_name(&rec.id);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let vol = pool.create(&name)?;
+            hangar_rootfs::overlay::WritableLayer::in_volume(&vol)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal("creating the machine volume", e))?
+    }
+
+    /// Removes every trace of a machine whose create did not finish.
+    pub(crate) async fn undo_create(&self, rec: &MachineRecord) {
+        self.teardown(rec).await;
+        if let Err(e) = self.inner.pool.delete(&volume_name(&rec.id)) {
+            tracing::warn!(machine = %rec.id, "removing volume of an unfinished create: {e}");
+        }
+        let _ = std::fs::remove_dir_all(self.paths(&rec.id).dir);
+        if let Err(e) = self.inner.store.purge_machine(&rec.id).await {
+            tracing::warn!(machine = %rec.id, "forgetting an unfinished create: {e}");
+        }
+    }
+
+    pub async fn start_machine(&self, app: &str, id: &str) -> Result<Machine> {
+        let rec = self.record(app, id).await?;
+        let slot = self.slot(&rec.id, rec.state);
+        let _op = slot.op.lock().await;
+        let mut rec = self.record(app, id).await?;
+        rec.restart_count = 0;
+        self.start_locked(&slot, &mut rec, "user").await?;
+        Ok(machine_view(&rec))
+    }
+
+    pub(crate) async fn start_locked(
+        &self,
+        slot: &Arc<Slot>,
+        rec: &mut MachineRecord,
+        source: &str,
+    ) -> Result<()> {
+        if !rec.state.can_become(MachineState::Starting) || rec.state == MachineState::Started {
+            return Err(wrong_state(
+                rec,
+                "start",
+                "only created, stopped or failed machines start",
+            ));
+        }
+        rec.state = MachineState::Starting;
+        rec.updated_at_ms = now_ms();
+        self.inner
+            .store
+            .update_machine(rec, Some(&event("start", "starting", source, None)))
+            .await?;
+        slot.state.send_replace(rec.state);
+        match self.launch(rec).await {
+            Ok(running) => {
+                let now = now_ms();
+                rec.state = MachineState::Started;
+                rec.started_at_ms = Some(now);
+                rec.updated_at_ms = now;
+                rec.instance_id = running.instance_id.clone();
+                *slot.running.lock().expect("running lock") = Some(running);
+                self.inner
+                    .store
+                    .update_machine(rec, Some(&event("start", "started", source, None)))
+                    .await?;
+                slot.state.send_replace(rec.state);
+                Ok(())
+            }
+            Err(e) => {
+                rec.state = MachineState::Stopped;
+                rec.updated_at_ms = now_ms();
+                let detail = serde_json::json!({ "error": e.to_string() });
+                self.inner
+                    .store
+                    .update_machine(rec, Some(&event("start", "error", source, Some(detail))))
+                    .await?;
+                slot.state.send_replace(rec.state);
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn stop_machine(&self, app: &str, id: &str, req: StopRequest) -> Result<Machine> {
+        let signal = parse_signal(req.signal.as_deref().unwrap_or("SIGTERM"))?;
+        let timeout = match &req.timeout {
+            Some(d) => d.to_std().map_err(Error::BadRequest)?,
+            None => DEFAULT_STOP_TIMEOUT,
+        };
+        let rec = self.record(app, id).await?;
+        let slot = self.slot(&rec.id, rec.state);
+        let _op = slot.op.lock().await;
+        let mut rec = self.record(app, id).await?;
+        self.stop_locked(&slot, &mut rec, signal, timeout, "user")
+            .await?;
+        Ok(machine_view(&rec))
+    }
+
+    pub(crate) async fn stop_locked(
+        &self,
+        slot: &Arc<Slot>,
+        rec: &mut MachineRecord,
+        signal: i32,
+        timeout: Duration,
+        source: &str,
+    ) -> Result<()> {
+        if rec.state != MachineState::Started {
+            return Err(wrong_state(rec, "stop", "only started machines stop"));
+        }
+        rec.state = MachineState::Stopping;
+        rec.updated_at_ms = now_ms();
+        self.inner
+            .store
+            .update_machine(rec, Some(&event("stop", "stopping", source, None)))
+            .await?;
+        slot.state.send_replace(rec.state);
+        let running = slot.running.lock().expect("running lock").clone();
+        let status = match running {
+            Some(running) => {
+                running.signal(signal)?;
+                match running.wait_exit(timeout).await {
+                    Some(status) => status,
+                    None => {
+                        running.signal(libc::SIGKILL)?;
+                        running
+                            .wait_exit(Duration::from_secs(30))
+                            .await
+                            .ok_or_else(|| {
+                                Error::Internal(format!(
+                                    "machine {} did not die after SIGKILL",
+                                    rec.id
+                                ))
+                            })?
+                    }
+                }
+            }
+            // Nothing is running (it ended as we came in): just record it.
+            None => hangar_init_protocol::ExitStatus::signaled(signal),
+        };
+        self.finish_run(rec, status, true, source).await
+    }
+
+    pub async fn restart_machine(&self, app: &str, id: &str, req: StopRequest) -> Result<Machine> {
+        let signal = parse_signal(req.signal.as_deref().unwrap_or("SIGTERM"))?;
+        let timeout = req
+            .timeout
+            .as_ref()
+            .map(|d| d.to_std())
+            .transpose()
+            .map_err(Error::BadRequest)?;
+        let rec = self.record(app, id).await?;
+        let slot = self.slot(&rec.id, rec.state);
+        let _op = slot.op.lock().await;
+        let mut rec = self.record(app, id).await?;
+        if rec.state != MachineState::Started {
+            return Err(wrong_state(&rec, "restart", "start it instead"));
+        }
+        self.stop_locked(
+            &slot,
+            &mut rec,
+            signal,
+            timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+            "user",
+        )
+        .await?;
+        self.start_locked(&slot, &mut rec, "user").await?;
+        Ok(machine_view(&rec))
+    }
+
+    pub async fn signal_machine(&self, app: &str, id: &str, signal: &str) -> Result<()> {
+        let signal = parse_signal(signal)?;
+        let rec = self.record(app, id).await?;
+        self.running(&rec)?;
+        match agent::call(&self.paths(&rec.id).socket, &Request::Signal { signal }).await? {
+            Reply::Ok => Ok(()),
+            other => Err(Error::Internal(format!(
+                "machine init answered a signal with {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn destroy_machine(&self, app: &str, id: &str, force: bool) -> Result<()> {
+        let rec = self.record(app, id).await?;
+        let slot = self.slot(&rec.id, rec.state);
+        let _op = slot.op.lock().await;
+        let mut rec = self.record(app, id).await?;
+        self.destroy_locked(&slot, &mut rec, force, "user").await
+    }
+
+    pub(crate) async fn destroy_locked(
+        &self,
+        slot: &Arc<Slot>,
+        rec: &mut MachineRecord,
+        force: bool,
+        source: &str,
+    ) -> Result<()> {
+        if rec.state == MachineState::Started {
+            if !force {
+                return Err(wrong_state(
+                    rec,
+                    "destroy",
+                    "stop it first, or pass force=true",
+                ));
+            }
+            self.stop_locked(slot, rec, libc::SIGKILL, Duration::ZERO, source)
+                .await?;
+        }
+        if !rec.state.can_become(MachineState::Destroying) {
+            return Err(wrong_state(
+                rec,
+                "destroy",
+                "wait for the current operation to finish",
+            ));
+        }
+        rec.state = MachineState::Destroying;
+        rec.updated_at_ms = now_ms();
+        self.inner
+            .store
+            .update_machine(rec, Some(&event("destroy", "destroying", source, None)))
+            .await?;
+        slot.state.send_replace(rec.state);
+        self.finish_destroy(rec, source).await
+    }
+
+    /// Removes a machine's sandbox, volume and files, then records it
+    /// destroyed. Safe to repeat (recovery does, after a crash).
+    pub(crate) async fn finish_destroy(&self, rec: &mut MachineRecord, source: &str) -> Result<()> {
+        self.teardown(rec).await;
+        let pool = self.inner.pool.clone();
+        let name = volume_name(&rec.id);
+        tokio::task::spawn_blocking(move || pool.delete(&name))
+            .await
+            .map_err(|e| Error::internal("deleting the machine volume", e))??;
+        let dir = self.paths(&rec.id).dir;
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(Error::internal(&format!("removing {}", dir.display()), e));
+        }
+        rec.state = MachineState::Destroyed;
+        rec.updated_at_ms = now_ms();
+        self.inner
+            .store
+            .update_machine(rec, Some(&event("destroy", "destroyed", source, None)))
+            .await?;
+        self.slot(&rec.id, rec.state).state.send_replace(rec.state);
+        Ok(())
+    }
+
+    /// Called by a sandbox's monitor when its init exits. Records the exit
+    /// unless a stop already did, then applies the restart policy.
+    pub(crate) async fn on_sandbox_exit(&self, id: &str, instance_id: &str) {
+        let Ok(Some(mut rec)) = self.inner.store.get_machine(id).await else {
+            return;
+        };
+        let slot = self.slot(id, rec.state);
+        let _op = slot.op.lock().await;
+        let running = slot.running.lock().expect("running lock").clone();
+        let Some(running) = running.filter(|r| r.instance_id == instance_id) else {
+            return; // a stop or destroy has already recorded this exit
+        };
+        let Some(status) = *running.exited.borrow() else {
+            return;
+        };
+        match self.inner.store.get_machine(id).await {
+            Ok(Some(r)) => rec = r,
+            _ => return,
+        }
+        if let Err(e) = self.finish_run(&mut rec, status, false, "machine").await {
+            tracing::error!(machine = %id, "recording exit: {e}");
+            return;
+        }
+        self.after_exit(&slot, &mut rec).await;
+    }
+
+    /// The restart policy and `auto_destroy`, for a machine that just ended
+    /// on its own.
+    pub(crate) async fn after_exit(&self, slot: &Arc<Slot>, rec: &mut MachineRecord) {
+        let policy = rec
+            .config
+            .restart
+            .as_ref()
+            .map(|r| r.policy)
+            .unwrap_or_default();
+        let max = rec
+            .config
+            .restart
+            .as_ref()
+            .and_then(|r| r.max_retries)
+            .unwrap_or(ON_FAILURE_MAX_RETRIES);
+        let restart = match policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => {
+                rec.state == MachineState::Failed && rec.restart_count < max
+            }
+            RestartPolicy::No => false,
+        };
+        if restart {
+            // Back off so a crash loop costs little; the delay grows to 10 s.
+            let delay = Duration::from_millis(100u64 << rec.restart_count.min(7))
+                .min(Duration::from_secs(10));
+            let (mgr, slot, id, count) = (
+                self.clone(),
+                slot.clone(),
+                rec.id.clone(),
+                rec.restart_count,
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _op = slot.op.lock().await;
+                let Ok(Some(mut rec)) = mgr.inner.store.get_machine(&id).await else {
+                    return;
+                };
+                // Anything the user did meanwhile wins over the policy.
+                if !rec.state.is_at_rest() || rec.restart_count != count {
+                    return;
+                }
+                rec.restart_count += 1;
+                if let Err(e) = mgr.start_locked(&slot, &mut rec, "daemon").await {
+                    tracing::warn!(machine = %id, "restart by policy failed: {e}");
+                }
+            });
+        } else if rec.config.auto_destroy
+            && let Err(e) = self.destroy_locked(slot, rec, false, "daemon").await
+        {
+            tracing::warn!(machine = %rec.id, "auto_destroy failed: {e}");
+        }
+    }
+
+    // ---- inside a machine ----
+
+    fn running(&self, rec: &MachineRecord) -> Result<Arc<crate::sandbox::Running>> {
+        let slot = self.slot(&rec.id, rec.state);
+        let running = slot.running.lock().expect("running lock").clone();
+        match running {
+            Some(r) if rec.state == MachineState::Started => Ok(r),
+            _ => Err(wrong_state(rec, "reach inside", "start it first")),
+        }
+    }
+
+    /// Starts a command in a started machine and returns its output stream.
+    pub async fn exec_stream(&self, app: &str, id: &str, req: ExecRequest) -> Result<Exec> {
+        if req.command.is_empty() || req.command[0].is_empty() {
+            return Err(Error::BadRequest(
+                "command must name a program, e.g. [\"ls\", \"-l\"]".into(),
+            ));
+        }
+        if req
+            .command
+            .iter()
+            .chain(req.env.keys())
+            .chain(req.env.values())
+            .any(|s| s.contains('\0'))
+        {
+            return Err(Error::BadRequest(
+                "command and env must not contain NUL".into(),
+            ));
+        }
+        if let Some(cwd) = &req.cwd {
+            check_path(cwd)?;
+        }
+        let rec = self.record(app, id).await?;
+        let running = self.running(&rec)?;
+        let mut env = running.env.clone();
+        for (k, v) in &req.env {
+            if k.is_empty() || k.contains('=') {
+                return Err(Error::BadRequest(format!(
+                    "invalid environment variable name {k:?}"
+                )));
+            }
+            env.retain(|kv| kv.split_once('=').map(|(key, _)| key) != Some(k.as_str()));
+            env.push(format!("{k}={v}"));
+        }
+        let request = Request::Exec {
+            argv: req.command,
+            env,
+            cwd: req.cwd,
+            user: req.user,
+            timeout_ms: req.timeout.map(|s| s.saturating_mul(1000)),
+            stdin: req.stdin.is_some(),
+        };
+        agent::exec(
+            &self.paths(&rec.id).socket,
+            request,
+            req.stdin.map(Bytes::from),
+        )
+        .await
+    }
+
+    /// Runs a command to completion and returns its output.
+    pub async fn exec(&self, app: &str, id: &str, req: ExecRequest) -> Result<ExecResponse> {
+        let mut exec = self.exec_stream(app, id, req).await?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let keep = |buf: &mut Vec<u8>, data: &[u8]| {
+            let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+        };
+        while let Some(out) = exec.next().await? {
+            match out {
+                ExecOutput::Stdout(d) => keep(&mut stdout, &d),
+                ExecOutput::Stderr(d) => keep(&mut stderr, &d),
+                ExecOutput::Exit(status) => {
+                    return Ok(ExecResponse {
+                        exit_code: status.code,
+                        exit_signal: status.signal,
+                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                        timed_out: status.timed_out,
+                    });
+                }
+            }
+        }
+        Err(Error::Internal("exec ended without an exit status".into()))
+    }
+
+    async fn file_call(&self, app: &str, id: &str, req: Request) -> Result<Reply> {
+        let rec = self.record(app, id).await?;
+        self.running(&rec)?;
+        agent::call(&self.paths(&rec.id).socket, &req).await
+    }
+
+    pub async fn stat_file(&self, app: &str, id: &str, path: &str) -> Result<FileInfo> {
+        check_path(path)?;
+        match self
+            .file_call(app, id, Request::Stat { path: path.into() })
+            .await?
+        {
+            Reply::FileStat(s) => Ok(to_file_info(s)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn list_files(&self, app: &str, id: &str, path: &str) -> Result<FileList> {
+        check_path(path)?;
+        match self
+            .file_call(app, id, Request::List { path: path.into() })
+            .await?
+        {
+            Reply::Listing { entries } => Ok(FileList {
+                path: path.into(),
+                entries: entries.into_iter().map(to_file_info).collect(),
+            }),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn make_dir(
+        &self,
+        app: &str,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        parents: bool,
+    ) -> Result<FileInfo> {
+        check_path(path)?;
+        match self
+            .file_call(
+                app,
+                id,
+                Request::Mkdir {
+                    path: path.into(),
+                    mode,
+                    parents,
+                },
+            )
+            .await?
+        {
+            Reply::FileStat(s) => Ok(to_file_info(s)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn remove_file(
+        &self,
+        app: &str,
+        id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<()> {
+        check_path(path)?;
+        if hangar_rootfs::confined::components(path)?.is_empty() {
+            return Err(Error::BadRequest(
+                "refusing to remove the machine's root directory".into(),
+            ));
+        }
+        match self
+            .file_call(
+                app,
+                id,
+                Request::Remove {
+                    path: path.into(),
+                    recursive,
+                },
+            )
+            .await?
+        {
+            Reply::Ok => Ok(()),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn read_file(
+        &self,
+        app: &str,
+        id: &str,
+        path: &str,
+    ) -> Result<(FileInfo, FileReader)> {
+        check_path(path)?;
+        let rec = self.record(app, id).await?;
+        self.running(&rec)?;
+        let (stat, reader) = agent::read_file(&self.paths(&rec.id).socket, path).await?;
+        Ok((to_file_info(stat), reader))
+    }
+
+    /// Replaces a file with the streamed body, atomically.
+    pub async fn write_file<S>(
+        &self,
+        app: &str,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        parents: bool,
+        body: S,
+    ) -> Result<FileInfo>
+    where
+        S: futures_util::Stream<Item = Result<Bytes>> + Unpin,
+    {
+        check_path(path)?;
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(Error::BadRequest(
+                "mode must be at most 7777 (octal)".into(),
+            ));
+        }
+        let rec = self.record(app, id).await?;
+        self.running(&rec)?;
+        let req = Request::WriteFile {
+            path: path.into(),
+            mode,
+            make_parents: parents,
+        };
+        Ok(to_file_info(
+            agent::write_file(&self.paths(&rec.id).socket, req, body).await?,
+        ))
+    }
+
+    pub async fn processes(&self, app: &str, id: &str) -> Result<Vec<ProcessInfo>> {
+        match self.file_call(app, id, Request::Ps).await? {
+            Reply::Processes { processes } => Ok(processes
+                .into_iter()
+                .map(|p| ProcessInfo {
+                    pid: p.pid,
+                    ppid: p.ppid,
+                    uid: p.uid,
+                    state: p.state,
+                    rss_kb: p.rss_kb,
+                    command: p.command,
+                })
+                .collect()),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Where the machine's main-process output is, and whether it can still
+    /// grow (the machine is not destroyed).
+    pub async fn log_file(&self, app: &str, id: &str) -> Result<(std::path::PathBuf, bool)> {
+        let rec = self.record(app, id).await?;
+        Ok((
+            self.paths(&rec.id).log,
+            rec.state != MachineState::Destroyed,
+        ))
+    }
+
+    /// The current state of a machine, cheaply (for log follow).
+    pub async fn machine_state(&self, app: &str, id: &str) -> Result<MachineState> {
+        Ok(self.record(app, id).await?.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signals() {
+        assert_eq!(super::parse_signal("SIGTERM").unwrap(), libc::SIGTERM);
+        assert_eq!(super::parse_signal("kill").unwrap(), libc::SIGKILL);
+        assert_eq!(super::parse_signal("9").unwrap(), 9);
+        assert!(super::parse_signal("SIGNOPE").is_err());
+        assert!(super::parse_signal("0").is_err());
+    }
+}

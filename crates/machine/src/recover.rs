@@ -1,0 +1,127 @@
+//! Reconciliation after a daemon start: whatever the previous daemon was
+//! doing when it stopped (cleanly, by crash or by `kill -9`), finish it or
+//! undo it, and re-attach to sandboxes that kept running.
+
+use std::time::Duration;
+
+use hangar_api::MachineState;
+use hangar_init_protocol::ExitStatus;
+use hangar_store::MachineRecord;
+
+use crate::sandbox::read_exit_file;
+use crate::{Manager, Result, event, now_ms};
+
+/// What recovery found and did, for the daemon's log.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// Sandboxes still running, re-attached.
+    pub reattached: usize,
+    /// Machines whose sandbox ended while no daemon watched.
+    pub exited: usize,
+    /// Creates that never finished, undone.
+    pub undone_creates: usize,
+    /// Destroys that never finished, completed.
+    pub finished_destroys: usize,
+}
+
+impl Manager {
+    /// Brings every machine of this host to a consistent state. Call once,
+    /// before serving requests.
+    pub async fn recover(&self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        for mut rec in self.inner.store.list_machines(None).await? {
+            if rec.host != self.inner.host || rec.state == MachineState::Destroyed {
+                continue;
+            }
+            let slot = self.slot(&rec.id, rec.state);
+            let _op = slot.op.lock().await;
+            match rec.state {
+                MachineState::Creating => {
+                    self.undo_create(&rec).await;
+                    report.undone_creates += 1;
+                }
+                MachineState::Destroying => {
+                    self.finish_destroy(&mut rec, "daemon").await?;
+                    report.finished_destroys += 1;
+                }
+                MachineState::Starting | MachineState::Started | MachineState::Stopping => {
+                    if self.reattach(&mut rec).await? {
+                        report.reattached += 1;
+                    } else {
+                        report.exited += 1;
+                    }
+                }
+                MachineState::Created | MachineState::Stopped | MachineState::Failed => {
+                    // A crash between "sandbox ended" and "teardown done"
+                    // can leave a mount or runtime record behind.
+                    let paths = self.paths(&rec.id);
+                    if hangar_rootfs::overlay::is_mounted(&paths.rootfs) || paths.socket.exists() {
+                        self.teardown(&rec).await;
+                    }
+                }
+                MachineState::Destroyed => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// Re-attaches to a machine's sandbox if it still runs; otherwise records
+    /// how it ended. Returns whether it was still running.
+    async fn reattach(&self, rec: &mut MachineRecord) -> Result<bool> {
+        let slot = self.slot(&rec.id, rec.state);
+        let runtime = self.runtime(rec.config.runtime);
+        let live = runtime
+            .state(&rec.id)
+            .await?
+            .filter(|s| s.status == "running" && s.pid > 0);
+        if let Some(status) = live {
+            let image = self.load_image(&rec.image_digest).await?;
+            let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+            let running = self.watch_sandbox(rec, status.pid, plan.env, rec.instance_id.clone())?;
+            *slot.running.lock().expect("running lock") = Some(running);
+            let was = rec.state;
+            if was != MachineState::Started {
+                rec.state = MachineState::Started;
+                rec.started_at_ms.get_or_insert(now_ms());
+                rec.updated_at_ms = now_ms();
+                let detail = serde_json::json!({ "recovered_from": was.as_str() });
+                self.inner
+                    .store
+                    .update_machine(
+                        rec,
+                        Some(&event("start", "started", "daemon", Some(detail))),
+                    )
+                    .await?;
+            }
+            slot.state.send_replace(rec.state);
+            if was == MachineState::Stopping {
+                // The user asked for a stop that the crash interrupted.
+                let (mgr, slot, mut rec) = (self.clone(), slot.clone(), rec.clone());
+                tokio::spawn(async move {
+                    let _op = slot.op.lock().await;
+                    if let Err(e) = mgr
+                        .stop_locked(
+                            &slot,
+                            &mut rec,
+                            libc::SIGTERM,
+                            Duration::from_secs(10),
+                            "daemon",
+                        )
+                        .await
+                    {
+                        tracing::warn!(machine = %rec.id, "finishing an interrupted stop: {e}");
+                    }
+                });
+            }
+            return Ok(true);
+        }
+        let requested = rec.state == MachineState::Stopping;
+        let status =
+            read_exit_file(&self.paths(&rec.id).run).unwrap_or(ExitStatus::signaled(libc::SIGKILL));
+        self.finish_run(rec, status, requested, "daemon").await?;
+        if !requested {
+            self.after_exit(&slot, rec).await;
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,286 @@
+//! Bringing a machine's sandbox up and down, and noticing when it ends.
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use hangar_api::{ExitInfo, MachineState};
+use hangar_init_protocol::ExitStatus;
+use hangar_rootfs::overlay::{self, WritableLayer};
+use hangar_runtime::spec::{self, SandboxSpec};
+use hangar_store::MachineRecord;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::launch::LaunchPlan;
+use crate::paths::volume_name;
+use crate::{Error, Manager, Result, event, now_ms, random_hex, rfc3339};
+
+const DEFAULT_PIDS_LIMIT: u32 = 4096;
+
+/// A live sandbox.
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub instance_id: String,
+    pidfd: OwnedFd,
+    /// Set once by the monitor when the sandbox's init has exited.
+    pub exited: watch::Receiver<Option<ExitStatus>>,
+    /// The machine's environment, the base of every exec's.
+    pub env: Vec<String>,
+}
+
+impl Running {
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let Some(sig) = rustix::process::Signal::from_named_raw(sig) else {
+            return Err(Error::BadRequest(format!("unknown signal {sig}")));
+        };
+        match rustix::process::pidfd_send_signal(&self.pidfd, sig) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(Error::internal("signalling the machine", e)),
+        }
+    }
+
+    /// Waits until the sandbox has exited, or the deadline passes.
+    pub async fn wait_exit(&self, timeout: std::time::Duration) -> Option<ExitStatus> {
+        let mut rx = self.exited.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some()))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|e| *e))
+    }
+}
+
+impl Manager {
+    /// Mounts the root filesystem and starts the sandbox. On failure, undoes
+    /// what it did and returns the error; the caller records the outcome.
+    pub(crate) async fn launch(&self, rec: &MachineRecord) -> Result<Arc<Running>> {
+        let image = self.load_image(&rec.image_digest).await?;
+        let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+        let lowers = self.inner.images.layer_dirs(&image);
+        match self.launch_sandbox(rec, &plan, &lowers).await {
+            Ok(running) => Ok(running),
+            Err(e) => {
+                self.teardown(rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_sandbox(
+        &self,
+        rec: &MachineRecord,
+        plan: &LaunchPlan,
+        lowers: &[std::path::PathBuf],
+    ) -> Result<Arc<Running>> {
+        let paths = self.paths(&rec.id);
+        let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
+        let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
+        if !overlay::is_mounted(&paths.rootfs) {
+            overlay::mount(lowers, &layer, &paths.rootfs)?;
+        }
+        for f in &rec.config.files {
+            use base64::Engine;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(&f.raw_value)
+                .map_err(|e| Error::BadRequest(format!("files: {}: {e}", f.guest_path)))?;
+            hangar_rootfs::confined::write_file(
+                &paths.rootfs,
+                &f.guest_path,
+                &data,
+                f.mode.unwrap_or(0o644),
+            )?;
+        }
+        for dir in [&paths.bundle, &paths.run] {
+            fs::create_dir_all(dir)
+                .map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
+        }
+        let _ = fs::remove_file(paths.run.join("exit.json"));
+        let guest = rec.config.guest.clone().unwrap_or_default();
+        let spec = SandboxSpec {
+            hostname: rec.id.clone(),
+            rootfs: paths.rootfs.clone(),
+            init_binary: self.inner.cfg.init_binary.clone(),
+            run_dir: paths.run.clone(),
+            args: plan.args.clone(),
+            env: plan.env.clone(),
+            cwd: plan.cwd.clone(),
+            user: plan.user.clone(),
+            cpus: guest.cpus,
+            memory_mb: guest.memory_mb,
+            pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
+            cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
+        };
+        let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
+        write_atomic(&paths.bundle.join("config.json"), &config)
+            .map_err(|e| Error::internal(&ctx("writing config.json"), e))?;
+
+        let _ = fs::remove_file(&paths.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&paths.socket).map_err(|e| {
+            Error::internal(&ctx(&format!("binding {}", paths.socket.display())), e)
+        })?;
+        let output = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&paths.log)
+            .map_err(|e| Error::internal(&ctx("opening its log"), e))?;
+        let runtime = self.runtime(rec.config.runtime);
+        // A leftover sandbox of the same id (a crash between run and record)
+        // would make `run` fail; it is ours and stale, so remove it.
+        runtime.delete(&rec.id).await?;
+        let pid = runtime
+            .run(&rec.id, &paths.bundle, listener.as_fd(), output)
+            .await?;
+        drop(listener);
+        let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
+        Ok(running)
+    }
+
+    /// Starts watching a sandbox's init (by pid) and returns its handle. The
+    /// monitor task finalises the machine when the init exits on its own.
+    pub(crate) fn watch_sandbox(
+        &self,
+        rec: &MachineRecord,
+        pid: u32,
+        env: Vec<String>,
+        instance_id: String,
+    ) -> Result<Arc<Running>> {
+        let pid = rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| {
+            Error::Internal(format!("machine {}: runtime reported pid 0", rec.id))
+        })?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .map_err(|e| Error::internal(&format!("machine {}: watching its init", rec.id), e))?;
+        let (tx, rx) = watch::channel(None);
+        let running = Arc::new(Running {
+            instance_id,
+            pidfd: pidfd
+                .try_clone()
+                .map_err(|e| Error::internal("duplicating a pidfd", e))?,
+            exited: rx,
+            env,
+        });
+        let run_dir = self.paths(&rec.id).run;
+        let (mgr, id, instance) = (self.clone(), rec.id.clone(), running.instance_id.clone());
+        tokio::spawn(async move {
+            // SAFETY: the OwnedFd moves into the AsyncFd, which owns it (and
+            // so keeps it open and unchanged) until it is dropped.
+            let registered =
+                unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+            let status = match registered {
+                Ok(fd) => {
+                    let _ = fd.readable().await;
+                    collect_exit(fd.get_ref(), &run_dir)
+                }
+                Err(e) => {
+                    tracing::error!(machine = %id, "cannot poll the init's pidfd: {e}");
+                    ExitStatus::exited(255)
+                }
+            };
+            let _ = tx.send(Some(status));
+            mgr.on_sandbox_exit(&id, &instance).await;
+        });
+        Ok(running)
+    }
+
+    /// Unmounts and removes the sandbox of a machine that no longer runs.
+    /// Best effort: every step is retried by recovery if it fails here.
+    pub(crate) async fn teardown(&self, rec: &MachineRecord) {
+        let paths = self.paths(&rec.id);
+        if let Err(e) = self.runtime(rec.config.runtime).delete(&rec.id).await {
+            tracing::warn!(machine = %rec.id, "removing sandbox: {e}");
+        }
+        if let Err(e) = overlay::unmount(&paths.rootfs) {
+            tracing::warn!(machine = %rec.id, "unmounting root filesystem: {e}");
+        }
+        let _ = fs::remove_file(&paths.socket);
+    }
+
+    /// Records the end of a run: metering, exit info, new state. The caller
+    /// holds the slot lock and has already observed the exit.
+    pub(crate) async fn finish_run(
+        &self,
+        rec: &mut MachineRecord,
+        status: ExitStatus,
+        requested_stop: bool,
+        source: &str,
+    ) -> Result<()> {
+        let oom = hangar_runtime::cgroup::oom_kills(&rec.id) > 0;
+        self.teardown(rec).await;
+        let now = now_ms();
+        if let Some(started) = rec.started_at_ms.take() {
+            rec.run_ms += (now - started).max(0);
+        }
+        let clean = requested_stop || status.code == Some(0);
+        rec.state = if clean {
+            MachineState::Stopped
+        } else {
+            MachineState::Failed
+        };
+        rec.updated_at_ms = now;
+        rec.last_exit = Some(ExitInfo {
+            exit_code: status.code,
+            signal: status.signal,
+            oom_killed: oom,
+            requested_stop,
+            exited_at: rfc3339(now),
+        });
+        let detail = serde_json::to_value(&rec.last_exit).ok();
+        self.inner
+            .store
+            .update_machine(
+                rec,
+                Some(&event("exit", rec.state.as_str(), source, detail)),
+            )
+            .await?;
+        let slot = self.slot(&rec.id, rec.state);
+        *slot.running.lock().expect("running lock") = None;
+        slot.state.send_replace(rec.state);
+        Ok(())
+    }
+}
+
+/// The exit status of an init whose pidfd has become readable. The init's
+/// own exit file is authoritative (it knows the main process's signal);
+/// otherwise what `waitid` says, when the init is our child.
+fn collect_exit(pidfd: &OwnedFd, run_dir: &std::path::Path) -> ExitStatus {
+    use rustix::process::{WaitId, WaitIdOptions, waitid};
+    let reaped = waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED)
+        .ok()
+        .flatten()
+        .map(|st| match (st.exit_status(), st.terminating_signal()) {
+            (Some(code), _) if st.exited() => ExitStatus::exited(code),
+            (_, Some(sig)) => ExitStatus::signaled(sig),
+            _ => ExitStatus::exited(255),
+        });
+    read_exit_file(run_dir)
+        .or(reaped)
+        .unwrap_or(ExitStatus::exited(255))
+}
+
+/// Reads `exit.json` from the machine-writable run dir without following a
+/// symlink the machine may have planted there, and without reading more
+/// than a small file's worth.
+pub(crate) fn read_exit_file(run_dir: &std::path::Path) -> Option<ExitStatus> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(run_dir.join("exit.json"))
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(4096).read_to_end(&mut buf).ok()?;
+    serde_json::from_slice(&buf).ok()
+}
+
+pub(crate) fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}

@@ -1,0 +1,53 @@
+//! What the daemon reads from a sandbox's cgroup itself (the runtime sets
+//! the cgroup up and tears it down).
+
+use std::path::{Path, PathBuf};
+
+/// The cgroup path Hangar asks the runtime to use for a sandbox.
+pub fn path_for(id: &str) -> String {
+    format!("/hangar/{id}")
+}
+
+fn is_v2(root: &Path) -> bool {
+    root.join("cgroup.controllers").exists()
+}
+
+/// The file that counts OOM kills for a cgroup, on a v2 (unified) or v1
+/// (memory controller) hierarchy.
+fn oom_counter(root: &Path, id: &str) -> PathBuf {
+    let rel = path_for(id);
+    let rel = rel.trim_start_matches('/');
+    if is_v2(root) {
+        root.join(rel).join("memory.events")
+    } else {
+        root.join("memory").join(rel).join("memory.oom_control")
+    }
+}
+
+/// How many processes the kernel's OOM killer killed in the sandbox's cgroup.
+/// Zero if the cgroup is already gone or the kernel doesn't say.
+pub fn oom_kills(id: &str) -> u64 {
+    let Ok(text) = std::fs::read_to_string(oom_counter(Path::new("/sys/fs/cgroup"), id)) else {
+        return 0;
+    };
+    parse_oom_kill(&text)
+}
+
+fn parse_oom_kill(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_both_formats() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        let v2 = "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(super::parse_oom_kill(v1), 2);
+        assert_eq!(super::parse_oom_kill(v2), 1);
+        assert_eq!(super::parse_oom_kill(""), 0);
+    }
+}

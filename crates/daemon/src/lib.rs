@@ -56,6 +56,36 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Every operation answers 401 without a valid token; say so once here
+/// rather than on each handler. (Runs after the routes are collected, which
+/// a `Modify` on the base document can't see.)
+fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let unauthorized = ResponseBuilder::new()
+        .description("missing or invalid API token")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in openapi.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            op.responses
+                .responses
+                .insert("401".into(), unauthorized.clone().into());
+        }
+    }
+}
+
 fn api_router() -> OpenApiRouter<AppState> {
     use routes::{apps, files, machines};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -82,7 +112,9 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as served and as committed.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+    let mut doc = api_router().split_for_parts().1;
+    document_unauthorized(&mut doc);
+    doc
 }
 
 /// Constant-time comparison, so response timing reveals nothing about the
@@ -133,8 +165,8 @@ async fn method_not_allowed() -> ApiError {
 /// The whole HTTP service.
 pub fn router(mgr: Manager, token: String) -> axum::Router {
     let state = AppState { mgr, token };
-    let (api, doc) = api_router().split_for_parts();
-    let doc = serde_json::to_value(&doc).expect("openapi serializes");
+    let (api, _) = api_router().split_for_parts();
+    let doc = serde_json::to_value(openapi()).expect("openapi serializes");
     let api = api
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,385 @@
+//! Test harness: real daemons (the `hangar` binary) with real runc sandboxes
+//! on a real btrfs pool, driven over HTTP.
+//!
+//! Needs root, runc, btrfs-progs, busybox-static and the static hangar-init
+//! (`scripts/build.sh`); `scripts/test.sh` provides all of them.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub const HANGAR: &str = env!("CARGO_BIN_EXE_hangar");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "these tests start real sandboxes and need root: run scripts/test.sh as root"
+    );
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A btrfs filesystem shared by every test process (each daemon gets its
+/// own directory in it). Made once per host, under a lock, and left mounted.
+fn test_pool_root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        require_root();
+        let base = PathBuf::from("/var/tmp/hangar-test-pool");
+        let mnt = base.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let lock = File::create(base.join("lock")).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        if hangar_rootfs_is_btrfs(&mnt) {
+            return mnt;
+        }
+        let img = base.join("pool.img");
+        if !img.exists() {
+            let f = File::create(&img).unwrap();
+            f.set_len(32 << 30).unwrap();
+            sh(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&img));
+        }
+        sh(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        mnt
+    })
+    .clone()
+}
+
+fn hangar_rootfs_is_btrfs(p: &Path) -> bool {
+    rustix::fs::statfs(p)
+        .map(|s| s.f_type as i64 == 0x9123_683E)
+        .unwrap_or(false)
+}
+
+/// The static hangar-init built by scripts/build.sh.
+pub fn init_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("HANGAR_INIT_BINARY") {
+        return p.into();
+    }
+    let p = workspace().join("target/x86_64-unknown-linux-gnu/debug/hangar-init");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/build.sh first",
+        p.display()
+    );
+    p
+}
+
+/// An OCI layout of busybox with image config exercising Entrypoint, Cmd,
+/// Env and WorkingDir. Built once per test process.
+pub fn busybox_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("hangar-test-image")
+                .tempdir()
+                .unwrap()
+                .keep();
+            let rootfs = dir.join("rootfs");
+            for d in [
+                "bin",
+                "etc",
+                "root",
+                "tmp",
+                "srv/app",
+                "home/alice",
+                "proc",
+                "sys",
+                "dev",
+                "run",
+            ] {
+                std::fs::create_dir_all(rootfs.join(d)).unwrap();
+            }
+            let busybox = which("busybox");
+            std::fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
+            let applets = sh(Command::new(&busybox).arg("--list"));
+            for applet in applets.lines() {
+                let link = rootfs.join("bin").join(applet);
+                if !link.exists() {
+                    std::os::unix::fs::symlink("busybox", link).unwrap();
+                }
+            }
+            std::fs::write(
+                rootfs.join("etc/passwd"),
+                "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:alice:/home/alice:/bin/sh\n",
+            )
+            .unwrap();
+            std::fs::write(rootfs.join("etc/group"), "root:x:0:\nalice:x:1000:\n").unwrap();
+            std::fs::write(rootfs.join("srv/app/from-image.txt"), "image layer\n").unwrap();
+            let config = hangar_image::ImageConfig {
+                entrypoint: vec![],
+                cmd: vec!["sleep".into(), "2147483647".into()],
+                env: vec!["PATH=/bin".into(), "IMAGE_VAR=from-image".into()],
+                working_dir: Some("/srv/app".into()),
+                ..Default::default()
+            };
+            let layout = dir.join("layout");
+            hangar_image::write_oci_layout(&layout, "latest", &rootfs, &config).unwrap();
+            format!("oci:{}:latest", layout.display())
+        })
+        .clone()
+}
+
+fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{name} not found on PATH: apt-get install busybox-static"))
+}
+
+/// A running daemon with its own data dir and pool directory.
+pub struct Daemon {
+    pub data_dir: tempfile::TempDir,
+    pub pool_dir: PathBuf,
+    pub url: String,
+    pub token: String,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        require_root();
+        let data_dir = tempfile::Builder::new()
+            .prefix("hangar-test")
+            .tempdir()
+            .unwrap();
+        let pool_dir = test_pool_root().join(data_dir.path().file_name().unwrap());
+        let mut d = Daemon {
+            data_dir,
+            pool_dir,
+            url: String::new(),
+            token: String::new(),
+            child: None,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let about = self.data_dir.path().join("daemon.json");
+        let _ = std::fs::remove_file(&about);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(HANGAR)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(["--listen", "127.0.0.1:0", "--pool-dir"])
+            .arg(&self.pool_dir)
+            .arg("--init-binary")
+            .arg(init_binary())
+            .env("HANGAR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&about)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                self.url = v["url"].as_str().unwrap().to_owned();
+                break;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {status} at start:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.token = std::fs::read_to_string(self.data_dir.path().join("api-token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon with SIGTERM (graceful) or SIGKILL, and starts it
+    /// again on the same data dir.
+    pub fn restart(&mut self, signal: i32) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap();
+        self.spawn();
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    /// Like [`Daemon::call`], asserting a 2xx answer.
+    pub async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method.clone(), path, body).await;
+        assert!(status.is_success(), "{method} {path} -> {status}: {v}");
+        v
+    }
+
+    pub async fn create_app(&self, name: &str) {
+        self.ok(Method::POST, "/v1/apps", Some(json!({ "app_name": name })))
+            .await;
+    }
+
+    /// Creates (and starts) a busybox machine with extra config merged in.
+    pub async fn machine(&self, app: &str, config: Value) -> Value {
+        let mut cfg = json!({ "image": busybox_image() });
+        merge(&mut cfg, config);
+        self.ok(
+            Method::POST,
+            &format!("/v1/apps/{app}/machines"),
+            Some(json!({ "config": cfg })),
+        )
+        .await
+    }
+
+    pub async fn exec(&self, app: &str, id: &str, cmd: &[&str]) -> Value {
+        self.ok(
+            Method::POST,
+            &format!("/v1/apps/{app}/machines/{id}/exec"),
+            Some(json!({ "command": cmd })),
+        )
+        .await
+    }
+
+    /// Runs `sh -c SCRIPT` and returns its stdout, asserting exit code 0.
+    pub async fn sh(&self, app: &str, id: &str, script: &str) -> String {
+        let r = self.exec(app, id, &["sh", "-c", script]).await;
+        assert_eq!(r["exit_code"], 0, "{script}: {r}");
+        r["stdout"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn wait_state(&self, app: &str, id: &str, state: &str) -> Value {
+        self.ok(
+            Method::GET,
+            &format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30"),
+            None,
+        )
+        .await
+    }
+}
+
+pub fn merge(base: &mut Value, extra: Value) {
+    if let (Value::Object(b), Value::Object(e)) = (base, extra) {
+        for (k, v) in e {
+            b.insert(k, v);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Destroy every machine so sandboxes, mounts and subvolumes don't
+        // outlive the test, then stop the daemon.
+        if self.child.is_some() && !self.url.is_empty() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (url, token, http) = (self.url.clone(), self.token.clone(), self.http.clone());
+            std::thread::spawn(move || {
+                rt.block_on(async move {
+                    let Ok(apps) = http
+                        .get(format!("{url}/v1/apps"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                    else {
+                        return;
+                    };
+                    let apps: Value = apps.json().await.unwrap_or_default();
+                    for app in apps["apps"].as_array().cloned().unwrap_or_default() {
+                        let name = app["name"].as_str().unwrap_or_default().to_owned();
+                        let Ok(r) = http
+                            .get(format!("{url}/v1/apps/{name}/machines"))
+                            .bearer_auth(&token)
+                            .send()
+                            .await
+                        else {
+                            continue;
+                        };
+                        let ms: Value = r.json().await.unwrap_or_default();
+                        for m in ms.as_array().cloned().unwrap_or_default() {
+                            let id = m["id"].as_str().unwrap_or_default();
+                            let _ = http
+                                .delete(format!("{url}/v1/apps/{name}/machines/{id}?force=true"))
+                                .bearer_auth(&token)
+                                .send()
+                                .await;
+                        }
+                    }
+                })
+            })
+            .join()
+            .ok();
+        }
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir(&self.pool_dir);
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the system packages Hangar needs (Debian), skipping what is there.
+# Usage: scripts/install-deps.sh [--test]   (--test adds what the tests use)
+set -euo pipefail
+need=(runc btrfs-progs busybox-static)
+[[ "${1:-}" == "--test" ]] && need+=(gcc)
+missing=()
+for pkg in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

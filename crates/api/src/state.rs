@@ -88,16 +88,10 @@ impl std::fmt::Display for MachineState {
 impl std::str::FromStr for MachineState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                let all: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
-                format!(
-                    "unknown machine state {s:?}; expected one of {}",
-                    all.join(", ")
-                )
-            })
+        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            let all: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+            format!("unknown machine state {s:?}; expected one of {}", all.join(", "))
+        })
     }
 }
 

@@ -29,8 +29,8 @@ pub fn connect(url: Option<String>, token: Option<String>, data_dir: &Path) -> R
                     data_dir.display()
                 )
             })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("reading {}", about.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("reading {}", about.display()))?;
             v["url"]
                 .as_str()
                 .ok_or_else(|| anyhow!("{} has no url", about.display()))?

@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use hangar_api::{
-    App, CreateMachineRequest, ExecRequest, ExecStreamEvent, FileInfo, GuestConfig, InitConfig,
-    Machine, MachineConfig, RestartConfig, RestartPolicy, RuntimeKind, StopRequest,
+    App, CreateMachineRequest, ExecRequest, ExecStreamEvent, FileInfo, GuestConfig, InitConfig, Machine, MachineConfig,
+    RestartConfig, RestartPolicy, RuntimeKind, StopRequest,
 };
 use reqwest::Method;
 
@@ -33,12 +33,7 @@ struct Cli {
     #[arg(long, global = true, env = "HANGAR_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The daemon's data dir (for `serve`, and to find a local daemon).
-    #[arg(
-        long,
-        global = true,
-        env = "HANGAR_DATA_DIR",
-        default_value = "/var/lib/hangar"
-    )]
+    #[arg(long, global = true, env = "HANGAR_DATA_DIR", default_value = "/var/lib/hangar")]
     data_dir: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -278,9 +273,7 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let config = hangar_image::ImageConfig {
                 cmd,
-                env: vec![
-                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ],
+                env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
                 ..Default::default()
             };
             let digest = hangar_image::write_oci_layout(&layout, &tag, &dir, &config)?;
@@ -291,9 +284,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let c = client()?;
             match cmd {
                 AppCommand::Create { name } => {
-                    let app: App = c
-                        .post("/v1/apps", &serde_json::json!({ "app_name": name }))
-                        .await?;
+                    let app: App = c.post("/v1/apps", &serde_json::json!({ "app_name": name })).await?;
                     output::print(json, &app, || println!("created app {}", app.name));
                 }
                 AppCommand::Ls => {
@@ -301,8 +292,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     output::print(json, &list.apps, || output::apps(&list.apps));
                 }
                 AppCommand::Rm { name } => {
-                    c.send(c.request(Method::DELETE, &format!("/v1/apps/{name}")))
-                        .await?;
+                    c.send(c.request(Method::DELETE, &format!("/v1/apps/{name}"))).await?;
                     if !json {
                         println!("deleted app {name}");
                     }
@@ -316,10 +306,7 @@ async fn run(cli: Cli) -> Result<i32> {
 
 async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let init_binary = match args.init_binary {
         Some(p) => p,
@@ -334,9 +321,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
         pool_dir: args.pool_dir,
         pool_image_bytes: args.pool_size_gb << 30,
     };
-    hangar_daemon::serve(args.listen, cfg)
-        .await
-        .map_err(anyhow::Error::msg)
+    hangar_daemon::serve(args.listen, cfg).await.map_err(anyhow::Error::msg)
 }
 
 /// hangar-init must be static (it runs inside arbitrary images), so it is
@@ -357,10 +342,7 @@ fn find_init_binary() -> Result<PathBuf> {
 
 async fn ensure_app(c: &Client, app: &str) -> Result<()> {
     if app == "default" {
-        let exists = c
-            .send(c.request(Method::GET, "/v1/apps/default"))
-            .await
-            .is_ok();
+        let exists = c.send(c.request(Method::GET, "/v1/apps/default")).await.is_ok();
         if !exists {
             let _: serde_json::Value = c
                 .post("/v1/apps", &serde_json::json!({ "app_name": "default" }))
@@ -376,14 +358,9 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
         MachineCommand::Create(args) => create(&c, json, args, true).await,
         MachineCommand::Start(m) => {
             let machine: Machine = c
-                .post(
-                    &format!("{}/start", machine_path(&m.app.app, &m.machine)),
-                    &(),
-                )
+                .post(&format!("{}/start", machine_path(&m.app.app, &m.machine)), &())
                 .await?;
-            output::print(json, &machine, || {
-                println!("{} {}", machine.id, machine.state)
-            });
+            output::print(json, &machine, || println!("{} {}", machine.id, machine.state));
             Ok(0)
         }
         MachineCommand::Stop { m, signal, timeout } => {
@@ -392,26 +369,16 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
                 timeout: timeout.map(hangar_api::Duration::Seconds),
             };
             let machine: Machine = c
-                .post(
-                    &format!("{}/stop", machine_path(&m.app.app, &m.machine)),
-                    &req,
-                )
+                .post(&format!("{}/stop", machine_path(&m.app.app, &m.machine)), &req)
                 .await?;
-            output::print(json, &machine, || {
-                println!("{} {}", machine.id, machine.state)
-            });
+            output::print(json, &machine, || println!("{} {}", machine.id, machine.state));
             Ok(0)
         }
         MachineCommand::Restart(m) => {
             let machine: Machine = c
-                .post(
-                    &format!("{}/restart", machine_path(&m.app.app, &m.machine)),
-                    &(),
-                )
+                .post(&format!("{}/restart", machine_path(&m.app.app, &m.machine)), &())
                 .await?;
-            output::print(json, &machine, || {
-                println!("{} {}", machine.id, machine.state)
-            });
+            output::print(json, &machine, || println!("{} {}", machine.id, machine.state));
             Ok(0)
         }
         MachineCommand::Ls { app, state } => {
@@ -448,10 +415,7 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
         }
         MachineCommand::Logs { m, follow } => {
             let req = c
-                .request(
-                    Method::GET,
-                    &format!("{}/logs", machine_path(&m.app.app, &m.machine)),
-                )
+                .request(Method::GET, &format!("{}/logs", machine_path(&m.app.app, &m.machine)))
                 .query(&[("follow", follow)]);
             let mut body = c.send(req).await?.bytes_stream();
             let mut out = std::io::stdout();
@@ -462,9 +426,8 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
             Ok(0)
         }
         MachineCommand::Ps(m) => {
-            let ps: Vec<hangar_api::ProcessInfo> = c
-                .get(&format!("{}/ps", machine_path(&m.app.app, &m.machine)))
-                .await?;
+            let ps: Vec<hangar_api::ProcessInfo> =
+                c.get(&format!("{}/ps", machine_path(&m.app.app, &m.machine))).await?;
             output::print(json, &ps, || output::processes(&ps));
             Ok(0)
         }
@@ -524,9 +487,7 @@ async fn create(c: &Client, json: bool, a: CreateArgs, skip_launch: bool) -> Res
         skip_launch,
         region: None,
     };
-    let machine: Machine = c
-        .post(&format!("/v1/apps/{}/machines", a.app.app), &req)
-        .await?;
+    let machine: Machine = c.post(&format!("/v1/apps/{}/machines", a.app.app), &req).await?;
     output::print(json, &machine, || {
         println!("{} {} {}", machine.id, machine.name, machine.state)
     });
@@ -540,10 +501,7 @@ async fn exec(c: &Client, json: bool, path: &str, req: &ExecRequest) -> Result<i
         return Ok(resp.exit_code.unwrap_or(1));
     }
     let mut body = c
-        .send(
-            c.request(Method::POST, &format!("{path}/exec/stream"))
-                .json(req),
-        )
+        .send(c.request(Method::POST, &format!("{path}/exec/stream")).json(req))
         .await?
         .bytes_stream();
     let mut pending = Vec::new();
@@ -590,23 +548,15 @@ async fn copy(c: &Client, json: bool, app: &str, src: &str, dst: &str) -> Result
                 .await
                 .with_context(|| format!("opening {src}"))?;
             let req = c
-                .request(
-                    Method::PUT,
-                    &format!("{}/files/content", machine_path(app, m)),
-                )
+                .request(Method::PUT, &format!("{}/files/content", machine_path(app, m)))
                 .query(&[("path", path), ("mode", &mode), ("parents", "true")])
                 .body(reqwest::Body::from(file));
             let info: FileInfo = c.json(req).await?;
-            output::print(json, &info, || {
-                println!("{} bytes -> {m}:{}", info.size, info.path)
-            });
+            output::print(json, &info, || println!("{} bytes -> {m}:{}", info.size, info.path));
         }
         (Some((m, path)), None) => {
             let req = c
-                .request(
-                    Method::GET,
-                    &format!("{}/files/content", machine_path(app, m)),
-                )
+                .request(Method::GET, &format!("{}/files/content", machine_path(app, m)))
                 .query(&[("path", path)]);
             let resp = c.send(req).await?;
             let expected = resp.content_length();

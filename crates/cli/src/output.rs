@@ -5,10 +5,7 @@ use serde::Serialize;
 
 pub fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce()) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("serializes")
-        );
+        println!("{}", serde_json::to_string_pretty(value).expect("serializes"));
     } else {
         human();
     }
@@ -23,11 +20,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
@@ -40,13 +33,7 @@ pub fn apps(apps: &[App]) {
     table(
         &["NAME", "MACHINES", "CREATED"],
         apps.iter()
-            .map(|a| {
-                vec![
-                    a.name.clone(),
-                    a.machine_count.to_string(),
-                    a.created_at.clone(),
-                ]
-            })
+            .map(|a| vec![a.name.clone(), a.machine_count.to_string(), a.created_at.clone()])
             .collect(),
     );
 }
@@ -74,10 +61,7 @@ pub fn machine(m: &Machine) {
     println!("name:        {}", m.name);
     println!("app:         {}", m.app);
     println!("state:       {}", m.state);
-    println!(
-        "image:       {} ({})",
-        m.image_ref.reference, m.image_ref.digest
-    );
+    println!("image:       {} ({})", m.image_ref.reference, m.image_ref.digest);
     println!("run seconds: {:.3}", m.run_seconds);
     println!("created:     {}", m.created_at);
     println!("updated:     {}", m.updated_at);

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 async fn every_call_needs_the_token() {
     let d = Daemon::start();
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d.data_dir.path().join("api-token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.data_dir.path().join("api-token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(d.token.len(), 64);
 
@@ -38,7 +41,9 @@ async fn apps() {
     let d = Daemon::start();
     let created = d.ok(Method::POST, "/v1/apps", Some(json!({"app_name": "alpha"}))).await;
     assert_eq!(created["name"], "alpha");
-    let (status, err) = d.call(Method::POST, "/v1/apps", Some(json!({"app_name": "alpha"}))).await;
+    let (status, err) = d
+        .call(Method::POST, "/v1/apps", Some(json!({"app_name": "alpha"})))
+        .await;
     assert_eq!((status, err["code"].clone()), (StatusCode::CONFLICT, json!("conflict")));
     for bad in ["Alpha", "-x", "a_b", "", "a.b"] {
         let (status, err) = d.call(Method::POST, "/v1/apps", Some(json!({"app_name": bad}))).await;
@@ -71,26 +76,74 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     };
     let resp = raw("{not json").await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert!(resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("JSON"));
+    assert!(
+        resp.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("JSON")
+    );
 
     let cases: Vec<(Value, StatusCode, &str)> = vec![
         (json!({"config": {}}), StatusCode::BAD_REQUEST, "image"),
-        (json!({"config": {"image": "oci:relative/path"}}), StatusCode::BAD_REQUEST, "absolute"),
-        (json!({"config": {"image": "oci:/nonexistent/layout"}}), StatusCode::NOT_FOUND, "/nonexistent/layout"),
-        (json!({"config": {"image": format!("{image}-nosuchtag")}}), StatusCode::NOT_FOUND, "nosuchtag"),
-        (json!({"config": {"image": "docker.io/library/busybox:latest"}}), StatusCode::BAD_REQUEST, "registr"),
-        (json!({"config": {"image": image, "guest": {"cpus": 0}}}), StatusCode::BAD_REQUEST, "cpus"),
-        (json!({"config": {"image": image, "env": {"A=B": "x"}}}), StatusCode::BAD_REQUEST, "environment"),
-        (json!({"config": {"image": image, "files": [{"guest_path": "/../etc/x", "raw_value": ""}]}}), StatusCode::BAD_REQUEST, ".."),
-        (json!({"config": {"image": image, "imagee": 1}}), StatusCode::BAD_REQUEST, "imagee"),
-        (json!({"name": "Bad Name", "config": {"image": image}}), StatusCode::BAD_REQUEST, "machine name"),
-        (json!({"config": {"image": image, "init": {"exec": ["/no/such/binary"]}}}), StatusCode::OK, ""),
+        (
+            json!({"config": {"image": "oci:relative/path"}}),
+            StatusCode::BAD_REQUEST,
+            "absolute",
+        ),
+        (
+            json!({"config": {"image": "oci:/nonexistent/layout"}}),
+            StatusCode::NOT_FOUND,
+            "/nonexistent/layout",
+        ),
+        (
+            json!({"config": {"image": format!("{image}-nosuchtag")}}),
+            StatusCode::NOT_FOUND,
+            "nosuchtag",
+        ),
+        (
+            json!({"config": {"image": "docker.io/library/busybox:latest"}}),
+            StatusCode::BAD_REQUEST,
+            "registr",
+        ),
+        (
+            json!({"config": {"image": image, "guest": {"cpus": 0}}}),
+            StatusCode::BAD_REQUEST,
+            "cpus",
+        ),
+        (
+            json!({"config": {"image": image, "env": {"A=B": "x"}}}),
+            StatusCode::BAD_REQUEST,
+            "environment",
+        ),
+        (
+            json!({"config": {"image": image, "files": [{"guest_path": "/../etc/x", "raw_value": ""}]}}),
+            StatusCode::BAD_REQUEST,
+            "..",
+        ),
+        (
+            json!({"config": {"image": image, "imagee": 1}}),
+            StatusCode::BAD_REQUEST,
+            "imagee",
+        ),
+        (
+            json!({"name": "Bad Name", "config": {"image": image}}),
+            StatusCode::BAD_REQUEST,
+            "machine name",
+        ),
+        (
+            json!({"config": {"image": image, "init": {"exec": ["/no/such/binary"]}}}),
+            StatusCode::OK,
+            "",
+        ),
     ];
     for (body, status, needle) in cases {
         let (got, v) = d.call(Method::POST, "/v1/apps/bad/machines", Some(body.clone())).await;
         assert_eq!(got, status, "{body} -> {v}");
         if !needle.is_empty() {
-            assert!(v["error"].as_str().unwrap().contains(needle), "{body}: error should mention {needle:?}: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains(needle),
+                "{body}: error should mention {needle:?}: {v}"
+            );
         }
     }
     // Only the last (valid, if doomed) machine exists.
@@ -128,20 +181,43 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "payload_too_large");
     let (status, _) = d
-        .call(Method::POST, &format!("/v1/apps/bad/machines/{doomed}/stop"), Some(json!({"signal": "SIGWHAT"})))
+        .call(
+            Method::POST,
+            &format!("/v1/apps/bad/machines/{doomed}/stop"),
+            Some(json!({"signal": "SIGWHAT"})),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = d.call(Method::GET, "/v1/apps/bad/machines?state=running", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(d.ok(Method::GET, "/v1/apps/bad/machines", None).await.as_array().unwrap().len(), 1);
+    assert_eq!(
+        d.ok(Method::GET, "/v1/apps/bad/machines", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openapi_document_is_served() {
     let d = Daemon::start();
-    let doc: Value = d.http.get(format!("{}/v1/openapi.json", d.url)).send().await.unwrap().json().await.unwrap();
+    let doc: Value = d
+        .http
+        .get(format!("{}/v1/openapi.json", d.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    for p in ["/v1/apps/{app}/machines/{id}/exec", "/v1/apps/{app}/machines/{id}/files/content", "/v1/apps/{app}/machines/{id}/wait"] {
+    for p in [
+        "/v1/apps/{app}/machines/{id}/exec",
+        "/v1/apps/{app}/machines/{id}/files/content",
+        "/v1/apps/{app}/machines/{id}/wait",
+    ] {
         assert!(doc["paths"][p].is_object(), "{p} missing");
     }
 }

@@ -13,10 +13,7 @@ fn path(id: &str) -> String {
 
 async fn machine(d: &Daemon, config: Value) -> String {
     d.create_app("in").await;
-    d.machine("in", config).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    d.machine("in", config).await["id"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,15 +21,9 @@ async fn exec_runs_commands_with_the_machine_environment() {
     let d = Daemon::start();
     let id = machine(&d, json!({"env": {"CONFIG_VAR": "from-config"}})).await;
 
-    let r = d
-        .exec("in", &id, &["sh", "-c", "echo out; echo err >&2; exit 7"])
-        .await;
+    let r = d.exec("in", &id, &["sh", "-c", "echo out; echo err >&2; exit 7"]).await;
     assert_eq!(
-        (
-            r["exit_code"].clone(),
-            r["stdout"].clone(),
-            r["stderr"].clone()
-        ),
+        (r["exit_code"].clone(), r["stdout"].clone(), r["stderr"].clone()),
         (json!(7), json!("out\n"), json!("err\n"))
     );
 
@@ -44,10 +35,7 @@ async fn exec_runs_commands_with_the_machine_environment() {
             Some(json!({"command": ["sh", "-c", "echo $IMAGE_VAR $CONFIG_VAR $EXEC_VAR; pwd; cat"], "env": {"EXEC_VAR": "x"}, "stdin": "piped"})),
         )
         .await;
-    assert_eq!(
-        r["stdout"], "from-image from-config x\n/srv/app\npiped",
-        "{r}"
-    );
+    assert_eq!(r["stdout"], "from-image from-config x\n/srv/app\npiped", "{r}");
     let r = d
         .ok(
             Method::POST,
@@ -78,10 +66,7 @@ async fn exec_runs_commands_with_the_machine_environment() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
-    assert!(
-        err["error"].as_str().unwrap().contains("no-such-cmd"),
-        "{err}"
-    );
+    assert!(err["error"].as_str().unwrap().contains("no-such-cmd"), "{err}");
     let (status, _) = d
         .call(
             Method::POST,
@@ -102,10 +87,7 @@ async fn exec_runs_commands_with_the_machine_environment() {
         .unwrap();
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     let body = resp.text().await.unwrap();
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[0], json!({"type": "stdout", "data": "first\n"}));
     assert_eq!(lines[1], json!({"type": "stderr", "data": "second\n"}));
     assert_eq!(
@@ -120,10 +102,7 @@ async fn exec_runs_commands_with_the_machine_environment() {
         .iter()
         .map(|p| p["command"].as_str().unwrap())
         .collect();
-    assert!(
-        cmds.iter().any(|c| c.starts_with("/.hangar/init")),
-        "{cmds:?}"
-    );
+    assert!(cmds.iter().any(|c| c.starts_with("/.hangar/init")), "{cmds:?}");
     assert!(cmds.contains(&"sleep 2147483647"), "{cmds:?}");
     assert_eq!(ps[0]["pid"], 1);
 }
@@ -131,17 +110,17 @@ async fn exec_runs_commands_with_the_machine_environment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn files_are_binary_safe_atomic_and_confined() {
     let d = Daemon::start();
-    let id = machine(&d, json!({"files": [{"guest_path": "/etc/app/seeded.conf", "raw_value": "c2VlZGVk", "mode": 384}]})).await;
+    let id = machine(
+        &d,
+        json!({"files": [{"guest_path": "/etc/app/seeded.conf", "raw_value": "c2VlZGVk", "mode": 384}]}),
+    )
+    .await;
     let url = |op: &str, q: &str| format!("{}{}/files/{op}?{q}", d.url, path(&id));
 
     // Config files were placed before the start, with their mode.
     assert_eq!(
-        d.sh(
-            "in",
-            &id,
-            "cat /etc/app/seeded.conf; stat -c %a /etc/app/seeded.conf"
-        )
-        .await,
+        d.sh("in", &id, "cat /etc/app/seeded.conf; stat -c %a /etc/app/seeded.conf")
+            .await,
         "seeded600\n"
     );
 
@@ -157,11 +136,7 @@ async fn files_are_binary_safe_atomic_and_confined() {
     assert_eq!(resp.status(), 200);
     let info: Value = resp.json().await.unwrap();
     assert_eq!(
-        (
-            info["size"].clone(),
-            info["mode"].clone(),
-            info["kind"].clone()
-        ),
+        (info["size"].clone(), info["mode"].clone(), info["kind"].clone()),
         (json!(300_000), json!(0o640), json!("file"))
     );
     let back = d
@@ -191,19 +166,12 @@ async fn files_are_binary_safe_atomic_and_confined() {
     assert_eq!(stat["size"], 300_000);
     d.ok(
         Method::POST,
-        &format!(
-            "{}/files/mkdir?path=/data/sub/deeper&parents=true&mode=700",
-            path(&id)
-        ),
+        &format!("{}/files/mkdir?path=/data/sub/deeper&parents=true&mode=700", path(&id)),
         None,
     )
     .await;
     let list = d
-        .ok(
-            Method::GET,
-            &format!("{}/files/list?path=/data", path(&id)),
-            None,
-        )
+        .ok(Method::GET, &format!("{}/files/list?path=/data", path(&id)), None)
         .await;
     let names: Vec<&str> = list["entries"]
         .as_array()
@@ -213,17 +181,9 @@ async fn files_are_binary_safe_atomic_and_confined() {
         .collect();
     assert_eq!(names, ["/data/blob.bin", "/data/sub"]);
     let (status, _) = d
-        .call(
-            Method::DELETE,
-            &format!("{}/files?path=/data", path(&id)),
-            None,
-        )
+        .call(Method::DELETE, &format!("{}/files?path=/data", path(&id)), None)
         .await;
-    assert_eq!(
-        status,
-        StatusCode::CONFLICT,
-        "non-empty dir without recursive"
-    );
+    assert_eq!(status, StatusCode::CONFLICT, "non-empty dir without recursive");
     let (status, _) = d
         .call(
             Method::DELETE,
@@ -233,11 +193,7 @@ async fn files_are_binary_safe_atomic_and_confined() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, err) = d
-        .call(
-            Method::GET,
-            &format!("{}/files/stat?path=/data", path(&id)),
-            None,
-        )
+        .call(Method::GET, &format!("{}/files/stat?path=/data", path(&id)), None)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
 
@@ -245,20 +201,12 @@ async fn files_are_binary_safe_atomic_and_confined() {
     // /escape -> / reads the machine's passwd, never the host's.
     for bad in ["../etc/passwd", "/tmp/../../etc/passwd", "etc/passwd", ""] {
         let (status, err) = d
-            .call(
-                Method::GET,
-                &format!("{}/files/stat?path={bad}", path(&id)),
-                None,
-            )
+            .call(Method::GET, &format!("{}/files/stat?path={bad}", path(&id)), None)
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {err}");
     }
-    d.sh(
-        "in",
-        &id,
-        "ln -s / /escape && ln -s ../../../../../../etc /up",
-    )
-    .await;
+    d.sh("in", &id, "ln -s / /escape && ln -s ../../../../../../etc /up")
+        .await;
     for via in ["/escape/etc/passwd", "/up/passwd"] {
         let text = d
             .http
@@ -270,10 +218,7 @@ async fn files_are_binary_safe_atomic_and_confined() {
             .text()
             .await
             .unwrap();
-        assert!(
-            text.contains("alice:x:1000"),
-            "{via} read the host's file: {text}"
-        );
+        assert!(text.contains("alice:x:1000"), "{via} read the host's file: {text}");
     }
     let resp = d
         .http
@@ -310,11 +255,7 @@ async fn the_sandbox_is_hardened() {
         .unwrap();
     let bits = u64::from_str_radix(capbnd, 16).unwrap();
     for cap in [16, 19, 21] {
-        assert_eq!(
-            bits & (1 << cap),
-            0,
-            "capability {cap} in bounding set {capbnd}"
-        );
+        assert_eq!(bits & (1 << cap), 0, "capability {cap} in bounding set {capbnd}");
     }
 
     let refused = [
@@ -340,34 +281,27 @@ async fn the_sandbox_is_hardened() {
     // The daemon's data dir, socket and token are not visible.
     let data = d.data_dir.path().display().to_string();
     let r = d
-        .exec(
-            "in",
-            &id,
-            &["sh", "-c", &format!("ls {data}; cat {data}/api-token")],
-        )
+        .exec("in", &id, &["sh", "-c", &format!("ls {data}; cat {data}/api-token")])
         .await;
     assert_ne!(r["exit_code"], 0, "{r}");
     // Nothing of the daemon's is open in the machine: the main process has
     // exactly stdio, and init holds no descriptor naming a daemon file.
     let fds = d
-        .sh(
-            "in",
-            &id,
-            "ls /proc/$(pidof sleep)/fd | sort -n | tr '\\n' ' '",
-        )
+        .sh("in", &id, "ls /proc/$(pidof sleep)/fd | sort -n | tr '\\n' ' '")
         .await;
     assert_eq!(fds.trim(), "0 1 2", "{fds}");
     let init_fds = d.sh("in", &id, "ls -l /proc/1/fd").await;
     for secret in ["state.db", "api-token", "daemon.log", "pool", "tcp"] {
-        assert!(
-            !init_fds.contains(secret),
-            "init holds {secret}: {init_fds}"
-        );
+        assert!(!init_fds.contains(secret), "init holds {secret}: {init_fds}");
     }
     // setuid binaries gain nothing (no_new_privs): a setuid-root program
     // that prints its effective uid, run by alice, stays alice.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("euid.c"), "#include <stdio.h>\n#include <unistd.h>\nint main(void){printf(\"%d\\n\", geteuid());return 0;}\n").unwrap();
+    std::fs::write(
+        dir.path().join("euid.c"),
+        "#include <stdio.h>\n#include <unistd.h>\nint main(void){printf(\"%d\\n\", geteuid());return 0;}\n",
+    )
+    .unwrap();
     common::sh(
         std::process::Command::new("gcc")
             .args(["-static", "-o"])
@@ -377,11 +311,7 @@ async fn the_sandbox_is_hardened() {
     let binary = std::fs::read(dir.path().join("euid")).unwrap();
     let put = d
         .http
-        .put(format!(
-            "{}{}/files/content?path=/tmp/euid&mode=4755",
-            d.url,
-            path(&id)
-        ))
+        .put(format!("{}{}/files/content?path=/tmp/euid&mode=4755", d.url, path(&id)))
         .bearer_auth(&d.token)
         .body(binary)
         .send()

@@ -29,34 +29,24 @@ async fn create_start_stop_and_illegal_transitions() {
     assert_eq!(id.len(), 14);
 
     // Stopping a machine that never ran is illegal, and says the state.
-    let (status, err) = d
-        .call(Method::POST, &format!("{}/stop", path("life", &id)), None)
-        .await;
+    let (status, err) = d.call(Method::POST, &format!("{}/stop", path("life", &id)), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(err["state"], "created");
     assert!(err["error"].as_str().unwrap().contains("created"), "{err}");
 
-    let started = d
-        .ok(Method::POST, &format!("{}/start", path("life", &id)), None)
-        .await;
+    let started = d.ok(Method::POST, &format!("{}/start", path("life", &id)), None).await;
     assert_eq!(started["state"], "started");
     let (status, err) = d
         .call(Method::POST, &format!("{}/start", path("life", &id)), None)
         .await;
-    assert_eq!(
-        (status, err["state"].clone()),
-        (StatusCode::CONFLICT, json!("started"))
-    );
+    assert_eq!((status, err["state"].clone()), (StatusCode::CONFLICT, json!("started")));
 
     // Destroying a started machine needs force.
     let (status, _) = d.call(Method::DELETE, &path("life", &id), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
 
     // Lookup by name works too, and the list filters by state and metadata.
-    assert_eq!(
-        d.ok(Method::GET, &path("life", "web"), None).await["id"],
-        id
-    );
+    assert_eq!(d.ok(Method::GET, &path("life", "web"), None).await["id"], id);
     let listed = d
         .ok(
             Method::GET,
@@ -65,9 +55,7 @@ async fn create_start_stop_and_illegal_transitions() {
         )
         .await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
-    let listed = d
-        .ok(Method::GET, "/v1/apps/life/machines?metadata.role=db", None)
-        .await;
+    let listed = d.ok(Method::GET, "/v1/apps/life/machines?metadata.role=db", None).await;
     assert!(listed.as_array().unwrap().is_empty());
 
     let stopped = d
@@ -90,20 +78,12 @@ async fn create_start_stop_and_illegal_transitions() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/hangar/{id}")).exists());
 
-    let events = d
-        .ok(Method::GET, &format!("{}/events", path("life", &id)), None)
-        .await;
+    let events = d.ok(Method::GET, &format!("{}/events", path("life", &id)), None).await;
     let kinds: Vec<String> = events
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["type"].as_str().unwrap(),
-                e["status"].as_str().unwrap()
-            )
-        })
+        .map(|e| format!("{}:{}", e["type"].as_str().unwrap(), e["status"].as_str().unwrap()))
         .collect();
     assert_eq!(
         kinds,
@@ -162,19 +142,13 @@ async fn filesystem_persists_across_stop_start_and_daemon_restarts() {
                  test ! -e /srv/app/from-image.txt && echo deleted; readlink /bin/tool";
     let expected = "tool\n755\nedited\nsvc\ndeleted\n/opt/pkg/bin/tool\n";
 
-    d.ok(Method::POST, &format!("{}/stop", path("keep", &id)), None)
-        .await;
-    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/stop", path("keep", &id)), None).await;
+    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None).await;
     assert_eq!(d.sh("keep", &id, check).await, expected);
 
     // Graceful daemon restart: the machine keeps running and is re-attached.
     let pid_before = d
-        .sh(
-            "keep",
-            &id,
-            "echo $$ > /tmp/marker; cat /proc/1/stat | cut -d' ' -f22",
-        )
+        .sh("keep", &id, "echo $$ > /tmp/marker; cat /proc/1/stat | cut -d' ' -f22")
         .await;
     d.restart(libc::SIGTERM);
     let m = d.ok(Method::GET, &path("keep", &id), None).await;
@@ -191,22 +165,17 @@ async fn filesystem_persists_across_stop_start_and_daemon_restarts() {
     assert_eq!(d.sh("keep", &id, check).await, expected);
     assert!(d.log().contains("reattached: 1"), "{}", d.log());
     // And the re-attached machine still stops cleanly and starts again.
-    let stopped = d
-        .ok(Method::POST, &format!("{}/stop", path("keep", &id)), None)
-        .await;
+    let stopped = d.ok(Method::POST, &format!("{}/stop", path("keep", &id)), None).await;
     assert_eq!(stopped["state"], "stopped");
-    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None).await;
     assert_eq!(d.sh("keep", &id, check).await, expected);
 
     // A machine that ends while no daemon watches is found on restart.
-    d.ok(Method::POST, &format!("{}/stop", path("keep", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/stop", path("keep", &id)), None).await;
     d.restart(libc::SIGKILL);
     let m = d.ok(Method::GET, &path("keep", &id), None).await;
     assert_eq!(m["state"], "stopped");
-    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/start", path("keep", &id)), None).await;
     assert_eq!(d.sh("keep", &id, check).await, expected);
 }
 
@@ -217,16 +186,10 @@ async fn main_process_exit_restart_policies_and_auto_destroy() {
 
     // Policy no, exit 0 -> stopped; exit non-zero -> failed.
     let ok = d.machine("pol", json!({"init": {"cmd": ["true"]}})).await;
-    let ok = d
-        .wait_state("pol", ok["id"].as_str().unwrap(), "stopped")
-        .await;
+    let ok = d.wait_state("pol", ok["id"].as_str().unwrap(), "stopped").await;
     assert_eq!(ok["last_exit"]["exit_code"], 0);
-    let bad = d
-        .machine("pol", json!({"init": {"cmd": ["sh", "-c", "exit 3"]}}))
-        .await;
-    let bad = d
-        .wait_state("pol", bad["id"].as_str().unwrap(), "failed")
-        .await;
+    let bad = d.machine("pol", json!({"init": {"cmd": ["sh", "-c", "exit 3"]}})).await;
+    let bad = d.wait_state("pol", bad["id"].as_str().unwrap(), "failed").await;
     assert_eq!(bad["last_exit"]["exit_code"], 3);
     assert_eq!(bad["last_exit"]["requested_stop"], false);
 
@@ -240,9 +203,7 @@ async fn main_process_exit_restart_policies_and_auto_destroy() {
     let fid = flaky["id"].as_str().unwrap().to_owned();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let events = d
-            .ok(Method::GET, &format!("{}/events", path("pol", &fid)), None)
-            .await;
+        let events = d.ok(Method::GET, &format!("{}/events", path("pol", &fid)), None).await;
         let exits = events
             .as_array()
             .unwrap()
@@ -252,19 +213,14 @@ async fn main_process_exit_restart_policies_and_auto_destroy() {
         if exits == 3 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected 3 runs: {events}"
-        );
+        assert!(std::time::Instant::now() < deadline, "expected 3 runs: {events}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let m = d.wait_state("pol", &fid, "failed").await;
     assert_eq!(m["state"], "failed");
 
     // always: the machine comes back after its process is killed.
-    let always = d
-        .machine("pol", json!({"restart": {"policy": "always"}}))
-        .await;
+    let always = d.machine("pol", json!({"restart": {"policy": "always"}})).await;
     let aid = always["id"].as_str().unwrap().to_owned();
     let first_instance = always["instance_id"].clone();
     d.ok(
@@ -279,30 +235,19 @@ async fn main_process_exit_restart_policies_and_auto_destroy() {
         if m["state"] == "started" && m["instance_id"] != first_instance {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "machine was not restarted: {m}"
-        );
+        assert!(std::time::Instant::now() < deadline, "machine was not restarted: {m}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // A user stop is not undone by the policy.
-    d.ok(Method::POST, &format!("{}/stop", path("pol", &aid)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/stop", path("pol", &aid)), None).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(
-        d.ok(Method::GET, &path("pol", &aid), None).await["state"],
-        "stopped"
-    );
+    assert_eq!(d.ok(Method::GET, &path("pol", &aid), None).await["state"], "stopped");
 
     // auto_destroy.
     let once = d
-        .machine(
-            "pol",
-            json!({"init": {"cmd": ["true"]}, "auto_destroy": true}),
-        )
+        .machine("pol", json!({"init": {"cmd": ["true"]}, "auto_destroy": true}))
         .await;
-    d.wait_state("pol", once["id"].as_str().unwrap(), "destroyed")
-        .await;
+    d.wait_state("pol", once["id"].as_str().unwrap(), "destroyed").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,28 +260,18 @@ async fn memory_limit_oom_is_reported_and_cpu_limit_is_set() {
             json!({"guest": {"cpus": 1, "memory_mb": 32}, "init": {"cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]}}),
         )
         .await;
-    let m = d
-        .wait_state("oom", m["id"].as_str().unwrap(), "failed")
-        .await;
+    let m = d.wait_state("oom", m["id"].as_str().unwrap(), "failed").await;
     assert_eq!(m["last_exit"]["oom_killed"], true, "{m}");
     assert_eq!(m["last_exit"]["signal"], 9, "{m}");
 
     let m = d
-        .machine(
-            "oom",
-            json!({"guest": {"cpus": 2, "memory_mb": 64, "pids_limit": 50}}),
-        )
+        .machine("oom", json!({"guest": {"cpus": 2, "memory_mb": 64, "pids_limit": 50}}))
         .await;
     let id = m["id"].as_str().unwrap();
     let cg = format!("/sys/fs/cgroup/memory/hangar/{id}/memory.limit_in_bytes");
     if std::path::Path::new(&cg).exists() {
-        assert_eq!(
-            std::fs::read_to_string(cg).unwrap().trim(),
-            (64u64 << 20).to_string()
-        );
-        let quota =
-            std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/hangar/{id}/cpu.cfs_quota_us"))
-                .unwrap();
+        assert_eq!(std::fs::read_to_string(cg).unwrap().trim(), (64u64 << 20).to_string());
+        let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/hangar/{id}/cpu.cfs_quota_us")).unwrap();
         assert_eq!(quota.trim(), "200000");
     }
     // The pids limit holds inside the machine.
@@ -360,9 +295,7 @@ async fn metering_counts_running_time_only() {
     let m = d.machine("meter", json!({})).await;
     let id = m["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let stopped = d
-        .ok(Method::POST, &format!("{}/stop", path("meter", &id)), None)
-        .await;
+    let stopped = d.ok(Method::POST, &format!("{}/stop", path("meter", &id)), None).await;
     let ran = stopped["run_seconds"].as_f64().unwrap();
     assert!(ran >= 0.3, "{stopped}");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -372,14 +305,10 @@ async fn metering_counts_running_time_only() {
         ran,
         "a stopped machine must not accrue time"
     );
-    d.ok(Method::POST, &format!("{}/start", path("meter", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/start", path("meter", &id)), None).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let running = d.ok(Method::GET, &path("meter", &id), None).await;
-    assert!(
-        running["run_seconds"].as_f64().unwrap() >= ran + 0.2,
-        "{running}"
-    );
+    assert!(running["run_seconds"].as_f64().unwrap() >= ran + 0.2, "{running}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,7 +316,10 @@ async fn logs_and_wait() {
     let d = Daemon::start();
     d.create_app("logs").await;
     let m = d
-        .machine("logs", json!({"init": {"cmd": ["sh", "-c", "echo out-line; echo err-line >&2; sleep 2147483647"]}}))
+        .machine(
+            "logs",
+            json!({"init": {"cmd": ["sh", "-c", "echo out-line; echo err-line >&2; sleep 2147483647"]}}),
+        )
         .await;
     let id = m["id"].as_str().unwrap().to_owned();
     // Follow: the stream delivers what the machine writes, as it writes it.
@@ -414,10 +346,7 @@ async fn logs_and_wait() {
             .unwrap_or_else(|_| panic!("log follow stalled after {seen:?}"));
         seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
     }
-    assert!(
-        seen.contains("out-line") && seen.contains("err-line"),
-        "{seen}"
-    );
+    assert!(seen.contains("out-line") && seen.contains("err-line"), "{seen}");
 
     // Wait times out with 408 while the state is not reached.
     let (status, err) = d
@@ -429,12 +358,7 @@ async fn logs_and_wait() {
         .await;
     assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{err}");
     let waiter = {
-        let (url, token, http, p) = (
-            d.url.clone(),
-            d.token.clone(),
-            d.http.clone(),
-            path("logs", &id),
-        );
+        let (url, token, http, p) = (d.url.clone(), d.token.clone(), d.http.clone(), path("logs", &id));
         tokio::spawn(async move {
             http.get(format!("{url}{p}/wait?state=stopped&timeout=30"))
                 .bearer_auth(token)
@@ -444,7 +368,6 @@ async fn logs_and_wait() {
                 .status()
         })
     };
-    d.ok(Method::POST, &format!("{}/stop", path("logs", &id)), None)
-        .await;
+    d.ok(Method::POST, &format!("{}/stop", path("logs", &id)), None).await;
     assert_eq!(waiter.await.unwrap(), 200);
 }

@@ -28,16 +28,11 @@ fn json_rejection(e: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::bad_request("send the body as JSON with `Content-Type: application/json`")
         }
-        JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body is larger than the {} byte limit",
-                    crate::JSON_BODY_LIMIT
-                ),
-            )
-        }
+        JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the {} byte limit", crate::JSON_BODY_LIMIT),
+        ),
         other => ApiError::bad_request(format!("invalid JSON body: {}", other.body_text())),
     }
 }
@@ -52,9 +47,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Query(q.0))
-            .map_err(|e: QueryRejection| {
-                ApiError::bad_request(format!("invalid query: {}", e.body_text()))
-            })
+            .map_err(|e: QueryRejection| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
     }
 }
 
@@ -68,8 +61,6 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Path(p.0))
-            .map_err(|e: PathRejection| {
-                ApiError::bad_request(format!("invalid path: {}", e.body_text()))
-            })
+            .map_err(|e: PathRejection| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
     }
 }

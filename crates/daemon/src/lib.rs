@@ -79,9 +79,7 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
             &mut item.patch,
         ];
         for op in ops.into_iter().flatten() {
-            op.responses
-                .responses
-                .insert("401".into(), unauthorized.clone().into());
+            op.responses.responses.insert("401".into(), unauthorized.clone().into());
         }
     }
 }
@@ -131,12 +129,7 @@ async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> R
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if same_secret(t.trim().as_bytes(), s.token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "invalid API token",
-        )
-        .into_response(),
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API token").into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -168,10 +161,7 @@ pub fn router(mgr: Manager, token: String) -> axum::Router {
     let (api, _) = api_router().split_for_parts();
     let doc = serde_json::to_value(openapi()).expect("openapi serializes");
     let api = api
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
@@ -216,23 +206,15 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running when the
 /// daemon stops; the next start re-attaches to them.
 pub async fn serve(listen: SocketAddr, cfg: ManagerConfig) -> anyhow_like::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
-    let token =
-        load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+    let token = load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
     let mgr = Manager::open(cfg).await.map_err(|e| e.to_string())?;
-    let report = mgr
-        .recover()
-        .await
-        .map_err(|e| format!("recovering machines: {e}"))?;
+    let report = mgr.recover().await.map_err(|e| format!("recovering machines: {e}"))?;
     tracing::info!(?report, "recovered machine state");
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
-    let url = format!(
-        "http://{}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
+    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     // Lets a CLI on this host find the daemon from the data dir alone.
     let about = serde_json::json!({ "url": url, "pid": std::process::id() });
     std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())

@@ -6,8 +6,7 @@ use std::str::FromStr;
 
 use crate::error::ImageError;
 
-const LOCAL_FORMS: &str =
-    "oci:/abs/path/to/layout[:tag] or oci-archive:/abs/path/to/file.tar[:tag]";
+const LOCAL_FORMS: &str = "oci:/abs/path/to/layout[:tag] or oci-archive:/abs/path/to/file.tar[:tag]";
 
 /// Skopeo transports that name local storage we cannot read; refusing them
 /// by name gives a better message than "not a valid registry reference".
@@ -113,11 +112,7 @@ impl FromStr for ImageRef {
 
 /// Splits `/path[:tag]` the way skopeo does: at the first `:`, so the path
 /// itself cannot contain one.
-fn parse_local(
-    rest: &str,
-    transport: &str,
-    what: &str,
-) -> Result<(PathBuf, Option<String>), String> {
+fn parse_local(rest: &str, transport: &str, what: &str) -> Result<(PathBuf, Option<String>), String> {
     let (path, tag) = match rest.split_once(':') {
         Some((path, tag)) => (path, Some(tag)),
         None => (rest, None),
@@ -146,17 +141,12 @@ pub(crate) fn check_tag(tag: &str) -> Result<(), String> {
         return Err("empty tag after ':'".into());
     }
     if tag.len() > 255 {
-        return Err(format!(
-            "tag is {} bytes long, at most 255 allowed",
-            tag.len()
-        ));
+        return Err(format!("tag is {} bytes long, at most 255 allowed", tag.len()));
     }
     let mut chars = tag.chars();
     let first = chars.next().unwrap_or('_');
     if !(first.is_ascii_alphanumeric() || first == '_') {
-        return Err(format!(
-            "tag {tag:?} must start with a letter, digit or '_'"
-        ));
+        return Err(format!("tag {tag:?} must start with a letter, digit or '_'"));
     }
     if let Some(c) = chars.find(|&c| !(c.is_ascii_alphanumeric() || "._-:/@+".contains(c))) {
         return Err(format!(
@@ -197,36 +187,28 @@ fn check_registry_ref(r: &str) -> Result<(), String> {
     // A tag is a ':' after the last '/'; an earlier ':' is a registry port.
     let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
     let (name, tag) = match name_tag[last_slash..].rfind(':') {
-        Some(i) => (
-            &name_tag[..last_slash + i],
-            Some(&name_tag[last_slash + i + 1..]),
-        ),
+        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
         None => (name_tag, None),
     };
     if let Some(tag) = tag {
         let ok = !tag.is_empty()
             && tag.len() <= 128
             && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-            && tag
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            && tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !ok {
             return Err(format!("{tag:?} is not a valid tag"));
         }
     }
     let mut components: Vec<&str> = name.split('/').collect();
     let first = components[0];
-    if components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost")
-    {
+    if components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost") {
         // Registry host[:port].
         let (host, port) = match first.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (first, None),
         };
         if host.is_empty()
-            || !host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
             || port.is_some_and(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
         {
             return Err(format!("{first:?} is not a valid registry host"));

@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ImageError, IoContext, Result};
 use crate::oci::{
-    self, Compression, ConfigFile, ContainerConfig, Descriptor, HashReader, Index, Manifest, Probe,
-    TeeReader,
+    self, Compression, ConfigFile, ContainerConfig, Descriptor, HashReader, Index, Manifest, Probe, TeeReader,
 };
 use crate::reference::ImageRef;
 use crate::unpack::{self, UnpackMode};
@@ -91,11 +90,7 @@ impl From<&ImageConfig> for ContainerConfig {
     fn from(c: &ImageConfig) -> Self {
         ContainerConfig {
             user: c.user.clone().unwrap_or_default(),
-            exposed_ports: c
-                .exposed_ports
-                .iter()
-                .map(|p| (p.clone(), oci::Empty {}))
-                .collect(),
+            exposed_ports: c.exposed_ports.iter().map(|p| (p.clone(), oci::Empty {})).collect(),
             env: c.env.clone(),
             entrypoint: c.entrypoint.clone(),
             cmd: c.cmd.clone(),
@@ -132,8 +127,7 @@ impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore> {
         for dir in ["blobs/sha256", "layers", "tmp"] {
             let p = root.join(dir);
-            fs::create_dir_all(&p)
-                .context(|| format!("creating image store directory {}", p.display()))?;
+            fs::create_dir_all(&p).context(|| format!("creating image store directory {}", p.display()))?;
         }
         let lock_path = root.join("lock");
         let lock = File::options()
@@ -151,8 +145,7 @@ impl ImageStore {
             Err(Errno::WOULDBLOCK) => {}
             Err(e) => return Err(e).context(|| format!("locking {}", lock_path.display())),
         }
-        rfs::flock(&store._lock, FlockOperation::LockShared)
-            .context(|| format!("locking {}", lock_path.display()))?;
+        rfs::flock(&store._lock, FlockOperation::LockShared).context(|| format!("locking {}", lock_path.display()))?;
         Ok(store)
     }
 
@@ -182,12 +175,7 @@ impl ImageStore {
     /// The image's layer directories, top-most first: the order overlayfs
     /// wants in `lowerdir=`.
     pub fn layer_dirs(&self, image: &Image) -> Vec<PathBuf> {
-        image
-            .layers
-            .iter()
-            .rev()
-            .map(|l| self.layer_path(&l.diff_id))
-            .collect()
+        image.layers.iter().rev().map(|l| self.layer_path(&l.diff_id)).collect()
     }
 
     /// Imports the image `r` names: copies its manifest, config and layer
@@ -256,12 +244,11 @@ impl ImageStore {
         // fails fast.
         let mut plan = Vec::new();
         for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-            let compression = oci::layer_compression(&desc.media_type).ok_or_else(|| {
-                ImageError::UnsupportedMediaType {
+            let compression =
+                oci::layer_compression(&desc.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
                     what: format!("layer {} of {name}", desc.digest),
                     media_type: desc.media_type.clone(),
-                }
-            })?;
+                })?;
             l.hex(&desc.digest)?;
             if oci::sha256_hex(diff_id).is_none() {
                 return Err(l.invalid(format!(
@@ -297,13 +284,7 @@ impl ImageStore {
 
     /// Copies one layer blob into the CAS and unpacks it, in one pass over
     /// the source, skipping whichever of the two is already done.
-    fn import_layer(
-        &self,
-        l: &Layout<'_>,
-        desc: &Descriptor,
-        diff_id: &str,
-        compression: Compression,
-    ) -> Result<()> {
+    fn import_layer(&self, l: &Layout<'_>, desc: &Descriptor, diff_id: &str, compression: Compression) -> Result<()> {
         let blob_dst = self.blob_path(&desc.digest);
         let layer_dst = self.layer_path(diff_id);
         let have_blob = match fs::metadata(&blob_dst) {
@@ -326,26 +307,17 @@ impl ImageStore {
         let what = format!("layer {}", desc.digest);
         let src = BufReader::with_capacity(1 << 20, l.open_blob(desc, "layer")?);
 
-        let tmp_blob = if have_blob {
-            None
-        } else {
-            Some(self.tmp_file("blob")?)
-        };
+        let tmp_blob = if have_blob { None } else { Some(self.tmp_file("blob")?) };
         let sink: Box<dyn Write> = match &tmp_blob {
             Some((_, f)) => Box::new(BufWriter::with_capacity(
                 1 << 20,
-                f.try_clone()
-                    .context(|| "duplicating a descriptor".into())?,
+                f.try_clone().context(|| "duplicating a descriptor".into())?,
             )),
             None => Box::new(io::sink()),
         };
         let mut compressed = HashReader::new(TeeReader::new(src, sink));
 
-        let tmp_layer = if have_layer {
-            None
-        } else {
-            Some(self.tmp_dir("layer")?)
-        };
+        let tmp_layer = if have_layer { None } else { Some(self.tmp_dir("layer")?) };
         let unpacked: Result<()> = match &tmp_layer {
             None => Ok(()),
             Some(tmp) => unpack_layer(&mut compressed, compression, &tmp.path, &what, diff_id),
@@ -371,10 +343,7 @@ impl ImageStore {
         }
         unpacked?;
         if size != desc.size {
-            return Err(l.invalid(format!(
-                "{what} is {size} bytes but its descriptor says {}",
-                desc.size
-            )));
+            return Err(l.invalid(format!("{what} is {size} bytes but its descriptor says {}", desc.size)));
         }
 
         if let Some((tmp, file)) = tmp_blob {
@@ -382,15 +351,13 @@ impl ImageStore {
             sink.flush()
                 .context(|| format!("writing {what} to {}", tmp.path.display()))?;
             drop(sink);
-            file.sync_all()
-                .context(|| format!("syncing {}", tmp.path.display()))?;
+            file.sync_all().context(|| format!("syncing {}", tmp.path.display()))?;
             self.commit(tmp, &blob_dst)?;
         }
         if let Some(tmp) = tmp_layer {
             // One syncfs makes every file of the layer durable before the
             // rename publishes it: cheaper than an fsync per file.
-            let dir =
-                File::open(&tmp.path).context(|| format!("opening {}", tmp.path.display()))?;
+            let dir = File::open(&tmp.path).context(|| format!("opening {}", tmp.path.display()))?;
             rfs::syncfs(&dir).context(|| format!("syncing {}", tmp.path.display()))?;
             self.commit(tmp, &layer_dst)?;
         }
@@ -418,8 +385,7 @@ impl ImageStore {
             Ok(()) => tmp.keep = true,
             Err(Errno::EXIST | Errno::NOTEMPTY) => {}
             Err(e) => {
-                return Err(e)
-                    .context(|| format!("moving {} to {}", tmp.path.display(), dst.display()));
+                return Err(e).context(|| format!("moving {} to {}", tmp.path.display(), dst.display()));
             }
         }
         drop(tmp);
@@ -435,9 +401,7 @@ impl ImageStore {
     fn tmp_name(&self, kind: &str) -> PathBuf {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join("tmp")
-            .join(format!("{kind}-{}-{n}", std::process::id()))
+        self.root.join("tmp").join(format!("{kind}-{}-{n}", std::process::id()))
     }
 
     fn tmp_dir(&self, kind: &str) -> Result<TmpPath> {
@@ -510,15 +474,12 @@ fn unpack_layer<R: Read>(
         Compression::None => Box::new(compressed),
         // Multi-member: gzip streams may be concatenated, as Go's reader allows.
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(compressed)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(compressed)
-                .context(|| format!("starting to decompress {what}"))?,
-        ),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(compressed).context(|| format!("starting to decompress {what}"))?)
+        }
     };
     let uncompressed = unpack::unpack(HashReader::new(decoder), dest, what, UnpackMode::Layer)?;
-    let (actual, _, _) = uncompressed
-        .finish()
-        .context(|| format!("reading the end of {what}"))?;
+    let (actual, _, _) = uncompressed.finish().context(|| format!("reading the end of {what}"))?;
     if actual != diff_id {
         return Err(ImageError::DigestMismatch {
             what: format!("{what} (uncompressed, config diff_id)"),
@@ -629,9 +590,7 @@ impl Layout<'_> {
                 what: format!("OCI layout {}", self.name),
                 detail: format!("{} is not a directory", self.dir.display()),
             },
-            io::ErrorKind::NotFound => {
-                self.invalid("no index.json (is this an OCI image layout?)".into())
-            }
+            io::ErrorKind::NotFound => self.invalid("no index.json (is this an OCI image layout?)".into()),
             _ => ImageError::Io {
                 context: format!("opening {}", path.display()),
                 source: e,
@@ -724,8 +683,8 @@ impl Layout<'_> {
                     media_type,
                 });
             }
-            let manifest: Manifest = serde_json::from_slice(&bytes)
-                .map_err(|e| self.invalid(format!("manifest {}: {e}", desc.digest)))?;
+            let manifest: Manifest =
+                serde_json::from_slice(&bytes).map_err(|e| self.invalid(format!("manifest {}: {e}", desc.digest)))?;
             if manifest.schema_version != 2 {
                 return Err(self.invalid(format!(
                     "manifest {} has schemaVersion {}; only 2 is supported",
@@ -742,9 +701,7 @@ impl Layout<'_> {
             }
             return Ok((desc, bytes, manifest));
         }
-        Err(self.invalid(format!(
-            "image indexes nest more than {MAX_INDEX_DEPTH} deep"
-        )))
+        Err(self.invalid(format!("image indexes nest more than {MAX_INDEX_DEPTH} deep")))
     }
 }
 

@@ -16,9 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{
-    self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags,
-};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
 use tar::{EntryType, Header};
 
@@ -128,12 +126,8 @@ fn lossy(b: &[u8]) -> String {
 /// `what` names the tar in errors (e.g. `layer sha256:…`). Returns the reader
 /// so the caller can drain and hash what follows the end-of-archive marker.
 pub(crate) fn unpack<R: Read>(reader: R, dest: &Path, what: &str, mode: UnpackMode) -> Result<R> {
-    let root = rfs::open(
-        dest,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .context(|| format!("opening {} to unpack {what}", dest.display()))?;
+    let root = rfs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .context(|| format!("opening {} to unpack {what}", dest.display()))?;
     let mut u = Unpacker {
         root,
         dest,
@@ -199,10 +193,7 @@ impl Unpacker<'_> {
             if !kind.is_dir() {
                 return Err(self.unsafe_path(&raw_path, "the root of the layer is not a directory"));
             }
-            let root = self
-                .root
-                .try_clone()
-                .context(|| "duplicating a descriptor".into())?;
+            let root = self.root.try_clone().context(|| "duplicating a descriptor".into())?;
             self.apply_meta(&root, b".", &raw_path, &meta, true)?;
             self.dir_times.push((Vec::new(), meta.times));
             return Ok(());
@@ -353,8 +344,7 @@ impl Unpacker<'_> {
         let header: &Header = entry.header();
         let old = header.as_old();
         let id = |v: io::Result<u64>, raw: &[u8], which: &str| -> Result<u32> {
-            let v = numeric(v, raw)
-                .context(|| self.ctx(&format!("reading the {which} of"), raw_path))?;
+            let v = numeric(v, raw).context(|| self.ctx(&format!("reading the {which} of"), raw_path))?;
             u32::try_from(v)
                 .ok()
                 .filter(|&v| v != u32::MAX)
@@ -405,10 +395,7 @@ impl Unpacker<'_> {
     /// are made (0755, owned by us): tars often omit parent entries.
     fn open_dir(&self, comps: &[&[u8]], create: bool, raw_path: &[u8]) -> Result<OwnedFd> {
         let Some((&last, parents)) = comps.split_last() else {
-            return self
-                .root
-                .try_clone()
-                .context(|| "duplicating a descriptor".into());
+            return self.root.try_clone().context(|| "duplicating a descriptor".into());
         };
         let path = comps.join(&b'/');
         let resolve = || {
@@ -439,8 +426,7 @@ impl Unpacker<'_> {
         // only hides the lower layers' directory, so this layer's becomes an
         // opaque directory.
         let whiteout = self.mode == UnpackMode::Layer
-            && rfs::statat(&parent, last, AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| is_whiteout(&st));
+            && rfs::statat(&parent, last, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| is_whiteout(&st));
         if whiteout {
             rfs::unlinkat(&parent, last, AtFlags::empty()).context(ctx)?;
         }
@@ -476,13 +462,7 @@ impl Unpacker<'_> {
     /// Makes room for a new entry `name` in `parent`: removes what is there,
     /// unless both are directories (then the directory is kept, so its
     /// contents and opaque marker survive).
-    fn clear_slot(
-        &self,
-        parent: &OwnedFd,
-        name: &[u8],
-        is_dir: bool,
-        raw_path: &[u8],
-    ) -> Result<Slot> {
+    fn clear_slot(&self, parent: &OwnedFd, name: &[u8], is_dir: bool, raw_path: &[u8]) -> Result<Slot> {
         let ctx = || self.ctx("replacing existing", raw_path);
         let st = match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -508,13 +488,8 @@ impl Unpacker<'_> {
 
     /// Makes a directory (held by `dir`) opaque to overlayfs.
     fn set_opaque(&self, dir: &OwnedFd, raw_path: &[u8]) -> Result<()> {
-        rfs::setxattr(
-            proc_path(dir, None),
-            OPAQUE_XATTR,
-            b"y",
-            XattrFlags::empty(),
-        )
-        .context(|| self.ctx("setting trusted.overlay.opaque for", raw_path))
+        rfs::setxattr(proc_path(dir, None), OPAQUE_XATTR, b"y", XattrFlags::empty())
+            .context(|| self.ctx("setting trusted.overlay.opaque for", raw_path))
     }
 
     fn write_file<R: Read>(
@@ -552,12 +527,8 @@ impl Unpacker<'_> {
             .link_name_bytes()
             .ok_or_else(|| self.unsafe_path(raw_path, "hard link without a target"))?
             .into_owned();
-        let target = normalize_path(&raw_target).map_err(|r| {
-            self.unsafe_path(
-                &raw_target,
-                format!("hard link target of {:?}: {r}", lossy(raw_path)),
-            )
-        })?;
+        let target = normalize_path(&raw_target)
+            .map_err(|r| self.unsafe_path(&raw_target, format!("hard link target of {:?}: {r}", lossy(raw_path))))?;
         if target == comps {
             return Ok(());
         }
@@ -584,14 +555,7 @@ impl Unpacker<'_> {
     /// chown, then chmod (chown clears setuid/setgid), then xattrs (chown
     /// also clears `security.capability`), then times.
     /// Directory times are left to the caller (see `dir_times`).
-    fn apply_meta(
-        &self,
-        parent: &OwnedFd,
-        name: &[u8],
-        raw_path: &[u8],
-        meta: &Meta,
-        is_dir: bool,
-    ) -> Result<()> {
+    fn apply_meta(&self, parent: &OwnedFd, name: &[u8], raw_path: &[u8], meta: &Meta, is_dir: bool) -> Result<()> {
         let c = |doing: &str| self.ctx(doing, raw_path);
         let fd = rfs::openat(
             parent,
@@ -610,19 +574,9 @@ impl Unpacker<'_> {
         }
         for (key, value) in &meta.xattrs {
             let r = if is_symlink {
-                rfs::lsetxattr(
-                    proc_path(parent, Some(name)),
-                    key.as_str(),
-                    value,
-                    XattrFlags::empty(),
-                )
+                rfs::lsetxattr(proc_path(parent, Some(name)), key.as_str(), value, XattrFlags::empty())
             } else {
-                rfs::setxattr(
-                    proc_path(&fd, None),
-                    key.as_str(),
-                    value,
-                    XattrFlags::empty(),
-                )
+                rfs::setxattr(proc_path(&fd, None), key.as_str(), value, XattrFlags::empty())
             };
             r.context(|| c(&format!("setting xattr {key} on")))?;
         }
@@ -705,9 +659,7 @@ mod tests {
 
     #[test]
     fn normalize_examples() {
-        let n = |s: &str| {
-            normalize_path(s.as_bytes()).map(|v| v.iter().map(|c| lossy(c)).collect::<Vec<_>>())
-        };
+        let n = |s: &str| normalize_path(s.as_bytes()).map(|v| v.iter().map(|c| lossy(c)).collect::<Vec<_>>());
         assert_eq!(n("./a/b/").unwrap(), ["a", "b"]);
         assert_eq!(n("/etc//passwd").unwrap(), ["etc", "passwd"]);
         assert_eq!(n("./").unwrap(), Vec::<String>::new());
@@ -722,10 +674,7 @@ mod tests {
         assert_eq!(classify_whiteout(b".wh.foo"), Ok(Whiteout::Remove(b"foo")));
         assert_eq!(classify_whiteout(b".wh..wh..opq"), Ok(Whiteout::Opaque));
         assert_eq!(classify_whiteout(b".wh..wh.plnk"), Ok(Whiteout::Meta));
-        assert_eq!(
-            classify_whiteout(b".wh..hidden"),
-            Ok(Whiteout::Remove(b".hidden"))
-        );
+        assert_eq!(classify_whiteout(b".wh..hidden"), Ok(Whiteout::Remove(b".hidden")));
         assert!(classify_whiteout(b".wh.").is_err());
         assert!(classify_whiteout(b".wh..").is_err());
         assert!(classify_whiteout(b".wh...").is_err());
@@ -737,10 +686,7 @@ mod tests {
             parse_pax_time("12.5").map(|t| (t.tv_sec, t.tv_nsec)),
             Some((12, 500_000_000))
         );
-        assert_eq!(
-            parse_pax_time("7").map(|t| (t.tv_sec, t.tv_nsec)),
-            Some((7, 0))
-        );
+        assert_eq!(parse_pax_time("7").map(|t| (t.tv_sec, t.tv_nsec)), Some((7, 0)));
         assert!(parse_pax_time("-1.2").is_none());
         assert!(parse_pax_time("x").is_none());
     }

@@ -32,12 +32,7 @@ use crate::unpack::OPAQUE_XATTR;
 /// `index.json` keeps its other entries; an entry already tagged `tag` is
 /// replaced. The result is readable by `skopeo` (`oci:DIR:TAG`) and by
 /// [`ImageStore::import`](crate::ImageStore::import).
-pub fn write_oci_layout(
-    layout_dir: &Path,
-    tag: &str,
-    rootfs_dir: &Path,
-    config: &ImageConfig,
-) -> Result<String> {
+pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config: &ImageConfig) -> Result<String> {
     let name = format!("oci:{}:{tag}", layout_dir.display());
     crate::reference::check_tag(tag).map_err(|reason| ImageError::BadReference {
         reference: name.clone(),
@@ -50,12 +45,10 @@ pub fn write_oci_layout(
     // overwrite.
     let index_path = layout_dir.join("index.json");
     let mut index = match fs::read(&index_path) {
-        Ok(bytes) => {
-            serde_json::from_slice::<Index>(&bytes).map_err(|e| ImageError::InvalidLayout {
-                layout: name.clone(),
-                reason: format!("existing index.json: {e}"),
-            })?
-        }
+        Ok(bytes) => serde_json::from_slice::<Index>(&bytes).map_err(|e| ImageError::InvalidLayout {
+            layout: name.clone(),
+            reason: format!("existing index.json: {e}"),
+        })?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Index {
             schema_version: 2,
             media_type: Some(oci::OCI_INDEX.to_owned()),
@@ -84,18 +77,13 @@ pub fn write_oci_layout(
         layers: vec![layer.desc],
     };
     let mut manifest_desc = write_json_blob(&blobs, oci::OCI_MANIFEST, &manifest)?;
-    manifest_desc
-        .annotations
-        .insert(REF_NAME.to_owned(), tag.to_owned());
+    manifest_desc.annotations.insert(REF_NAME.to_owned(), tag.to_owned());
     let digest = manifest_desc.digest.clone();
 
     index.manifests.retain(|d| d.ref_name() != Some(tag));
     index.manifests.push(manifest_desc);
     let index_bytes = serde_json::to_vec(&index).expect("an index serializes");
-    write_atomically(
-        &layout_dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    write_atomically(&layout_dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     write_atomically(&index_path, &index_bytes)?;
     Ok(digest)
 }
@@ -121,11 +109,7 @@ fn write_layer(blobs: &Path, rootfs_dir: &Path) -> Result<WrittenLayer> {
         links: HashMap::new(),
     };
     let w = |e: io::Error| ImageError::Io {
-        context: format!(
-            "writing the layer of {} to {}",
-            rootfs_dir.display(),
-            tmp.0.display()
-        ),
+        context: format!("writing the layer of {} to {}", rootfs_dir.display(), tmp.0.display()),
         source: e,
     };
     tar.walk(rootfs_dir, Path::new(""))?;
@@ -157,18 +141,14 @@ struct TarWriter<W: Write> {
 impl<W: Write> TarWriter<W> {
     fn walk(&mut self, dir: &Path, rel: &Path) -> Result<()> {
         let mut names: Vec<_> = fs::read_dir(dir)
-            .and_then(|it| {
-                it.map(|e| e.map(|e| e.file_name()))
-                    .collect::<io::Result<_>>()
-            })
+            .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>())
             .context(|| format!("listing {}", dir.display()))?;
         // Byte order, independent of locale and of readdir's order.
         names.sort();
         for name in names {
             let path = dir.join(&name);
             let rel = rel.join(&name);
-            let md =
-                fs::symlink_metadata(&path).context(|| format!("inspecting {}", path.display()))?;
+            let md = fs::symlink_metadata(&path).context(|| format!("inspecting {}", path.display()))?;
             self.append(&path, &rel, &name, &md)?;
             if md.is_dir() {
                 self.walk(&path, &rel)?;
@@ -193,18 +173,12 @@ impl<W: Write> TarWriter<W> {
             wh.extend_from_slice(name.as_bytes());
             let wh_path = rel.with_file_name(OsStr::from_bytes(&wh));
             h.set_entry_type(EntryType::Regular);
-            return self
-                .builder
-                .append_data(&mut h, wh_path, io::empty())
-                .context(ctx);
+            return self.builder.append_data(&mut h, wh_path, io::empty()).context(ctx);
         }
 
         let (xattrs, opaque) = read_xattrs(path)?;
         if !xattrs.is_empty() {
-            let keys: Vec<String> = xattrs
-                .iter()
-                .map(|(k, _)| format!("SCHILY.xattr.{k}"))
-                .collect();
+            let keys: Vec<String> = xattrs.iter().map(|(k, _)| format!("SCHILY.xattr.{k}")).collect();
             self.builder
                 .append_pax_extensions(
                     keys.iter()
@@ -216,9 +190,7 @@ impl<W: Write> TarWriter<W> {
 
         if ft.is_dir() {
             h.set_entry_type(EntryType::Directory);
-            self.builder
-                .append_data(&mut h, rel, io::empty())
-                .context(ctx)?;
+            self.builder.append_data(&mut h, rel, io::empty()).context(ctx)?;
             if opaque {
                 let mut marker = Header::new_gnu();
                 marker.set_entry_type(EntryType::Regular);
@@ -244,21 +216,16 @@ impl<W: Write> TarWriter<W> {
             let file = File::open(path).context(|| format!("opening {}", path.display()))?;
             self.builder.append_data(&mut h, rel, file).context(ctx)?;
         } else if ft.is_symlink() {
-            let target =
-                fs::read_link(path).context(|| format!("reading symlink {}", path.display()))?;
+            let target = fs::read_link(path).context(|| format!("reading symlink {}", path.display()))?;
             h.set_entry_type(EntryType::Symlink);
             let bytes = target.as_os_str().as_bytes();
             if bytes.len() < 100 {
                 // Verbatim: `append_link` would normalize the target (`a//b/`
                 // becomes `a/b`), which can change what it means.
                 h.set_link_name_literal(bytes).context(ctx)?;
-                self.builder
-                    .append_data(&mut h, rel, io::empty())
-                    .context(ctx)?;
+                self.builder.append_data(&mut h, rel, io::empty()).context(ctx)?;
             } else {
-                self.builder
-                    .append_link(&mut h, rel, &target)
-                    .context(ctx)?;
+                self.builder.append_link(&mut h, rel, &target).context(ctx)?;
             }
         } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
             h.set_entry_type(if ft.is_char_device() {
@@ -271,9 +238,7 @@ impl<W: Write> TarWriter<W> {
             let dev = md.rdev();
             h.set_device_major(rustix::fs::major(dev)).context(ctx)?;
             h.set_device_minor(rustix::fs::minor(dev)).context(ctx)?;
-            self.builder
-                .append_data(&mut h, rel, io::empty())
-                .context(ctx)?;
+            self.builder.append_data(&mut h, rel, io::empty()).context(ctx)?;
         }
         // Sockets: nothing a tar can hold.
         Ok(())
@@ -335,11 +300,7 @@ fn read_sized(
     }
 }
 
-fn write_json_blob<T: serde::Serialize>(
-    blobs: &Path,
-    media_type: &str,
-    value: &T,
-) -> Result<Descriptor> {
+fn write_json_blob<T: serde::Serialize>(blobs: &Path, media_type: &str, value: &T) -> Result<Descriptor> {
     let bytes = serde_json::to_vec(value).expect("OCI JSON serializes");
     let digest = oci::digest_of(&bytes);
     let hex = oci::sha256_hex(&digest).expect("we made this digest");
@@ -382,8 +343,7 @@ impl TmpFile {
     }
 
     fn persist(mut self, dst: &Path) -> Result<()> {
-        fs::rename(&self.0, dst)
-            .context(|| format!("moving {} to {}", self.0.display(), dst.display()))?;
+        fs::rename(&self.0, dst).context(|| format!("moving {} to {}", self.0.display(), dst.display()))?;
         self.1 = true;
         Ok(())
     }

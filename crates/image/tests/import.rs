@@ -162,13 +162,9 @@ impl Layout {
         let (bytes, mt) = match comp {
             Comp::Plain => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
             Comp::Gzip => {
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 e.write_all(tar).unwrap();
-                (
-                    e.finish().unwrap(),
-                    "application/vnd.oci.image.layer.v1.tar+gzip",
-                )
+                (e.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
             }
             Comp::Zstd => (
                 zstd::encode_all(tar, 3).unwrap(),
@@ -222,12 +218,9 @@ impl Layout {
                 d
             })
             .collect();
-        let idx = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-        fs::write(
-            self.dir.join("index.json"),
-            serde_json::to_vec(&idx).unwrap(),
-        )
-        .unwrap();
+        let idx =
+            json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+        fs::write(self.dir.join("index.json"), serde_json::to_vec(&idx).unwrap()).unwrap();
     }
 }
 
@@ -321,10 +314,7 @@ fn write_then_import_round_trips_metadata() {
     let digest = write_oci_layout(&layout, "v1", &rootfs, &config).unwrap();
     // Deterministic: same tree, same digest.
     let layout2 = t.path().join("layout2");
-    assert_eq!(
-        write_oci_layout(&layout2, "v1", &rootfs, &config).unwrap(),
-        digest
-    );
+    assert_eq!(write_oci_layout(&layout2, "v1", &rootfs, &config).unwrap(), digest);
 
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     let image = store.import(&oci_ref(&layout, Some("v1"))).unwrap();
@@ -333,53 +323,30 @@ fn write_then_import_round_trips_metadata() {
     assert_eq!(image.config, config);
     assert_eq!(image.layers.len(), 1);
     let layer = &image.layers[0];
-    assert_eq!(
-        layer.media_type,
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-    );
+    assert_eq!(layer.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
     for d in [&digest, &layer.digest] {
         assert!(store.root().join("blobs/sha256").join(hex_of(d)).is_file());
     }
-    assert_eq!(
-        fs::metadata(store.blob_path(&layer.digest)).unwrap().len(),
-        layer.size
-    );
+    assert_eq!(fs::metadata(store.blob_path(&layer.digest)).unwrap().len(), layer.size);
     let dirs = store.layer_dirs(&image);
     assert_eq!(dirs, vec![store.layer_path(&layer.diff_id)]);
     let l = &dirs[0];
 
     let tool = fs::symlink_metadata(l.join("bin/tool")).unwrap();
     assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid kept");
-    assert_eq!(
-        fs::read(l.join("bin/tool")).unwrap(),
-        b"#!/bin/sh\necho tool\n"
-    );
-    assert_eq!(
-        xattr(&l.join("bin/tool"), "user.hangar").as_deref(),
-        Some(&b"kept"[..])
-    );
+    assert_eq!(fs::read(l.join("bin/tool")).unwrap(), b"#!/bin/sh\necho tool\n");
+    assert_eq!(xattr(&l.join("bin/tool"), "user.hangar").as_deref(), Some(&b"kept"[..]));
     let a = fs::symlink_metadata(l.join("etc/conf.d/a")).unwrap();
     assert_eq!((a.uid(), a.gid()), (1000, 2000));
     let link = fs::symlink_metadata(l.join("etc/a-link")).unwrap();
     assert_eq!(link.ino(), a.ino(), "hard link kept");
-    assert_eq!(
-        fs::read_link(l.join("bin/abs-link")).unwrap(),
-        Path::new("/bin/tool")
-    );
-    assert_eq!(
-        fs::read_link(l.join("bin/rel-link")).unwrap(),
-        Path::new("tool")
-    );
+    assert_eq!(fs::read_link(l.join("bin/abs-link")).unwrap(), Path::new("/bin/tool"));
+    assert_eq!(fs::read_link(l.join("bin/rel-link")).unwrap(), Path::new("tool"));
     let null = fs::symlink_metadata(l.join("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
     assert_eq!(null.mode() & 0o7777, 0o666);
-    assert!(
-        fs::symlink_metadata(l.join("dev/fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo()
-    );
+    assert!(fs::symlink_metadata(l.join("dev/fifo")).unwrap().file_type().is_fifo());
     assert_eq!(
         fs::symlink_metadata(l.join("etc/conf.d")).unwrap().mtime(),
         1_234_567_890,
@@ -424,25 +391,19 @@ fn written_layers_carry_overlay_whiteouts() {
     write_oci_layout(&layout, "t", &upper, &ImageConfig::default()).unwrap();
 
     // The layer holds OCI whiteouts, not overlay ones.
-    let index: Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     let m = index["manifests"][0]["digest"].as_str().unwrap();
     let manifest: Value =
-        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex_of(m))).unwrap())
-            .unwrap();
+        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex_of(m))).unwrap()).unwrap();
     let blob = layout
         .join("blobs/sha256")
         .join(hex_of(manifest["layers"][0]["digest"].as_str().unwrap()));
     let mut names = Vec::new();
-    let mut archive =
-        tar::Archive::new(flate2::read::GzDecoder::new(fs::File::open(blob).unwrap()));
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(fs::File::open(blob).unwrap()));
     for e in archive.entries().unwrap() {
         names.push(e.unwrap().path().unwrap().display().to_string());
     }
-    assert_eq!(
-        names,
-        [".wh.deleted", "opaque", "opaque/.wh..wh..opq", "opaque/new"]
-    );
+    assert_eq!(names, [".wh.deleted", "opaque", "opaque/.wh..wh..opq", "opaque/new"]);
 
     // And importing it gives the overlay form back.
     let store = ImageStore::open(&t.path().join("store")).unwrap();
@@ -500,19 +461,12 @@ fn skopeo_reads_written_layouts() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     let image = store
         .import(&parse(&format!("oci-archive:{}", archive.display())))
         .unwrap();
-    assert_eq!(
-        fs::read(store.layer_dirs(&image)[0].join("etc/two")).unwrap(),
-        b"2"
-    );
+    assert_eq!(fs::read(store.layer_dirs(&image)[0].join("etc/two")).unwrap(), b"2");
     assert_store_clean(&store);
 
     // Docker v2 schema 2 manifests, converted by skopeo.
@@ -692,10 +646,7 @@ fn symlink_in_parent_cannot_escape() {
         let dir = t.path().join(format!("layout{i}"));
         single_layer_layout(&dir, tar, "t");
         let r = store.import(&oci_ref(&dir, None));
-        assert!(
-            list(&victim).is_empty(),
-            "case {i}: wrote into the host directory"
-        );
+        assert!(list(&victim).is_empty(), "case {i}: wrote into the host directory");
         assert!(
             !Path::new("/etc").join(&etc_probe).exists(),
             "case {i}: wrote into /etc"
@@ -705,10 +656,7 @@ fn symlink_in_parent_cannot_escape() {
             // The symlink's target does not exist in the layer, so the entry
             // has nowhere to go.
             (0 | 1, Err(ImageError::Io { context, .. })) => {
-                assert!(
-                    context.contains("resolving directory \"a\""),
-                    "case {i}: {context}"
-                )
+                assert!(context.contains("resolving directory \"a\""), "case {i}: {context}")
             }
             (0 | 1, other) => panic!("case {i}: expected an error, got {other:?}"),
             // The symlink leads to the layer's own root (as in a chroot), and
@@ -736,15 +684,10 @@ fn symlink_in_parent_cannot_escape() {
     single_layer_layout(&dir, &tar, "t");
     let image = store.import(&oci_ref(&dir, None)).unwrap();
     let layer = &store.layer_dirs(&image)[0];
-    assert_eq!(
-        fs::read(layer.join("etc/passwd")).unwrap(),
-        b"root::0:0::/:/bin/sh\n"
-    );
+    assert_eq!(fs::read(layer.join("etc/passwd")).unwrap(), b"root::0:0::/:/bin/sh\n");
     assert_eq!(
         fs::symlink_metadata(layer.join("b")).unwrap().ino(),
-        fs::symlink_metadata(layer.join("etc/passwd"))
-            .unwrap()
-            .ino()
+        fs::symlink_metadata(layer.join("etc/passwd")).unwrap().ino()
     );
     assert_eq!(fs::read("/etc/passwd").unwrap(), before);
 }
@@ -789,9 +732,7 @@ fn hardlinks_cannot_reach_outside() {
 
     let cases = [
         Tar::new().hardlink("h", host_str).finish(),
-        Tar::new()
-            .hardlink("h", "../../../../../../../etc/passwd")
-            .finish(),
+        Tar::new().hardlink("h", "../../../../../../../etc/passwd").finish(),
         Tar::new()
             .symlink("s", t.path().to_str().unwrap())
             .hardlink("h", "s/host-secret")
@@ -811,10 +752,7 @@ fn hardlinks_cannot_reach_outside() {
     let dir = t.path().join("to-symlink");
     single_layer_layout(
         &dir,
-        &Tar::new()
-            .symlink("s", host_str)
-            .hardlink("h", "s")
-            .finish(),
+        &Tar::new().symlink("s", host_str).hardlink("h", "s").finish(),
         "t",
     );
     let image = store.import(&oci_ref(&dir, None)).unwrap();
@@ -832,13 +770,10 @@ fn corrupt_blobs_leave_nothing_behind() {
     fs::write(rootfs.join("big"), vec![7u8; 100_000]).unwrap();
     let layout = t.path().join("layout");
     write_oci_layout(&layout, "t", &rootfs, &ImageConfig::default()).unwrap();
-    let index: Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let manifest: Value = serde_json::from_slice(
-        &fs::read(layout.join("blobs/sha256").join(hex_of(&manifest_digest))).unwrap(),
-    )
-    .unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex_of(&manifest_digest))).unwrap()).unwrap();
     let layer_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
     let layer_path = layout.join("blobs/sha256").join(hex_of(&layer_digest));
     let good = fs::read(&layer_path).unwrap();
@@ -850,11 +785,7 @@ fn corrupt_blobs_leave_nothing_behind() {
     fs::write(&layer_path, &bad).unwrap();
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     match store.import(&oci_ref(&layout, None)) {
-        Err(ImageError::DigestMismatch {
-            what,
-            expected,
-            actual,
-        }) => {
+        Err(ImageError::DigestMismatch { what, expected, actual }) => {
             assert!(what.contains(&layer_digest), "{what}");
             assert_eq!(expected, layer_digest);
             assert_eq!(actual, sha(&bad));
@@ -901,11 +832,7 @@ fn wrong_diff_id_keeps_nothing() {
     l.index(&[(m, None)]);
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     match store.import(&oci_ref(&l.dir, None)) {
-        Err(ImageError::DigestMismatch {
-            what,
-            expected,
-            actual,
-        }) => {
+        Err(ImageError::DigestMismatch { what, expected, actual }) => {
             assert!(what.contains("diff_id"), "{what}");
             assert_eq!(expected, wrong);
             assert_eq!(actual, sha(&tar));
@@ -936,8 +863,7 @@ fn oci_archive_import() {
         let mut h = Header::new_gnu();
         h.set_entry_type(EntryType::Symlink);
         h.set_size(0);
-        b.append_link(&mut h, "legacy/layer.tar", "/etc/passwd")
-            .unwrap();
+        b.append_link(&mut h, "legacy/layer.tar", "/etc/passwd").unwrap();
         b.finish().unwrap();
     }
     let store = ImageStore::open(&t.path().join("store")).unwrap();
@@ -980,23 +906,16 @@ fn tag_selection() {
     // Re-tagging replaces the entry and keeps the other tag.
     fs::write(rootfs.join("version"), b"3").unwrap();
     let d3 = write_oci_layout(&layout, "v2", &rootfs, &ImageConfig::default()).unwrap();
-    let index: Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
 
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     let v1 = store.import(&oci_ref(&layout, Some("v1"))).unwrap();
     assert_eq!(v1.manifest_digest, d1);
-    assert_eq!(
-        fs::read(store.layer_dirs(&v1)[0].join("version")).unwrap(),
-        b"1"
-    );
+    assert_eq!(fs::read(store.layer_dirs(&v1)[0].join("version")).unwrap(), b"1");
     let v2 = store.import(&oci_ref(&layout, Some("v2"))).unwrap();
     assert_eq!(v2.manifest_digest, d3);
-    assert_eq!(
-        fs::read(store.layer_dirs(&v2)[0].join("version")).unwrap(),
-        b"3"
-    );
+    assert_eq!(fs::read(store.layer_dirs(&v2)[0].join("version")).unwrap(), b"3");
 
     match store.import(&oci_ref(&layout, None)) {
         Err(e @ ImageError::BadReference { .. }) => {
@@ -1032,16 +951,8 @@ fn image_index_picks_linux_amd64() {
     require_root!();
     let t = tempfile::tempdir().unwrap();
     let l = Layout::new(&t.path().join("layout"));
-    let arm = l.layer(
-        &Tar::new().file("arch", b"arm64").finish(),
-        Comp::Gzip,
-        None,
-    );
-    let amd = l.layer(
-        &Tar::new().file("arch", b"amd64").finish(),
-        Comp::Zstd,
-        None,
-    );
+    let arm = l.layer(&Tar::new().file("arch", b"arm64").finish(), Comp::Gzip, None);
+    let amd = l.layer(&Tar::new().file("arch", b"amd64").finish(), Comp::Zstd, None);
     let arm_m = l.image(&[arm], "arm64", false);
     let amd_m = l.image(&[amd], "amd64", false);
     let with_platform = |mut d: Value, arch: &str| {
@@ -1087,10 +998,7 @@ fn image_index_picks_linux_amd64() {
     assert_eq!(image.manifest_digest, amd_m["digest"].as_str().unwrap());
     assert_eq!(image.config.labels["arch"], "amd64");
     assert_eq!(image.config.cmd, ["/bin/sh"]);
-    assert_eq!(
-        fs::read(store.layer_dirs(&image)[0].join("arch")).unwrap(),
-        b"amd64"
-    );
+    assert_eq!(fs::read(store.layer_dirs(&image)[0].join("arch")).unwrap(), b"amd64");
 
     match store.import(&oci_ref(&l.dir, Some("arm"))) {
         Err(e @ ImageError::UnsupportedPlatform { .. }) => {
@@ -1108,10 +1016,7 @@ fn image_index_picks_linux_amd64() {
 
     let image = store.import(&oci_ref(&l.dir, Some("docker"))).unwrap();
     assert_eq!(image.manifest_digest, dm["digest"].as_str().unwrap());
-    assert_eq!(
-        fs::read(store.layer_dirs(&image)[0].join("arch")).unwrap(),
-        b"docker"
-    );
+    assert_eq!(fs::read(store.layer_dirs(&image)[0].join("arch")).unwrap(), b"docker");
     assert_store_clean(&store);
 }
 
@@ -1126,18 +1031,12 @@ fn unsupported_media_types_are_named() {
         Some("application/vnd.oci.image.layer.v1.tar+bzip2"),
     );
     let m = l.image(&[layer], "amd64", false);
-    let artifact = l.json(
-        "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
-        &json!({}),
-    );
+    let artifact = l.json("application/vnd.cncf.helm.chart.content.v1.tar+gzip", &json!({}));
     l.index(&[(m, Some("bz")), (artifact, Some("helm"))]);
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     for (tag, mt) in [
         ("bz", "application/vnd.oci.image.layer.v1.tar+bzip2"),
-        (
-            "helm",
-            "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
-        ),
+        ("helm", "application/vnd.cncf.helm.chart.content.v1.tar+gzip"),
     ] {
         match store.import(&oci_ref(&l.dir, Some(tag))) {
             Err(ImageError::UnsupportedMediaType { media_type, .. }) => assert_eq!(media_type, mt),
@@ -1166,19 +1065,13 @@ fn concurrent_imports_of_the_same_layers_both_succeed() {
                 .map(|_| {
                     let (root, layout) = (&root, &layout);
                     // Separate stores on one root, as separate processes would be.
-                    s.spawn(move || {
-                        ImageStore::open(root)
-                            .unwrap()
-                            .import(&oci_ref(layout, None))
-                    })
+                    s.spawn(move || ImageStore::open(root).unwrap().import(&oci_ref(layout, None)))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for image in &images {
-            let image = image
-                .as_ref()
-                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let image = image.as_ref().unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(image, images[0].as_ref().unwrap());
         }
         let store = ImageStore::open(&root).unwrap();
@@ -1214,7 +1107,10 @@ fn pax_metadata_from_hand_made_tars() {
     let mut tar = Tar::new();
     tar.0
         .append_pax_extensions([
-            ("SCHILY.xattr.security.capability", &b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"[..]),
+            (
+                "SCHILY.xattr.security.capability",
+                &b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"[..],
+            ),
             ("SCHILY.xattr.trusted.overlay.redirect", &b"/elsewhere"[..]),
             ("uid", &b"3000000"[..]),
             ("mtime", &b"1700000000.5"[..]),
@@ -1235,10 +1131,7 @@ fn pax_metadata_from_hand_made_tars() {
     let ping = fs::symlink_metadata(l.join("ping")).unwrap();
     assert_eq!((ping.uid(), ping.gid()), (3_000_000, 42));
     assert_eq!(ping.mode() & 0o7777, 0o4711);
-    assert_eq!(
-        (ping.mtime(), ping.mtime_nsec()),
-        (1_700_000_000, 500_000_000)
-    );
+    assert_eq!((ping.mtime(), ping.mtime_nsec()), (1_700_000_000, 500_000_000));
     assert!(
         xattr(&l.join("ping"), "security.capability").is_some(),
         "file capability kept"

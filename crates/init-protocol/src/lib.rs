@@ -364,10 +364,7 @@ impl ErrorReply {
     /// Categorizes `err`; the message is `"{context}: {err}"`, so pass the
     /// path or command the error is about.
     pub fn from_io(err: &io::Error, context: impl fmt::Display) -> Self {
-        Self::new(
-            ErrorKind::from_io(err),
-            format!("{context}: {}", io_message(err)),
-        )
+        Self::new(ErrorKind::from_io(err), format!("{context}: {}", io_message(err)))
     }
 }
 
@@ -449,10 +446,7 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(FrameKind, Vec<u8>)>>
 }
 
 fn truncated() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        "connection closed inside a frame",
-    )
+    io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a frame")
 }
 
 /// Serializes `value` as JSON for a frame payload.
@@ -464,8 +458,7 @@ pub fn encode_json(value: &impl Serialize) -> io::Result<Vec<u8>> {
 
 /// Parses a JSON frame payload; malformed JSON is an `InvalidData` error.
 pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(payload)
-        .map_err(|e| invalid_data(format!("malformed JSON payload: {e}")))
+    serde_json::from_slice(payload).map_err(|e| invalid_data(format!("malformed JSON payload: {e}")))
 }
 
 /// Writes `value` as a JSON frame of `kind`.
@@ -577,10 +570,7 @@ mod tests {
         let err = read_frame(&mut r).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let mut r = Cursor::new(vec![4, 0x00, 0x10, 0x00, 0x01]);
-        assert_eq!(
-            read_frame(&mut r).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(read_frame(&mut r).unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
@@ -637,18 +627,12 @@ mod tests {
             decode_json::<Reply>(json.to_string().as_bytes()).unwrap(),
             Reply::FileStat(stat)
         );
-        assert_eq!(
-            serde_json::to_string(&Reply::Ok).unwrap(),
-            r#"{"type":"ok"}"#
-        );
+        assert_eq!(serde_json::to_string(&Reply::Ok).unwrap(), r#"{"type":"ok"}"#);
 
         let err = ErrorReply::from_io(&io::Error::from_raw_os_error(libc_enotempty()), "/x");
         assert_eq!(err.kind, ErrorKind::DirectoryNotEmpty);
         assert_eq!(err.message, "/x: Directory not empty");
-        assert_eq!(
-            serde_json::to_value(err).unwrap()["kind"],
-            "directory_not_empty"
-        );
+        assert_eq!(serde_json::to_value(err).unwrap()["kind"], "directory_not_empty");
     }
 
     fn libc_enotempty() -> i32 {
@@ -665,9 +649,7 @@ mod tests {
     #[tokio::test]
     async fn async_round_trip_and_limits() {
         let mut buf = Vec::new();
-        write_frame_async(&mut buf, FrameKind::Stdin, b"abc")
-            .await
-            .unwrap();
+        write_frame_async(&mut buf, FrameKind::Stdin, b"abc").await.unwrap();
         write_json_async(&mut buf, FrameKind::Exit, &ExitStatus::exited(0))
             .await
             .unwrap();
@@ -679,10 +661,7 @@ mod tests {
         );
         let (k, p) = read_frame_async(&mut r).await.unwrap().unwrap();
         assert_eq!(k, FrameKind::Exit);
-        assert_eq!(
-            decode_json::<ExitStatus>(&p).unwrap(),
-            ExitStatus::exited(0)
-        );
+        assert_eq!(decode_json::<ExitStatus>(&p).unwrap(), ExitStatus::exited(0));
         assert!(read_frame_async(&mut r).await.unwrap().is_none());
         // Sync and async encodings agree.
         assert_eq!(read_frame(&mut sync_copy).unwrap().unwrap().1, b"abc");

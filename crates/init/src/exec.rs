@@ -20,8 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hangar_init_protocol::{
-    CHUNK, ErrorKind, ErrorReply, ExitStatus, FrameKind, io_message, read_frame, write_frame,
-    write_json,
+    CHUNK, ErrorKind, ErrorReply, ExitStatus, FrameKind, io_message, read_frame, write_frame, write_json,
 };
 
 use crate::state::{Init, configure_child, kill, lock};
@@ -96,9 +95,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
         wake: wake_w,
     });
 
-    let deadline = spec
-        .timeout_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let deadline = spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     let waiter = {
         let ctl = ctl.clone();
         thread::Builder::new()
@@ -141,10 +138,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
     result.map(drop)
 }
 
-fn spawn(
-    init: &Init,
-    spec: &ExecSpec,
-) -> Result<(std::process::Child, Receiver<ExitStatus>), ErrorReply> {
+fn spawn(init: &Init, spec: &ExecSpec) -> Result<(std::process::Child, Receiver<ExitStatus>), ErrorReply> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorReply::invalid("exec: argv is empty"));
     };
@@ -193,28 +187,19 @@ fn spawn(
         }
         cmd.current_dir(cwd);
     }
-    cmd.stdin(if spec.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     configure_child(&mut cmd, creds.as_ref(), true);
-    init.spawn_tracked(&mut cmd).map_err(|e| {
-        ErrorReply::new(
-            ErrorKind::ExecFailed,
-            format!("exec {program:?}: {}", io_message(&e)),
-        )
-    })
+    init.spawn_tracked(&mut cmd)
+        .map_err(|e| ErrorReply::new(ErrorKind::ExecFailed, format!("exec {program:?}: {}", io_message(&e))))
 }
 
 /// Waits for the reaper to deliver the child's status, killing the group
 /// when the deadline passes first.
 fn wait_exit(rx: Receiver<ExitStatus>, deadline: Option<Instant>, ctl: &Ctl) {
     let status = match deadline {
-        Some(deadline) => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
+        Some(deadline) => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Err(RecvTimeoutError::Timeout) => {
                 ctl.timed_out.store(true, Ordering::SeqCst);
                 ctl.kill_group();
@@ -324,10 +309,7 @@ fn pump(
         // [wake, socket, stdout?, stderr?]. The socket is polled for no
         // events: POLLHUP is reported anyway once the client has closed the
         // connection entirely (a half-close does not count).
-        let mut fds = vec![
-            pollfd(wake.as_fd(), libc::POLLIN),
-            pollfd(stream.as_fd(), 0),
-        ];
+        let mut fds = vec![pollfd(wake.as_fd(), libc::POLLIN), pollfd(stream.as_fd(), 0)];
         let slots: Vec<usize> = (0..2).filter(|&i| outputs[i].is_some()).collect();
         for &i in &slots {
             if let Some((_, f)) = &outputs[i] {
@@ -357,11 +339,7 @@ fn pump(
                         return Ok(false);
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
                 Err(_) => outputs[i] = None,
             }
         }

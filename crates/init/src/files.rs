@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hangar_init_protocol::{
-    CHUNK, ErrorKind, ErrorReply, FileKind, FileStat, FrameKind, Reply, read_frame, write_frame,
-    write_json,
+    CHUNK, ErrorKind, ErrorReply, FileKind, FileStat, FrameKind, Reply, read_frame, write_frame, write_json,
 };
 
 /// Result of one file operation.
@@ -19,9 +18,7 @@ fn absolute(path: &str) -> Result<&Path, ErrorReply> {
     if path.starts_with('/') {
         Ok(Path::new(path))
     } else {
-        Err(ErrorReply::invalid(format!(
-            "{path:?}: path must be absolute"
-        )))
+        Err(ErrorReply::invalid(format!("{path:?}: path must be absolute")))
     }
 }
 
@@ -46,9 +43,7 @@ pub fn file_stat(path: &str, md: &Metadata) -> FileStat {
         FileKind::Other
     };
     let link_target = match kind {
-        FileKind::Symlink => fs::read_link(path)
-            .ok()
-            .map(|t| t.to_string_lossy().into_owned()),
+        FileKind::Symlink => fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned()),
         _ => None,
     };
     FileStat {
@@ -108,8 +103,7 @@ pub fn mkdir(path: &str, mode: Option<u32>, parents: bool) -> OpResult {
             .mode(mode)
             .create(dir)
             .map_err(|e| ErrorReply::from_io(&e, path))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .map_err(|e| ErrorReply::from_io(&e, path))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(|e| ErrorReply::from_io(&e, path))?;
     }
     lstat(path).map(Reply::FileStat)
 }
@@ -120,9 +114,7 @@ pub fn remove(path: &str, recursive: bool) -> OpResult {
     // Rejects "/", and "/x/.." and the like, which name a directory whose
     // real name we would have to work out first.
     if p.file_name().is_none() {
-        return Err(ErrorReply::invalid(format!(
-            "{path:?}: refusing to remove this path"
-        )));
+        return Err(ErrorReply::invalid(format!("{path:?}: refusing to remove this path")));
     }
     let md = fs::symlink_metadata(p).map_err(|e| ErrorReply::from_io(&e, path))?;
     let result = if md.is_dir() {
@@ -204,10 +196,7 @@ struct Previous {
     gid: u32,
 }
 
-fn prepare_write(
-    path: &str,
-    make_parents: bool,
-) -> Result<(TempFile, Option<Previous>), ErrorReply> {
+fn prepare_write(path: &str, make_parents: bool) -> Result<(TempFile, Option<Previous>), ErrorReply> {
     let target = absolute(path)?;
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(ErrorReply::invalid(format!("{path:?}: not a file path")));
@@ -286,12 +275,7 @@ fn commit_write(
 /// to `End` before the error is returned, so a simple client can send
 /// everything and then read one answer. If the client goes away or breaks
 /// the protocol first, the temporary file is removed and nothing changes.
-pub fn write_file(
-    path: &str,
-    mode: Option<u32>,
-    make_parents: bool,
-    r: &mut impl Read,
-) -> OpResult {
+pub fn write_file(path: &str, mode: Option<u32>, make_parents: bool, r: &mut impl Read) -> OpResult {
     let mut state = mode
         .map_or(Ok(0), check_mode)
         .and_then(|_| prepare_write(path, make_parents));
@@ -312,9 +296,7 @@ pub fn write_file(
                 )));
             }
             Ok(None) => {
-                return Err(ErrorReply::invalid(
-                    "write_file: connection closed before End",
-                ));
+                return Err(ErrorReply::invalid("write_file: connection closed before End"));
             }
             Err(e) => return Err(ErrorReply::invalid(format!("write_file: {e}"))),
         }
@@ -363,10 +345,7 @@ mod tests {
         let Reply::FileStat(st) = reply else {
             panic!("{reply:?}")
         };
-        assert_eq!(
-            (st.kind, st.size, st.mode),
-            (FileKind::File, 200_000, 0o4750)
-        );
+        assert_eq!((st.kind, st.size, st.mode), (FileKind::File, 200_000, 0o4750));
         assert_eq!(fs::read(&path).unwrap(), content);
         assert_eq!(names(&t.path().join("a/b")), ["f.bin"]);
 
@@ -383,10 +362,7 @@ mod tests {
             decode_json::<Reply>(&p).unwrap(),
             Reply::FileStat(FileStat { size: 1, .. })
         ));
-        assert_eq!(
-            read_frame(&mut r).unwrap().unwrap(),
-            (FrameKind::Data, b"x".to_vec())
-        );
+        assert_eq!(read_frame(&mut r).unwrap().unwrap(), (FrameKind::Data, b"x".to_vec()));
         assert_eq!(read_frame(&mut r).unwrap().unwrap().0, FrameKind::End);
     }
 
@@ -407,11 +383,7 @@ mod tests {
         let mut r = data_frames(&[b"a", b"b"], true);
         let err = write_file(&s(&t.path().join("missing/f")), None, false, &mut r).unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
-        assert_eq!(
-            r.position() as usize,
-            r.get_ref().len(),
-            "all data consumed"
-        );
+        assert_eq!(r.position() as usize, r.get_ref().len(), "all data consumed");
         let err = write_file(&s(t.path()), None, false, &mut data_frames(&[], true)).unwrap_err();
         assert_eq!(err.kind, ErrorKind::IsADirectory);
         let err = write_file("rel/f", None, false, &mut data_frames(&[], true)).unwrap_err();
@@ -464,10 +436,7 @@ mod tests {
             panic!()
         };
         assert_eq!((st.kind, st.mode), (FileKind::Dir, 0o700));
-        assert_eq!(
-            mkdir(&d, None, false).unwrap_err().kind,
-            ErrorKind::AlreadyExists
-        );
+        assert_eq!(mkdir(&d, None, false).unwrap_err().kind, ErrorKind::AlreadyExists);
         mkdir(&d, None, true).unwrap();
         assert_eq!(
             fs::metadata(&d).unwrap().mode() & 0o7777,
@@ -490,10 +459,7 @@ mod tests {
             (st.kind, st.link_target.as_deref()),
             (FileKind::Symlink, Some("d/file"))
         );
-        assert_eq!(
-            stat(&s(&root.join("zzz"))).unwrap_err().kind,
-            ErrorKind::NotFound
-        );
+        assert_eq!(stat(&s(&root.join("zzz"))).unwrap_err().kind, ErrorKind::NotFound);
         assert_eq!(
             stat(&s(&root.join("d/file/x"))).unwrap_err().kind,
             ErrorKind::NotADirectory
@@ -508,11 +474,7 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [
-                ("d", FileKind::Dir),
-                ("link", FileKind::Symlink),
-                ("p", FileKind::Dir)
-            ]
+            [("d", FileKind::Dir), ("link", FileKind::Symlink), ("p", FileKind::Dir)]
         );
         assert_eq!(
             list(&s(&root.join("d/file"))).unwrap_err().kind,
@@ -523,10 +485,7 @@ mod tests {
         std::os::unix::fs::symlink(root.join("d"), root.join("dlink")).unwrap();
         remove(&s(&root.join("dlink")), true).unwrap();
         assert!(root.join("d/file").exists());
-        assert_eq!(
-            remove(&d, false).unwrap_err().kind,
-            ErrorKind::DirectoryNotEmpty
-        );
+        assert_eq!(remove(&d, false).unwrap_err().kind, ErrorKind::DirectoryNotEmpty);
         remove(&d, true).unwrap();
         assert!(!root.join("d").exists());
         assert_eq!(remove(&d, true).unwrap_err().kind, ErrorKind::NotFound);

@@ -29,8 +29,7 @@ use hangar_init_protocol::{ExitStatus, io_message};
 
 use crate::state::{Init, configure_child, kill, wait_any};
 
-const USAGE: &str =
-    "usage: hangar-init [--user USER] [--listen-fd N] [--exit-file PATH] -- CMD [ARGS...]";
+const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N] [--exit-file PATH] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -196,9 +195,7 @@ fn cloexec_inherited_fds() {
     let Ok(dir) = fs::read_dir("/proc/self/fd") else {
         return;
     };
-    let fds: Vec<RawFd> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let fds: Vec<RawFd> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     for fd in fds.into_iter().filter(|fd| *fd > 2) {
         // SAFETY: setting a descriptor flag; fails harmlessly for the
         // read_dir fd that is already closed by now.
@@ -212,10 +209,7 @@ fn cloexec_inherited_fds() {
 fn spawn_main(args: &Args) -> Result<u32, (i32, String)> {
     let program = &args.command[0];
     let creds = match &args.user {
-        Some(spec) => Some(
-            users::resolve_system(spec)
-                .map_err(|e| (126, format!("cannot run {program:?}: {e}")))?,
-        ),
+        Some(spec) => Some(users::resolve_system(spec).map_err(|e| (126, format!("cannot run {program:?}: {e}")))?),
         None => None,
     };
     let mut cmd = Command::new(program);
@@ -276,10 +270,7 @@ fn write_exit_file(path: &Path, status: &ExitStatus) {
         fs::rename(&tmp, path)
     })();
     if let Err(e) = result {
-        eprintln!(
-            "hangar-init: cannot write exit file {}: {e}",
-            path.display()
-        );
+        eprintln!("hangar-init: cannot write exit file {}: {e}", path.display());
     }
 }
 
@@ -320,11 +311,7 @@ fn descendants(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < found.len() {
         let parent = found[i];
-        found.extend(
-            all.iter()
-                .filter(|&&(_, ppid)| ppid == parent)
-                .map(|&(pid, _)| pid),
-        );
+        found.extend(all.iter().filter(|&&(_, ppid)| ppid == parent).map(|&(pid, _)| pid));
         i += 1;
     }
     found.remove(0);
@@ -382,9 +369,6 @@ mod tests {
         );
         assert_eq!(fs::read_dir(t.path().join("run")).unwrap().count(), 1);
         // An impossible location is skipped, not fatal.
-        write_exit_file(
-            Path::new("/proc/self/nope/exit.json"),
-            &ExitStatus::exited(0),
-        );
+        write_exit_file(Path::new("/proc/self/nope/exit.json"), &ExitStatus::exited(0));
     }
 }

@@ -63,17 +63,9 @@ fn parse_status(status: &str) -> (u32, u64) {
     let mut rss = 0;
     for line in status.lines() {
         if let Some(v) = line.strip_prefix("Uid:") {
-            uid = v
-                .split_whitespace()
-                .next()
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(0);
+            uid = v.split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("VmRSS:") {
-            rss = v
-                .split_whitespace()
-                .next()
-                .and_then(|r| r.parse().ok())
-                .unwrap_or(0);
+            rss = v.split_whitespace().next().and_then(|r| r.parse().ok()).unwrap_or(0);
         }
     }
     (uid, rss)
@@ -99,17 +91,13 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_comm() {
         let stat = "1234 (my (weird) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0";
-        assert_eq!(
-            parse_stat(stat),
-            Some(("my (weird) prog".into(), "S".into(), 1))
-        );
+        assert_eq!(parse_stat(stat), Some(("my (weird) prog".into(), "S".into(), 1)));
         assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]
     fn parses_status() {
-        let status =
-            "Name:\tsleep\nUid:\t1000\t1000\t1000\t1000\nGid:\t0\t0\t0\t0\nVmRSS:\t    1536 kB\n";
+        let status = "Name:\tsleep\nUid:\t1000\t1000\t1000\t1000\nGid:\t0\t0\t0\t0\nVmRSS:\t    1536 kB\n";
         assert_eq!(parse_status(status), (1000, 1536));
         assert_eq!(parse_status("Name:\tzombie\nUid:\t5\t5\t5\t5\n"), (5, 0));
     }
@@ -124,10 +112,7 @@ mod tests {
     fn lists_self() {
         let me = std::process::id();
         let procs = list().unwrap();
-        let p = procs
-            .iter()
-            .find(|p| p.pid == me)
-            .expect("own process listed");
+        let p = procs.iter().find(|p| p.pid == me).expect("own process listed");
         assert!(p.rss_kb > 0);
         assert!(parents().iter().any(|&(pid, _)| pid == me));
     }

@@ -6,9 +6,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 use std::time::Duration;
 
-use hangar_init_protocol::{
-    ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json,
-};
+use hangar_init_protocol::{ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json};
 
 use crate::exec::{self, ExecSpec};
 use crate::state::{Init, kill};
@@ -96,16 +94,9 @@ fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
         } => reply(stream, files::write_file(&path, mode, make_parents, &mut w)),
         Request::Stat { path } => reply(stream, files::stat(&path)),
         Request::List { path } => reply(stream, files::list(&path)),
-        Request::Mkdir {
-            path,
-            mode,
-            parents,
-        } => reply(stream, files::mkdir(&path, mode, parents)),
+        Request::Mkdir { path, mode, parents } => reply(stream, files::mkdir(&path, mode, parents)),
         Request::Remove { path, recursive } => reply(stream, files::remove(&path, recursive)),
-        Request::Ps => reply(
-            stream,
-            ps::list().map(|processes| Reply::Processes { processes }),
-        ),
+        Request::Ps => reply(stream, ps::list().map(|processes| Reply::Processes { processes })),
         Request::Signal { signal } => reply(stream, signal_main(init, signal)),
         Request::Status => reply(
             stream,
@@ -124,8 +115,7 @@ fn signal_main(init: &Init, signal: i32) -> Result<Reply, ErrorReply> {
     if init.main_exit().is_some() {
         return Err(ErrorReply::invalid("the main process has already exited"));
     }
-    kill(init.main_pid as i32, signal)
-        .map_err(|e| ErrorReply::from_io(&e, "signal main process"))?;
+    kill(init.main_pid as i32, signal).map_err(|e| ErrorReply::from_io(&e, "signal main process"))?;
     Ok(Reply::Ok)
 }
 

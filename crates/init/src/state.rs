@@ -59,10 +59,7 @@ impl Init {
     /// delivers its exit status. Never call `wait` on the returned child: the
     /// reaper owns all waiting.
     pub fn spawn_tracked(&self, cmd: &mut Command) -> io::Result<(Child, Receiver<ExitStatus>)> {
-        let _guard = self
-            .spawn_lock
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.spawn_lock.read().unwrap_or_else(PoisonError::into_inner);
         let child = cmd.spawn()?;
         let (tx, rx) = mpsc::channel();
         lock(&self.waiters).insert(child.id(), tx);
@@ -73,10 +70,7 @@ impl Init {
     /// to their waiters. Returns the main process's status if it was among
     /// them.
     pub fn reap(&self) -> Option<ExitStatus> {
-        let _guard = self
-            .spawn_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.spawn_lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut main = None;
         while let Some((pid, status)) = wait_any(libc::WNOHANG) {
             if pid == self.main_pid {
@@ -95,10 +89,7 @@ impl Init {
     /// good: exec requests arriving now block until the process is gone, so
     /// nothing new starts while everything is being killed.
     pub fn shut_down(&self, code: i32, terminate: impl FnOnce()) -> ! {
-        let _guard = self
-            .spawn_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.spawn_lock.write().unwrap_or_else(PoisonError::into_inner);
         terminate();
         std::process::exit(code)
     }

@@ -110,9 +110,10 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Credentials, Str
     let (uid, entry) = match numeric(user_part) {
         Some(uid) => (uid, users.iter().find(|u| u.uid == uid)),
         None => {
-            let e = users.iter().find(|u| u.name == user_part).ok_or_else(|| {
-                format!("unknown user {user_part:?}: no such entry in /etc/passwd")
-            })?;
+            let e = users
+                .iter()
+                .find(|u| u.name == user_part)
+                .ok_or_else(|| format!("unknown user {user_part:?}: no such entry in /etc/passwd"))?;
             (e.uid, Some(e))
         }
     };

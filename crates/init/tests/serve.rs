@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hangar_init_protocol::{
-    ErrorKind, ErrorReply, ExitStatus, FileKind, FileStat, FrameKind, MAX_FRAME, Reply, Request,
-    decode_json, read_frame, write_frame, write_json,
+    ErrorKind, ErrorReply, ExitStatus, FileKind, FileStat, FrameKind, MAX_FRAME, Reply, Request, decode_json,
+    read_frame, write_frame, write_json,
 };
 
 struct Init {
@@ -42,11 +42,7 @@ impl Init {
                 } else {
                     libc::dup2(fd, 3)
                 };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
+                if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
             });
         }
         let child = cmd.spawn().unwrap();
@@ -155,9 +151,7 @@ struct ExecResult {
 fn collect_exec(s: &mut UnixStream) -> ExecResult {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     loop {
-        let (kind, payload) = read_frame(s)
-            .unwrap()
-            .expect("exec ended without Exit or Error");
+        let (kind, payload) = read_frame(s).unwrap().expect("exec ended without Exit or Error");
         match kind {
             FrameKind::Stdout => stdout.extend(payload),
             FrameKind::Stderr => stderr.extend(payload),
@@ -171,11 +165,7 @@ fn collect_exec(s: &mut UnixStream) -> ExecResult {
                     read_frame(s).unwrap().is_none(),
                     "connection closed after the last frame"
                 );
-                return ExecResult {
-                    stdout,
-                    stderr,
-                    exit,
-                };
+                return ExecResult { stdout, stderr, exit };
             }
             other => panic!("unexpected frame {other:?}"),
         }
@@ -229,20 +219,14 @@ fn exec_output_exit_code_env_cwd() {
     assert_eq!(r.exit.unwrap().code, Some(0));
 
     // Children start with an empty signal mask although init blocks all.
-    let r = init.exec(
-        &["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"],
-        None,
-    );
+    let r = init.exec(&["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"], None);
     assert_eq!(
         text(&r.stdout),
         "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
     );
 
     // In its own session: sid == pid.
-    let r = init.exec(
-        &["sh", "-c", "echo $$; cut -d' ' -f6 /proc/self/stat"],
-        None,
-    );
+    let r = init.exec(&["sh", "-c", "echo $$; cut -d' ' -f6 /proc/self/stat"], None);
     let lines: Vec<&str> = text(&r.stdout).lines().collect();
     assert_eq!(lines.len(), 2);
     let (shell_pid, sid): (u32, u32) = (lines[0].parse().unwrap(), lines[1].parse().unwrap());
@@ -254,10 +238,7 @@ fn exec_errors() {
     let init = Init::start(&["sleep", "30"]);
     let e = init.exec(&["no-such-command-xyz"], None).exit.unwrap_err();
     assert_eq!(e.kind, ErrorKind::ExecFailed);
-    assert_eq!(
-        e.message,
-        r#"exec "no-such-command-xyz": No such file or directory"#
-    );
+    assert_eq!(e.message, r#"exec "no-such-command-xyz": No such file or directory"#);
 
     let e = init.exec(&[], None).exit.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
@@ -274,10 +255,7 @@ fn exec_errors() {
     if let Request::Exec { user, .. } = &mut req {
         *user = Some("no-such-user-xyz".into());
     }
-    assert_eq!(
-        init.exec_with(req, &[]).exit.unwrap_err().kind,
-        ErrorKind::Invalid
-    );
+    assert_eq!(init.exec_with(req, &[]).exit.unwrap_err().kind, ErrorKind::Invalid);
 }
 
 #[test]
@@ -291,11 +269,7 @@ fn exec_stdin() {
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let chunks: Vec<&[u8]> = big.chunks(100_000).collect();
     let r = init.exec_with(exec_req(&["cat"], None, true), &chunks);
-    assert!(
-        r.stdout == big,
-        "cat output differs ({} bytes)",
-        r.stdout.len()
-    );
+    assert!(r.stdout == big, "cat output differs ({} bytes)", r.stdout.len());
 
     // Without stdin the child reads /dev/null.
     let r = init.exec(&["cat"], None);
@@ -367,11 +341,7 @@ fn exec_background_process_does_not_hold_exit() {
 #[test]
 fn client_disconnect_kills_exec() {
     let init = Init::start(&["sleep", "30"]);
-    let mut s = init.send(&exec_req(
-        &["sh", "-c", "echo $$; exec sleep 30"],
-        None,
-        false,
-    ));
+    let mut s = init.send(&exec_req(&["sh", "-c", "echo $$; exec sleep 30"], None, false));
     let (kind, payload) = read_frame(&mut s).unwrap().unwrap();
     assert_eq!(kind, FrameKind::Stdout);
     let pid: u32 = text(&payload).trim().parse().unwrap();
@@ -383,11 +353,7 @@ fn client_disconnect_kills_exec() {
     );
 
     // A half-close is not a disconnect: the output still arrives.
-    let mut s = init.send(&exec_req(
-        &["sh", "-c", "sleep 0.3; echo late"],
-        None,
-        false,
-    ));
+    let mut s = init.send(&exec_req(&["sh", "-c", "sleep 0.3; echo late"], None, false));
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let r = collect_exec(&mut s);
     assert_eq!((text(&r.stdout), r.exit.unwrap().code), ("late\n", Some(0)));
@@ -406,12 +372,7 @@ fn exec_as_user() {
         *user = Some("4242:4343".into());
     }
     let r = init.exec_with(req, &[]);
-    assert_eq!(
-        text(&r.stdout),
-        "4242\n4343\n4343\n",
-        "stderr: {}",
-        text(&r.stderr)
-    );
+    assert_eq!(text(&r.stdout), "4242\n4343\n4343\n", "stderr: {}", text(&r.stderr));
 }
 
 #[test]
@@ -435,10 +396,7 @@ fn files() {
     let Reply::FileStat(st) = read_answer(&mut s).unwrap() else {
         panic!()
     };
-    assert_eq!(
-        (st.kind, st.size, st.mode),
-        (FileKind::File, 300_000, 0o640)
-    );
+    assert_eq!((st.kind, st.size, st.mode), (FileKind::File, 300_000, 0o640));
 
     let mut s = init.send(&Request::ReadFile { path: file.clone() });
     let Reply::FileStat(st) = read_answer(&mut s).unwrap() else {
@@ -456,11 +414,7 @@ fn files() {
             (k, _) => panic!("{k:?}"),
         }
     }
-    assert!(
-        got == content,
-        "read back {} bytes, different content",
-        got.len()
-    );
+    assert!(got == content, "read back {} bytes, different content", got.len());
 
     // A write the client abandons changes nothing and leaves no temp file.
     let mut s = init.send(&Request::WriteFile {
@@ -497,9 +451,7 @@ fn files() {
     assert!(e.message.contains(&dir), "{}", e.message);
 
     std::os::unix::fs::symlink("sub/blob.bin", root.join("link")).unwrap();
-    let Reply::FileStat(FileStat {
-        kind, link_target, ..
-    }) = init
+    let Reply::FileStat(FileStat { kind, link_target, .. }) = init
         .call(&Request::Stat {
             path: path(&root.join("link")),
         })
@@ -512,8 +464,7 @@ fn files() {
         (FileKind::Symlink, Some("sub/blob.bin"))
     );
 
-    let Reply::Listing { entries } = init.call(&Request::List { path: path(&root) }).unwrap()
-    else {
+    let Reply::Listing { entries } = init.call(&Request::List { path: path(&root) }).unwrap() else {
         panic!()
     };
     let names: Vec<_> = entries
@@ -573,8 +524,7 @@ fn bad_requests_do_not_hurt() {
     // A header announcing more than MAX_FRAME is refused without reading it.
     let mut s = UnixStream::connect(&init.sock).unwrap();
     s.write_all(&[1]).unwrap();
-    s.write_all(&((MAX_FRAME as u32) + 1).to_be_bytes())
-        .unwrap();
+    s.write_all(&((MAX_FRAME as u32) + 1).to_be_bytes()).unwrap();
     assert_eq!(read_answer(&mut s).unwrap_err().kind, ErrorKind::Invalid);
 
     let mut s = UnixStream::connect(&init.sock).unwrap();
@@ -583,10 +533,7 @@ fn bad_requests_do_not_hurt() {
 
     // A connection that never sends anything does not block others.
     let _idle = UnixStream::connect(&init.sock).unwrap();
-    assert!(matches!(
-        init.call(&Request::Status),
-        Ok(Reply::Status { .. })
-    ));
+    assert!(matches!(init.call(&Request::Status), Ok(Reply::Status { .. })));
 }
 
 #[test]
@@ -602,10 +549,7 @@ fn ps_and_status() {
     let Reply::Processes { processes } = init.call(&Request::Ps).unwrap() else {
         panic!()
     };
-    let p = processes
-        .iter()
-        .find(|p| p.pid == main)
-        .expect("main process listed");
+    let p = processes.iter().find(|p| p.pid == main).expect("main process listed");
     assert_eq!((p.ppid, p.command.as_str()), (init.pid(), "sleep 30"));
     assert!(processes.windows(2).all(|w| w[0].pid < w[1].pid));
     assert_eq!(
@@ -618,20 +562,11 @@ fn ps_and_status() {
 fn signal_main_process() {
     let mut init = Init::start(&["sleep", "30"]);
     // A long exec that must not survive the machine's end.
-    let mut s = init.send(&exec_req(
-        &["sh", "-c", "echo $$; exec sleep 30"],
-        None,
-        false,
-    ));
+    let mut s = init.send(&exec_req(&["sh", "-c", "echo $$; exec sleep 30"], None, false));
     let (_, payload) = read_frame(&mut s).unwrap().unwrap();
     let exec_pid: u32 = text(&payload).trim().parse().unwrap();
 
-    assert_eq!(
-        init.call(&Request::Signal {
-            signal: libc::SIGTERM
-        }),
-        Ok(Reply::Ok)
-    );
+    assert_eq!(init.call(&Request::Signal { signal: libc::SIGTERM }), Ok(Reply::Ok));
     let st = init.wait_exit(Duration::from_secs(5));
     assert_eq!(st.code(), Some(143));
     let exit: ExitStatus = serde_json::from_slice(&fs::read(&init.exit_file).unwrap()).unwrap();
@@ -643,19 +578,12 @@ fn signal_main_process() {
             timed_out: false
         }
     );
-    assert!(
-        gone(exec_pid, Duration::from_secs(2)),
-        "exec child killed at shutdown"
-    );
+    assert!(gone(exec_pid, Duration::from_secs(2)), "exec child killed at shutdown");
 }
 
 #[test]
 fn forwards_signals_sent_to_init() {
-    let mut init = Init::start(&[
-        "sh",
-        "-c",
-        "trap 'exit 42' USR1; while :; do sleep 0.05; done",
-    ]);
+    let mut init = Init::start(&["sh", "-c", "trap 'exit 42' USR1; while :; do sleep 0.05; done"]);
     thread::sleep(Duration::from_millis(300));
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(init.pid() as i32, libc::SIGUSR1) };

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use hangar_init_protocol::{
-    ErrorKind, ErrorReply, ExitStatus, FrameKind, Reply, Request, decode_json, read_frame_async,
-    write_frame_async, write_json_async,
+    ErrorKind, ErrorReply, ExitStatus, FrameKind, Reply, Request, decode_json, read_frame_async, write_frame_async,
+    write_json_async,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
@@ -57,9 +57,7 @@ async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply> {
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, req: &Request) -> Result<()> {
-    write_json_async(w, FrameKind::Request, req)
-        .await
-        .map_err(lost)
+    write_json_async(w, FrameKind::Request, req).await.map_err(lost)
 }
 
 /// Sends a request that is answered by one reply.
@@ -150,43 +148,24 @@ impl FileReader {
                 self.done = true;
                 Ok(None)
             }
-            Some((FrameKind::Error, payload)) => {
-                Err(from_reply(decode_json(&payload).map_err(lost)?))
-            }
-            _ => Err(Error::Internal(
-                "machine init ended a file read early".into(),
-            )),
+            Some((FrameKind::Error, payload)) => Err(from_reply(decode_json(&payload).map_err(lost)?)),
+            _ => Err(Error::Internal("machine init ended a file read early".into())),
         }
     }
 }
 
-pub(crate) async fn read_file(
-    socket: &Path,
-    path: &str,
-) -> Result<(hangar_init_protocol::FileStat, FileReader)> {
+pub(crate) async fn read_file(socket: &Path, path: &str) -> Result<(hangar_init_protocol::FileStat, FileReader)> {
     let mut conn = connect(socket).await?;
-    send(
-        &mut conn,
-        &Request::ReadFile {
-            path: path.to_owned(),
-        },
-    )
-    .await?;
+    send(&mut conn, &Request::ReadFile { path: path.to_owned() }).await?;
     match read_reply(&mut conn).await? {
         Reply::FileStat(stat) => Ok((stat, FileReader { conn, done: false })),
-        other => Err(Error::Internal(format!(
-            "machine init answered a read with {other:?}"
-        ))),
+        other => Err(Error::Internal(format!("machine init answered a read with {other:?}"))),
     }
 }
 
 /// Writes a file from a stream of chunks. Init installs it atomically only
 /// after the last chunk, so an aborted upload changes nothing.
-pub(crate) async fn write_file<S>(
-    socket: &Path,
-    req: Request,
-    mut body: S,
-) -> Result<hangar_init_protocol::FileStat>
+pub(crate) async fn write_file<S>(socket: &Path, req: Request, mut body: S) -> Result<hangar_init_protocol::FileStat>
 where
     S: futures_util::Stream<Item = Result<Bytes>> + Unpin,
 {
@@ -201,13 +180,9 @@ where
                 .map_err(lost)?;
         }
     }
-    write_frame_async(&mut conn, FrameKind::End, &[])
-        .await
-        .map_err(lost)?;
+    write_frame_async(&mut conn, FrameKind::End, &[]).await.map_err(lost)?;
     match read_reply(&mut conn).await? {
         Reply::FileStat(stat) => Ok(stat),
-        other => Err(Error::Internal(format!(
-            "machine init answered a write with {other:?}"
-        ))),
+        other => Err(Error::Internal(format!("machine init answered a write with {other:?}"))),
     }
 }

@@ -15,10 +15,7 @@ pub enum Error {
     Conflict(String),
     /// The operation is not legal in the machine's current state.
     #[error("{message}")]
-    WrongState {
-        message: String,
-        state: MachineState,
-    },
+    WrongState { message: String, state: MachineState },
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),

@@ -18,12 +18,7 @@ pub struct LaunchPlan {
 }
 
 /// Combines image and machine config. Fails if nothing says what to run.
-pub fn plan(
-    machine_id: &str,
-    app: &str,
-    config: &MachineConfig,
-    image: &ImageConfig,
-) -> Result<LaunchPlan> {
+pub fn plan(machine_id: &str, app: &str, config: &MachineConfig, image: &ImageConfig) -> Result<LaunchPlan> {
     let args = if let Some(exec) = &config.init.exec {
         exec.clone()
     } else {
@@ -84,16 +79,11 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
         }
     }
     if config.env.values().any(|v| v.contains('\0')) {
-        return Err(Error::BadRequest(
-            "environment values must not contain NUL".into(),
-        ));
+        return Err(Error::BadRequest("environment values must not contain NUL".into()));
     }
     if let Some(g) = &config.guest {
         if g.cpus == 0 || g.cpus > 64 {
-            return Err(Error::BadRequest(format!(
-                "guest.cpus must be 1..=64, got {}",
-                g.cpus
-            )));
+            return Err(Error::BadRequest(format!("guest.cpus must be 1..=64, got {}", g.cpus)));
         }
         if !(16..=1 << 20).contains(&g.memory_mb) {
             return Err(Error::BadRequest(format!(
@@ -120,17 +110,9 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
             )));
         }
     }
-    let argv_ok = |v: &Option<Vec<String>>| {
-        v.as_ref()
-            .is_none_or(|a| a.iter().all(|s| !s.contains('\0')))
-    };
-    if !(argv_ok(&config.init.cmd)
-        && argv_ok(&config.init.entrypoint)
-        && argv_ok(&config.init.exec))
-    {
-        return Err(Error::BadRequest(
-            "init commands must not contain NUL".into(),
-        ));
+    let argv_ok = |v: &Option<Vec<String>>| v.as_ref().is_none_or(|a| a.iter().all(|s| !s.contains('\0')));
+    if !(argv_ok(&config.init.cmd) && argv_ok(&config.init.entrypoint) && argv_ok(&config.init.exec)) {
+        return Err(Error::BadRequest("init commands must not contain NUL".into()));
     }
     Ok(())
 }

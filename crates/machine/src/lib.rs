@@ -90,10 +90,7 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
 }
 
@@ -103,12 +100,7 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
-pub(crate) fn event(
-    kind: &str,
-    status: &str,
-    source: &str,
-    detail: Option<serde_json::Value>,
-) -> MachineEvent {
+pub(crate) fn event(kind: &str, status: &str, source: &str, detail: Option<serde_json::Value>) -> MachineEvent {
     MachineEvent {
         kind: kind.into(),
         status: status.into(),
@@ -151,11 +143,7 @@ impl Manager {
             (RuntimeKind::Runc, &cfg.runc_binary),
             (RuntimeKind::Runsc, &cfg.runsc_binary),
         ] {
-            let rt = OciRuntime::new(
-                kind,
-                binary.clone(),
-                data.join("runtime").join(kind.binary()),
-            );
+            let rt = OciRuntime::new(kind, binary.clone(), data.join("runtime").join(kind.binary()));
             runtimes.insert(kind, rt);
         }
         runtimes[&cfg.default_runtime].check().await?;

@@ -6,18 +6,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hangar_api::{
-    App, CreateMachineRequest, ExecRequest, ExecResponse, FileInfo, FileList, Machine,
-    MachineEvent, MachineState, ProcessInfo, RestartPolicy, StopRequest, validate_name,
+    App, CreateMachineRequest, ExecRequest, ExecResponse, FileInfo, FileList, Machine, MachineEvent, MachineState,
+    ProcessInfo, RestartPolicy, StopRequest, validate_name,
 };
 use hangar_image::{Image, ImageRef};
 use hangar_init_protocol::{FileStat, Reply, Request};
 use hangar_store::{ImageRecord, MachineRecord};
 
 use crate::paths::volume_name;
-use crate::{
-    Error, Exec, ExecOutput, FileReader, Manager, Result, Slot, agent, event, now_ms, random_hex,
-    rfc3339,
-};
+use crate::{Error, Exec, ExecOutput, FileReader, Manager, Result, Slot, agent, event, now_ms, random_hex, rfc3339};
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const ON_FAILURE_MAX_RETRIES: u32 = 10;
@@ -26,10 +23,7 @@ const ON_FAILURE_MAX_RETRIES: u32 = 10;
 const EXEC_OUTPUT_CAP: usize = 16 << 20;
 
 fn machine_view(rec: &MachineRecord) -> Machine {
-    let running_ms = rec
-        .started_at_ms
-        .map(|s| (now_ms() - s).max(0))
-        .unwrap_or(0);
+    let running_ms = rec.started_at_ms.map(|s| (now_ms() - s).max(0)).unwrap_or(0);
     Machine {
         id: rec.id.clone(),
         name: rec.name.clone(),
@@ -70,23 +64,16 @@ pub fn parse_signal(s: &str) -> Result<i32> {
     {
         return Ok(n);
     }
-    NAMES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            Error::BadRequest(format!(
-                "unknown signal {s:?}: use a name like SIGTERM or a number 1-64"
-            ))
-        })
+    NAMES.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "unknown signal {s:?}: use a name like SIGTERM or a number 1-64"
+        ))
+    })
 }
 
 fn wrong_state(rec: &MachineRecord, what: &str, hint: &str) -> Error {
     Error::WrongState {
-        message: format!(
-            "cannot {what} machine {}: it is {}; {hint}",
-            rec.id, rec.state
-        ),
+        message: format!("cannot {what} machine {}: it is {}; {hint}", rec.id, rec.state),
         state: rec.state,
     }
 }
@@ -145,11 +132,12 @@ impl Manager {
     }
 
     pub async fn get_app(&self, name: &str) -> Result<App> {
-        let a = self.inner.store.get_app(name).await?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "app {name:?} not found: create it with POST /v1/apps"
-            ))
-        })?;
+        let a = self
+            .inner
+            .store
+            .get_app(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("app {name:?} not found: create it with POST /v1/apps")))?;
         Ok(App {
             name: a.name,
             created_at: rfc3339(a.created_at_ms),
@@ -170,11 +158,8 @@ impl Manager {
             .store
             .get_image_by_digest(digest)
             .await?
-            .ok_or_else(|| {
-                Error::Internal(format!("image {digest} is missing from the state store"))
-            })?;
-        serde_json::from_str(&rec.image_json)
-            .map_err(|e| Error::internal(&format!("image {digest} record"), e))
+            .ok_or_else(|| Error::Internal(format!("image {digest} is missing from the state store")))?;
+        serde_json::from_str(&rec.image_json).map_err(|e| Error::internal(&format!("image {digest} record"), e))
     }
 
     /// Imports an image (the slow path: copy, verify and unpack) and records it.
@@ -242,15 +227,9 @@ impl Manager {
             .list_machines(Some(app))
             .await?
             .iter()
-            .filter(|m| {
-                include_destroyed || m.state != MachineState::Destroyed || states.contains(&m.state)
-            })
+            .filter(|m| include_destroyed || m.state != MachineState::Destroyed || states.contains(&m.state))
             .filter(|m| states.is_empty() || states.contains(&m.state))
-            .filter(|m| {
-                metadata
-                    .iter()
-                    .all(|(k, v)| m.config.metadata.get(k) == Some(v))
-            })
+            .filter(|m| metadata.iter().all(|(k, v)| m.config.metadata.get(k) == Some(v)))
             .map(machine_view)
             .collect())
     }
@@ -261,19 +240,10 @@ impl Manager {
     }
 
     /// Waits until the machine reaches `state`, or `timeout` passes.
-    pub async fn wait_machine(
-        &self,
-        app: &str,
-        id: &str,
-        state: MachineState,
-        timeout: Duration,
-    ) -> Result<Machine> {
+    pub async fn wait_machine(&self, app: &str, id: &str, state: MachineState, timeout: Duration) -> Result<Machine> {
         if !matches!(
             state,
-            MachineState::Started
-                | MachineState::Stopped
-                | MachineState::Failed
-                | MachineState::Destroyed
+            MachineState::Started | MachineState::Stopped | MachineState::Failed | MachineState::Destroyed
         ) {
             return Err(Error::BadRequest(format!(
                 "cannot wait for state {state}: use started, stopped, failed or destroyed"
@@ -397,12 +367,7 @@ impl Manager {
         Ok(machine_view(&rec))
     }
 
-    pub(crate) async fn start_locked(
-        &self,
-        slot: &Arc<Slot>,
-        rec: &mut MachineRecord,
-        source: &str,
-    ) -> Result<()> {
+    pub(crate) async fn start_locked(&self, slot: &Arc<Slot>, rec: &mut MachineRecord, source: &str) -> Result<()> {
         if !rec.state.can_become(MachineState::Starting) || rec.state == MachineState::Started {
             return Err(wrong_state(
                 rec,
@@ -456,8 +421,7 @@ impl Manager {
         let slot = self.slot(&rec.id, rec.state);
         let _op = slot.op.lock().await;
         let mut rec = self.record(app, id).await?;
-        self.stop_locked(&slot, &mut rec, signal, timeout, "user")
-            .await?;
+        self.stop_locked(&slot, &mut rec, signal, timeout, "user").await?;
         Ok(machine_view(&rec))
     }
 
@@ -490,12 +454,7 @@ impl Manager {
                         running
                             .wait_exit(Duration::from_secs(30))
                             .await
-                            .ok_or_else(|| {
-                                Error::Internal(format!(
-                                    "machine {} did not die after SIGKILL",
-                                    rec.id
-                                ))
-                            })?
+                            .ok_or_else(|| Error::Internal(format!("machine {} did not die after SIGKILL", rec.id)))?
                     }
                 }
             }
@@ -520,14 +479,8 @@ impl Manager {
         if rec.state != MachineState::Started {
             return Err(wrong_state(&rec, "restart", "start it instead"));
         }
-        self.stop_locked(
-            &slot,
-            &mut rec,
-            signal,
-            timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
-            "user",
-        )
-        .await?;
+        self.stop_locked(&slot, &mut rec, signal, timeout.unwrap_or(DEFAULT_STOP_TIMEOUT), "user")
+            .await?;
         self.start_locked(&slot, &mut rec, "user").await?;
         Ok(machine_view(&rec))
     }
@@ -561,21 +514,13 @@ impl Manager {
     ) -> Result<()> {
         if rec.state == MachineState::Started {
             if !force {
-                return Err(wrong_state(
-                    rec,
-                    "destroy",
-                    "stop it first, or pass force=true",
-                ));
+                return Err(wrong_state(rec, "destroy", "stop it first, or pass force=true"));
             }
             self.stop_locked(slot, rec, libc::SIGKILL, Duration::ZERO, source)
                 .await?;
         }
         if !rec.state.can_become(MachineState::Destroying) {
-            return Err(wrong_state(
-                rec,
-                "destroy",
-                "wait for the current operation to finish",
-            ));
+            return Err(wrong_state(rec, "destroy", "wait for the current operation to finish"));
         }
         rec.state = MachineState::Destroying;
         rec.updated_at_ms = now_ms();
@@ -641,12 +586,7 @@ impl Manager {
     /// The restart policy and `auto_destroy`, for a machine that just ended
     /// on its own.
     pub(crate) async fn after_exit(&self, slot: &Arc<Slot>, rec: &mut MachineRecord) {
-        let policy = rec
-            .config
-            .restart
-            .as_ref()
-            .map(|r| r.policy)
-            .unwrap_or_default();
+        let policy = rec.config.restart.as_ref().map(|r| r.policy).unwrap_or_default();
         let max = rec
             .config
             .restart
@@ -655,21 +595,13 @@ impl Manager {
             .unwrap_or(ON_FAILURE_MAX_RETRIES);
         let restart = match policy {
             RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => {
-                rec.state == MachineState::Failed && rec.restart_count < max
-            }
+            RestartPolicy::OnFailure => rec.state == MachineState::Failed && rec.restart_count < max,
             RestartPolicy::No => false,
         };
         if restart {
             // Back off so a crash loop costs little; the delay grows to 10 s.
-            let delay = Duration::from_millis(100u64 << rec.restart_count.min(7))
-                .min(Duration::from_secs(10));
-            let (mgr, slot, id, count) = (
-                self.clone(),
-                slot.clone(),
-                rec.id.clone(),
-                rec.restart_count,
-            );
+            let delay = Duration::from_millis(100u64 << rec.restart_count.min(7)).min(Duration::from_secs(10));
+            let (mgr, slot, id, count) = (self.clone(), slot.clone(), rec.id.clone(), rec.restart_count);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 let _op = slot.op.lock().await;
@@ -717,9 +649,7 @@ impl Manager {
             .chain(req.env.values())
             .any(|s| s.contains('\0'))
         {
-            return Err(Error::BadRequest(
-                "command and env must not contain NUL".into(),
-            ));
+            return Err(Error::BadRequest("command and env must not contain NUL".into()));
         }
         if let Some(cwd) = &req.cwd {
             check_path(cwd)?;
@@ -729,9 +659,7 @@ impl Manager {
         let mut env = running.env.clone();
         for (k, v) in &req.env {
             if k.is_empty() || k.contains('=') {
-                return Err(Error::BadRequest(format!(
-                    "invalid environment variable name {k:?}"
-                )));
+                return Err(Error::BadRequest(format!("invalid environment variable name {k:?}")));
             }
             env.retain(|kv| kv.split_once('=').map(|(key, _)| key) != Some(k.as_str()));
             env.push(format!("{k}={v}"));
@@ -744,12 +672,7 @@ impl Manager {
             timeout_ms: req.timeout.map(|s| s.saturating_mul(1000)),
             stdin: req.stdin.is_some(),
         };
-        agent::exec(
-            &self.paths(&rec.id).socket,
-            request,
-            req.stdin.map(Bytes::from),
-        )
-        .await
+        agent::exec(&self.paths(&rec.id).socket, request, req.stdin.map(Bytes::from)).await
     }
 
     /// Runs a command to completion and returns its output.
@@ -786,10 +709,7 @@ impl Manager {
 
     pub async fn stat_file(&self, app: &str, id: &str, path: &str) -> Result<FileInfo> {
         check_path(path)?;
-        match self
-            .file_call(app, id, Request::Stat { path: path.into() })
-            .await?
-        {
+        match self.file_call(app, id, Request::Stat { path: path.into() }).await? {
             Reply::FileStat(s) => Ok(to_file_info(s)),
             other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
         }
@@ -797,10 +717,7 @@ impl Manager {
 
     pub async fn list_files(&self, app: &str, id: &str, path: &str) -> Result<FileList> {
         check_path(path)?;
-        match self
-            .file_call(app, id, Request::List { path: path.into() })
-            .await?
-        {
+        match self.file_call(app, id, Request::List { path: path.into() }).await? {
             Reply::Listing { entries } => Ok(FileList {
                 path: path.into(),
                 entries: entries.into_iter().map(to_file_info).collect(),
@@ -835,13 +752,7 @@ impl Manager {
         }
     }
 
-    pub async fn remove_file(
-        &self,
-        app: &str,
-        id: &str,
-        path: &str,
-        recursive: bool,
-    ) -> Result<()> {
+    pub async fn remove_file(&self, app: &str, id: &str, path: &str, recursive: bool) -> Result<()> {
         check_path(path)?;
         if hangar_rootfs::confined::components(path)?.is_empty() {
             return Err(Error::BadRequest(
@@ -864,12 +775,7 @@ impl Manager {
         }
     }
 
-    pub async fn read_file(
-        &self,
-        app: &str,
-        id: &str,
-        path: &str,
-    ) -> Result<(FileInfo, FileReader)> {
+    pub async fn read_file(&self, app: &str, id: &str, path: &str) -> Result<(FileInfo, FileReader)> {
         check_path(path)?;
         let rec = self.record(app, id).await?;
         self.running(&rec)?;
@@ -892,9 +798,7 @@ impl Manager {
     {
         check_path(path)?;
         if mode.is_some_and(|m| m > 0o7777) {
-            return Err(Error::BadRequest(
-                "mode must be at most 7777 (octal)".into(),
-            ));
+            return Err(Error::BadRequest("mode must be at most 7777 (octal)".into()));
         }
         let rec = self.record(app, id).await?;
         self.running(&rec)?;
@@ -929,10 +833,7 @@ impl Manager {
     /// grow (the machine is not destroyed).
     pub async fn log_file(&self, app: &str, id: &str) -> Result<(std::path::PathBuf, bool)> {
         let rec = self.record(app, id).await?;
-        Ok((
-            self.paths(&rec.id).log,
-            rec.state != MachineState::Destroyed,
-        ))
+        Ok((self.paths(&rec.id).log, rec.state != MachineState::Destroyed))
     }
 
     /// The current state of a machine, cheaply (for log follow).

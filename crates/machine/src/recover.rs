@@ -87,10 +87,7 @@ impl Manager {
                 let detail = serde_json::json!({ "recovered_from": was.as_str() });
                 self.inner
                     .store
-                    .update_machine(
-                        rec,
-                        Some(&event("start", "started", "daemon", Some(detail))),
-                    )
+                    .update_machine(rec, Some(&event("start", "started", "daemon", Some(detail))))
                     .await?;
             }
             slot.state.send_replace(rec.state);
@@ -100,13 +97,7 @@ impl Manager {
                 tokio::spawn(async move {
                     let _op = slot.op.lock().await;
                     if let Err(e) = mgr
-                        .stop_locked(
-                            &slot,
-                            &mut rec,
-                            libc::SIGTERM,
-                            Duration::from_secs(10),
-                            "daemon",
-                        )
+                        .stop_locked(&slot, &mut rec, libc::SIGTERM, Duration::from_secs(10), "daemon")
                         .await
                     {
                         tracing::warn!(machine = %rec.id, "finishing an interrupted stop: {e}");
@@ -116,8 +107,7 @@ impl Manager {
             return Ok(true);
         }
         let requested = rec.state == MachineState::Stopping;
-        let status =
-            read_exit_file(&self.paths(&rec.id).run).unwrap_or(ExitStatus::signaled(libc::SIGKILL));
+        let status = read_exit_file(&self.paths(&rec.id).run).unwrap_or(ExitStatus::signaled(libc::SIGKILL));
         self.finish_run(rec, status, requested, "daemon").await?;
         if !requested {
             self.after_exit(&slot, rec).await;

@@ -85,16 +85,10 @@ impl Manager {
             let data = base64::engine::general_purpose::STANDARD
                 .decode(&f.raw_value)
                 .map_err(|e| Error::BadRequest(format!("files: {}: {e}", f.guest_path)))?;
-            hangar_rootfs::confined::write_file(
-                &paths.rootfs,
-                &f.guest_path,
-                &data,
-                f.mode.unwrap_or(0o644),
-            )?;
+            hangar_rootfs::confined::write_file(&paths.rootfs, &f.guest_path, &data, f.mode.unwrap_or(0o644))?;
         }
         for dir in [&paths.bundle, &paths.run] {
-            fs::create_dir_all(dir)
-                .map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
+            fs::create_dir_all(dir).map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
         }
         let _ = fs::remove_file(paths.run.join("exit.json"));
         let guest = rec.config.guest.clone().unwrap_or_default();
@@ -117,9 +111,8 @@ impl Manager {
             .map_err(|e| Error::internal(&ctx("writing config.json"), e))?;
 
         let _ = fs::remove_file(&paths.socket);
-        let listener = std::os::unix::net::UnixListener::bind(&paths.socket).map_err(|e| {
-            Error::internal(&ctx(&format!("binding {}", paths.socket.display())), e)
-        })?;
+        let listener = std::os::unix::net::UnixListener::bind(&paths.socket)
+            .map_err(|e| Error::internal(&ctx(&format!("binding {}", paths.socket.display())), e))?;
         let output = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,9 +123,7 @@ impl Manager {
         // A leftover sandbox of the same id (a crash between run and record)
         // would make `run` fail; it is ours and stale, so remove it.
         runtime.delete(&rec.id).await?;
-        let pid = runtime
-            .run(&rec.id, &paths.bundle, listener.as_fd(), output)
-            .await?;
+        let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
         let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
         Ok(running)
@@ -147,9 +138,8 @@ impl Manager {
         env: Vec<String>,
         instance_id: String,
     ) -> Result<Arc<Running>> {
-        let pid = rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| {
-            Error::Internal(format!("machine {}: runtime reported pid 0", rec.id))
-        })?;
+        let pid = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| Error::Internal(format!("machine {}: runtime reported pid 0", rec.id)))?;
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .map_err(|e| Error::internal(&format!("machine {}: watching its init", rec.id), e))?;
         let (tx, rx) = watch::channel(None);
@@ -166,8 +156,7 @@ impl Manager {
         tokio::spawn(async move {
             // SAFETY: the OwnedFd moves into the AsyncFd, which owns it (and
             // so keeps it open and unchanged) until it is dropped.
-            let registered =
-                unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+            let registered = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
             let status = match registered {
                 Ok(fd) => {
                     let _ = fd.readable().await;
@@ -229,10 +218,7 @@ impl Manager {
         let detail = serde_json::to_value(&rec.last_exit).ok();
         self.inner
             .store
-            .update_machine(
-                rec,
-                Some(&event("exit", rec.state.as_str(), source, detail)),
-            )
+            .update_machine(rec, Some(&event("exit", rec.state.as_str(), source, detail)))
             .await?;
         let slot = self.slot(&rec.id, rec.state);
         *slot.running.lock().expect("running lock") = None;
@@ -254,9 +240,7 @@ fn collect_exit(pidfd: &OwnedFd, run_dir: &std::path::Path) -> ExitStatus {
             (_, Some(sig)) => ExitStatus::signaled(sig),
             _ => ExitStatus::exited(255),
         });
-    read_exit_file(run_dir)
-        .or(reaped)
-        .unwrap_or(ExitStatus::exited(255))
+    read_exit_file(run_dir).or(reaped).unwrap_or(ExitStatus::exited(255))
 }
 
 /// Reads `exit.json` from the machine-writable run dir without following a

@@ -30,9 +30,7 @@ pub fn components(path: &str) -> Result<Vec<&str>> {
             Component::Normal(s) => s
                 .to_str()
                 .ok_or_else(|| RootfsError::Invalid(format!("path {path:?} is not UTF-8"))),
-            _ => Err(RootfsError::Invalid(format!(
-                "path {path:?} must not contain '..'"
-            ))),
+            _ => Err(RootfsError::Invalid(format!("path {path:?} must not contain '..'"))),
         })
         .collect()
 }
@@ -91,9 +89,7 @@ fn mkdir_all(root_fd: &OwnedFd, parts: &[&str]) -> Result<OwnedFd> {
 pub fn write_file(root: &Path, path: &str, data: &[u8], mode: u32) -> Result<()> {
     let parts = components(path)?;
     let Some((name, parents)) = parts.split_last() else {
-        return Err(RootfsError::Invalid(format!(
-            "path {path:?} names the root directory"
-        )));
+        return Err(RootfsError::Invalid(format!("path {path:?} names the root directory")));
     };
     let root_fd = open_root(root)?;
     let dir = mkdir_all(&root_fd, parents)?;
@@ -107,13 +103,10 @@ pub fn write_file(root: &Path, path: &str, data: &[u8], mode: u32) -> Result<()>
     )
     .map_err(io_err(format!("creating {path} in the machine")))?;
     let mut file = std::fs::File::from(fd);
-    file.write_all(data)
-        .map_err(io_err(format!("writing {path}")))?;
-    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))
-        .map_err(io_err(format!("chmod {path}")))?;
+    file.write_all(data).map_err(io_err(format!("writing {path}")))?;
+    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777)).map_err(io_err(format!("chmod {path}")))?;
     file.sync_all().map_err(io_err(format!("syncing {path}")))?;
-    rustix::fs::renameat(&dir, &tmp_name, &dir, *name)
-        .map_err(io_err(format!("installing {path}")))?;
+    rustix::fs::renameat(&dir, &tmp_name, &dir, *name).map_err(io_err(format!("installing {path}")))?;
     Ok(())
 }
 
@@ -146,8 +139,7 @@ mod tests {
             "wrote through a symlink to the host"
         );
         // Once the target exists inside the root, the link resolves there.
-        std::fs::create_dir_all(root.path().join(outside.path().strip_prefix("/").unwrap()))
-            .unwrap();
+        std::fs::create_dir_all(root.path().join(outside.path().strip_prefix("/").unwrap())).unwrap();
         write_file(root.path(), "/escape/x", b"1", 0o644).unwrap();
         write_file(root.path(), "/up/y", b"2", 0o600).unwrap();
         assert!(
@@ -155,10 +147,7 @@ mod tests {
             "wrote through a symlink to the host"
         );
         // Both land inside the root: the absolute target is re-rooted.
-        let rerooted = root
-            .path()
-            .join(outside.path().strip_prefix("/").unwrap())
-            .join("x");
+        let rerooted = root.path().join(outside.path().strip_prefix("/").unwrap()).join("x");
         assert_eq!(std::fs::read(rerooted).unwrap(), b"1");
         assert_eq!(std::fs::read(root.path().join("y")).unwrap(), b"2");
 

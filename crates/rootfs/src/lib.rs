@@ -30,9 +30,7 @@ pub enum RootfsError {
 
 pub type Result<T> = std::result::Result<T, RootfsError>;
 
-pub(crate) fn io_err<E: Into<std::io::Error>>(
-    context: impl Into<String>,
-) -> impl FnOnce(E) -> RootfsError {
+pub(crate) fn io_err<E: Into<std::io::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> RootfsError {
     let context = context.into();
     move |e| RootfsError::Io {
         context,

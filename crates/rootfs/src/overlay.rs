@@ -38,9 +38,7 @@ impl WritableLayer {
 /// first, the order overlayfs expects.
 pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
     if lowers.is_empty() {
-        return Err(RootfsError::Invalid(
-            "an overlay needs at least one lower layer".into(),
-        ));
+        return Err(RootfsError::Invalid("an overlay needs at least one lower layer".into()));
     }
     for p in lowers.iter().chain([&layer.upper, &layer.work]) {
         let s = p.to_str().unwrap_or(",");
@@ -78,26 +76,15 @@ pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
 pub fn mount(lowers: &[PathBuf], layer: &WritableLayer, target: &Path) -> Result<()> {
     let opts = options(lowers, layer)?;
     fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
-    let data = std::ffi::CString::new(opts)
-        .map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
-    rustix::mount::mount(
-        "overlay",
-        target,
-        "overlay",
-        MountFlags::empty(),
-        data.as_c_str(),
-    )
-    .map_err(io_err(format!(
-        "mounting the overlay at {}",
-        target.display()
-    )))
+    let data = std::ffi::CString::new(opts).map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
+    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
+        .map_err(io_err(format!("mounting the overlay at {}", target.display())))
 }
 
 /// Whether something is mounted at `target` (its device differs from its
 /// parent's).
 pub fn is_mounted(target: &Path) -> bool {
-    let (Ok(me), Some(Ok(parent))) = (fs::metadata(target), target.parent().map(fs::metadata))
-    else {
+    let (Ok(me), Some(Ok(parent))) = (fs::metadata(target), target.parent().map(fs::metadata)) else {
         return false;
     };
     me.dev() != parent.dev()
@@ -109,6 +96,5 @@ pub fn unmount(target: &Path) -> Result<()> {
     if !is_mounted(target) {
         return Ok(());
     }
-    rustix::mount::unmount(target, UnmountFlags::DETACH)
-        .map_err(io_err(format!("unmounting {}", target.display())))
+    rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(io_err(format!("unmounting {}", target.display())))
 }

@@ -73,9 +73,7 @@ fn is_btrfs(path: &Path) -> Result<bool> {
 
 fn name_arg<const N: usize>(name: &str) -> Result<[u8; N]> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.len() >= N {
-        return Err(RootfsError::Invalid(format!(
-            "invalid pool volume name {name:?}"
-        )));
+        return Err(RootfsError::Invalid(format!("invalid pool volume name {name:?}")));
     }
     let mut buf = [0u8; N];
     buf[..name.len()].copy_from_slice(name.as_bytes());
@@ -85,17 +83,14 @@ fn name_arg<const N: usize>(name: &str) -> Result<[u8; N]> {
 impl BtrfsPool {
     /// Uses `root`, which must be a directory on btrfs.
     pub fn open(root: &Path) -> Result<BtrfsPool> {
-        fs::create_dir_all(root)
-            .map_err(io_err(format!("creating pool dir {}", root.display())))?;
+        fs::create_dir_all(root).map_err(io_err(format!("creating pool dir {}", root.display())))?;
         if !is_btrfs(root)? {
             return Err(RootfsError::Unsupported(format!(
                 "storage pool {} is not on btrfs: give a directory on btrfs, or let the daemon make a loop-mounted pool",
                 root.display()
             )));
         }
-        Ok(BtrfsPool {
-            root: root.to_owned(),
-        })
+        Ok(BtrfsPool { root: root.to_owned() })
     }
 
     /// Opens the pool for a data dir: `data_dir/pool` if the data dir is on
@@ -113,8 +108,7 @@ impl BtrfsPool {
         let image = data_dir.join("pool.img");
         if !image.exists() {
             let tmp = data_dir.join("pool.img.tmp");
-            let f =
-                fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+            let f = fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
             f.set_len(image_size)
                 .map_err(io_err(format!("sizing {}", tmp.display())))?;
             drop(f);
@@ -126,10 +120,7 @@ impl BtrfsPool {
             fs::rename(&tmp, &image).map_err(io_err("installing pool image"))?;
         }
         run(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&image)
-                .arg(&root),
+            Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&root),
             "loop-mounting the storage pool",
         )?;
         Self::open(&root)
@@ -178,8 +169,7 @@ impl Pool for BtrfsPool {
     }
 
     fn snapshot(&self, src: &str, dst: &str, readonly: bool) -> Result<PathBuf> {
-        let src_dir =
-            fs::File::open(self.path(src)).map_err(io_err(format!("opening subvolume {src}")))?;
+        let src_dir = fs::File::open(self.path(src)).map_err(io_err(format!("opening subvolume {src}")))?;
         let mut args = VolArgsV2 {
             fd: src_dir.as_raw_fd() as i64,
             transid: 0,
@@ -213,10 +203,8 @@ impl Pool for BtrfsPool {
             let err = std::io::Error::last_os_error();
             // A plain directory (e.g. left by a half-finished create that
             // crashed before the subvolume existed) is removed the slow way.
-            if err.raw_os_error() == Some(libc::EINVAL) || err.raw_os_error() == Some(libc::ENOTTY)
-            {
-                return fs::remove_dir_all(self.path(name))
-                    .map_err(io_err(format!("removing {name}")));
+            if err.raw_os_error() == Some(libc::EINVAL) || err.raw_os_error() == Some(libc::ENOTTY) {
+                return fs::remove_dir_all(self.path(name)).map_err(io_err(format!("removing {name}")));
             }
             return Err(io_err(format!("deleting subvolume {name}"))(err));
         }
@@ -234,9 +222,6 @@ pub fn require_btrfs(path: &Path) -> Result<()> {
     if is_btrfs(path)? {
         Ok(())
     } else {
-        Err(RootfsError::Unsupported(format!(
-            "{} is not on btrfs",
-            path.display()
-        )))
+        Err(RootfsError::Unsupported(format!("{} is not on btrfs", path.display())))
     }
 }

@@ -12,9 +12,7 @@ pub use oci::{ContainerStatus, OciRuntime};
 /// Errors from a runtime backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error(
-        "{runtime} is not installed or not runnable ({source}): install it (Debian package `{runtime}`)"
-    )]
+    #[error("{runtime} is not installed or not runnable ({source}): install it (Debian package `{runtime}`)")]
     Missing {
         runtime: String,
         #[source]

@@ -83,21 +83,12 @@ impl OciRuntime {
     /// Starts the sandbox described by `bundle/config.json` in the background.
     /// Its init inherits `listen` as descriptor [`LISTEN_FD`] and `output` as
     /// stdout and stderr. Returns the init's host pid.
-    pub async fn run(
-        &self,
-        id: &str,
-        bundle: &Path,
-        listen: BorrowedFd<'_>,
-        output: std::fs::File,
-    ) -> Result<u32> {
+    pub async fn run(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: std::fs::File) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let log_file = bundle.join("runtime.log");
         let mut cmd = self.command();
-        cmd.arg("--log")
-            .arg(&log_file)
-            .arg("--log-format")
-            .arg("json");
+        cmd.arg("--log").arg(&log_file).arg("--log-format").arg("json");
         cmd.arg("run")
             .arg("--detach")
             .arg("--bundle")
@@ -182,10 +173,7 @@ impl OciRuntime {
                 source,
             })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success()
-            && !stderr.contains("does not exist")
-            && !stderr.contains("not found")
-        {
+        if !out.status.success() && !stderr.contains("does not exist") && !stderr.contains("not found") {
             return Err(self.failed("delete", id, stderr.trim().to_owned()));
         }
         Ok(())

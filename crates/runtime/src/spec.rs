@@ -75,13 +75,7 @@ const MASKED_PATHS: &[&str] = &[
     "/sys/devices/virtual/powercap",
 ];
 
-const READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
+const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 /// Syscalls refused outright with EPERM. Most already need a capability the
 /// machine lacks; refusing them here as well means a kernel bug in their
@@ -275,14 +269,8 @@ mod tests {
         let c = oci_config(&spec());
         assert_eq!(c["process"]["noNewPrivileges"], true);
         let caps = c["process"]["capabilities"]["bounding"].as_array().unwrap();
-        assert!(
-            !caps
-                .iter()
-                .any(|c| c == "CAP_SYS_ADMIN" || c == "CAP_SYS_PTRACE")
-        );
-        let denied = c["linux"]["seccomp"]["syscalls"][0]["names"]
-            .as_array()
-            .unwrap();
+        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN" || c == "CAP_SYS_PTRACE"));
+        let denied = c["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
         for call in ["keyctl", "add_key", "request_key", "unshare", "bpf"] {
             assert!(denied.iter().any(|d| d == call), "{call} allowed");
         }
@@ -292,17 +280,8 @@ mod tests {
             .iter()
             .find(|m| m["destination"] == INIT_PATH)
             .unwrap();
-        assert!(
-            init_mount["options"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|o| o == "ro")
-        );
-        assert_eq!(
-            c["linux"]["resources"]["memory"]["limit"],
-            128 * 1024 * 1024
-        );
+        assert!(init_mount["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 128 * 1024 * 1024);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 200_000);
     }
 }

@@ -157,13 +157,11 @@ impl Store {
     /// Deletes an app that has no machines left (destroyed ones excepted).
     pub async fn delete_app(&self, name: &str) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db("deleting app"))?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM machines WHERE app = ? AND state <> 'destroyed'",
-        )
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("deleting app"))?;
+        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM machines WHERE app = ? AND state <> 'destroyed'")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("deleting app"))?;
         if live > 0 {
             return Err(StoreError::Conflict(format!(
                 "app {name:?} still has {live} machine(s): destroy them first"
@@ -207,13 +205,11 @@ impl Store {
 
     /// The image with this manifest digest (any reference naming it).
     pub async fn get_image_by_digest(&self, digest: &str) -> Result<Option<ImageRecord>> {
-        let row = sqlx::query(
-            "SELECT reference, digest, image_json FROM images WHERE digest = ? LIMIT 1",
-        )
-        .bind(digest)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading image"))?;
+        let row = sqlx::query("SELECT reference, digest, image_json FROM images WHERE digest = ? LIMIT 1")
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading image"))?;
         row.map(|r| {
             Ok(ImageRecord {
                 reference: r.try_get("reference").map_err(db("reading image"))?,
@@ -247,7 +243,11 @@ impl Store {
         .bind(m.run_ms)
         .bind(m.started_at_ms)
         .bind(m.restart_count as i64)
-        .bind(m.last_exit.as_ref().map(|e| serde_json::to_string(e).expect("serializes")))
+        .bind(
+            m.last_exit
+                .as_ref()
+                .map(|e| serde_json::to_string(e).expect("serializes")),
+        )
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -267,11 +267,7 @@ impl Store {
 
     /// Writes the machine's new state (and everything else that changed)
     /// together with the event that explains it, atomically.
-    pub async fn update_machine(
-        &self,
-        m: &MachineRecord,
-        event: Option<&MachineEvent>,
-    ) -> Result<()> {
+    pub async fn update_machine(&self, m: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db("updating machine"))?;
         let config = serde_json::to_string(&m.config).expect("config serializes");
         let done = sqlx::query(
@@ -333,12 +329,7 @@ impl Store {
     /// Machines of one app (or of all apps), oldest first.
     pub async fn list_machines(&self, app: Option<&str>) -> Result<Vec<MachineRecord>> {
         let rows = match app {
-            Some(app) => {
-                sqlx::query(MACHINE_SELECT_BY_APP)
-                    .bind(app)
-                    .fetch_all(&self.pool)
-                    .await
-            }
+            Some(app) => sqlx::query(MACHINE_SELECT_BY_APP).bind(app).fetch_all(&self.pool).await,
             None => sqlx::query(MACHINE_SELECT_ALL).fetch_all(&self.pool).await,
         }
         .map_err(db("listing machines"))?;
@@ -355,8 +346,7 @@ impl Store {
         .map_err(db("listing events"))?;
         rows.iter()
             .map(|r| {
-                let detail: Option<String> =
-                    r.try_get("detail_json").map_err(db("reading event"))?;
+                let detail: Option<String> = r.try_get("detail_json").map_err(db("reading event"))?;
                 Ok(MachineEvent {
                     kind: r.try_get("kind").map_err(db("reading event"))?,
                     status: r.try_get("status").map_err(db("reading event"))?,
@@ -389,12 +379,14 @@ impl Store {
     }
 
     pub async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await
-            .map_err(db("writing setting"))?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(db("writing setting"))?;
         Ok(())
     }
 }
@@ -406,11 +398,7 @@ const MACHINE_SELECT_BY_APP: &str = "SELECT id, app, name, state, config_json, i
 const MACHINE_SELECT_ALL: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, host, \
      created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json FROM machines ORDER BY created_at_ms, id";
 
-async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    machine_id: &str,
-    e: &MachineEvent,
-) -> Result<()> {
+async fn insert_event(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, machine_id: &str, e: &MachineEvent) -> Result<()> {
     sqlx::query(
         "INSERT INTO events (machine_id, kind, status, source, timestamp_ms, detail_json) VALUES (?, ?, ?, ?, ?, ?)",
     )
@@ -432,9 +420,7 @@ fn machine_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<MachineRecord> {
     let state: String = r.try_get("state").map_err(get)?;
     let config: String = r.try_get("config_json").map_err(get)?;
     let last_exit: Option<String> = r.try_get("last_exit_json").map_err(get)?;
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-        StoreError::Corrupt(format!("machine {id} {what}: {e}"))
-    };
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("machine {id} {what}: {e}"));
     Ok(MachineRecord {
         state: MachineState::from_str(&state).map_err(|e| corrupt("state", &e))?,
         config: serde_json::from_str(&config).map_err(|e| corrupt("config", &e))?,

@@ -39,26 +39,18 @@ async fn machines_round_trip_and_names_are_unique_among_the_living() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.db")).await.unwrap();
     store.create_app("a", 1).await.unwrap();
-    assert!(matches!(
-        store.create_app("a", 2).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.create_app("a", 2).await, Err(StoreError::Conflict(_))));
 
     let mut m = machine("m1", "web");
     store.insert_machine(&m, &event("create")).await.unwrap();
     assert!(matches!(
-        store
-            .insert_machine(&machine("m2", "web"), &event("create"))
-            .await,
+        store.insert_machine(&machine("m2", "web"), &event("create")).await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.get_machine("m1").await.unwrap().unwrap(), m);
 
     m.state = MachineState::Destroyed;
-    store
-        .update_machine(&m, Some(&event("destroy")))
-        .await
-        .unwrap();
+    store.update_machine(&m, Some(&event("destroy"))).await.unwrap();
     store
         .insert_machine(&machine("m2", "web"), &event("create"))
         .await
@@ -71,10 +63,7 @@ async fn machines_round_trip_and_names_are_unique_among_the_living() {
     );
     assert_eq!(events[0].detail, Some(serde_json::json!({"k": 1})));
 
-    assert!(matches!(
-        store.delete_app("a").await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.delete_app("a").await, Err(StoreError::Conflict(_))));
 }
 
 #[tokio::test]
@@ -92,10 +81,7 @@ async fn state_survives_reopen() {
     }
     let store = Store::open(&path).await.unwrap();
     assert_eq!(store.get_machine("m1").await.unwrap().unwrap().name, "x");
-    assert_eq!(
-        store.get_setting("host").await.unwrap().as_deref(),
-        Some("h1")
-    );
+    assert_eq!(store.get_setting("host").await.unwrap().as_deref(), Some("h1"));
     store.purge_machine("m1").await.unwrap();
     store.delete_app("a").await.unwrap();
     assert!(store.get_app("a").await.unwrap().is_none());

@@ -29,9 +29,7 @@ fn require_root() {
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -61,19 +59,14 @@ fn test_pool_root() -> PathBuf {
             f.set_len(32 << 30).unwrap();
             sh(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&img));
         }
-        sh(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt));
+        sh(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
         mnt
     })
     .clone()
 }
 
 fn hangar_rootfs_is_btrfs(p: &Path) -> bool {
-    rustix::fs::statfs(p)
-        .map(|s| s.f_type as i64 == 0x9123_683E)
-        .unwrap_or(false)
+    rustix::fs::statfs(p).map(|s| s.f_type == 0x9123_683E).unwrap_or(false)
 }
 
 /// The static hangar-init built by scripts/build.sh.
@@ -82,11 +75,7 @@ pub fn init_binary() -> PathBuf {
         return p.into();
     }
     let p = workspace().join("target/x86_64-unknown-linux-gnu/debug/hangar-init");
-    assert!(
-        p.is_file(),
-        "{} missing: run scripts/build.sh first",
-        p.display()
-    );
+    assert!(p.is_file(), "{} missing: run scripts/build.sh first", p.display());
     p
 }
 
@@ -169,10 +158,7 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Daemon {
         require_root();
-        let data_dir = tempfile::Builder::new()
-            .prefix("hangar-test")
-            .tempdir()
-            .unwrap();
+        let data_dir = tempfile::Builder::new().prefix("hangar-test").tempdir().unwrap();
         let pool_dir = test_pool_root().join(data_dir.path().file_name().unwrap());
         let mut d = Daemon {
             data_dir,
@@ -220,11 +206,7 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited with {status} at start:\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not come up:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         self.token = std::fs::read_to_string(self.data_dir.path().join("api-token"))
@@ -247,12 +229,7 @@ impl Daemon {
         self.spawn();
     }
 
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -341,12 +318,7 @@ impl Drop for Daemon {
             let (url, token, http) = (self.url.clone(), self.token.clone(), self.http.clone());
             std::thread::spawn(move || {
                 rt.block_on(async move {
-                    let Ok(apps) = http
-                        .get(format!("{url}/v1/apps"))
-                        .bearer_auth(&token)
-                        .send()
-                        .await
-                    else {
+                    let Ok(apps) = http.get(format!("{url}/v1/apps")).bearer_auth(&token).send().await else {
                         return;
                     };
                     let apps: Value = apps.json().await.unwrap_or_default();

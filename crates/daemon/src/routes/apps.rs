@@ -15,10 +15,7 @@ pub async fn create_app(
     State(s): State<AppState>,
     Json(req): Json<CreateAppRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<App>)> {
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(s.mgr.create_app(&req.app_name).await?),
-    ))
+    Ok((StatusCode::CREATED, axum::Json(s.mgr.create_app(&req.app_name).await?)))
 }
 
 /// List apps.
@@ -34,20 +31,14 @@ pub async fn list_apps(State(s): State<AppState>) -> ApiResult<axum::Json<AppLis
 /// Get an app.
 #[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps", params(("app" = String, Path)),
     responses((status = 200, body = App), (status = 404, body = ErrorBody)))]
-pub async fn get_app(
-    State(s): State<AppState>,
-    Path(app): Path<String>,
-) -> ApiResult<axum::Json<App>> {
+pub async fn get_app(State(s): State<AppState>, Path(app): Path<String>) -> ApiResult<axum::Json<App>> {
     Ok(axum::Json(s.mgr.get_app(&app).await?))
 }
 
 /// Delete an app that has no machines left.
 #[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps", params(("app" = String, Path)),
     responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn delete_app(
-    State(s): State<AppState>,
-    Path(app): Path<String>,
-) -> ApiResult<StatusCode> {
+pub async fn delete_app(State(s): State<AppState>, Path(app): Path<String>) -> ApiResult<StatusCode> {
     s.mgr.delete_app(&app).await?;
     Ok(StatusCode::ACCEPTED)
 }

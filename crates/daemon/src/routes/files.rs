@@ -21,11 +21,7 @@ fn parse_mode(mode: Option<&str>) -> ApiResult<Option<u32>> {
         u32::from_str_radix(m, 8)
             .ok()
             .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "mode {m:?} must be octal permission bits, e.g. 644 or 0755"
-                ))
-            })
+            .ok_or_else(|| ApiError::bad_request(format!("mode {m:?} must be octal permission bits, e.g. 644 or 0755")))
     })
     .transpose()
 }
@@ -76,8 +72,7 @@ pub async fn write_file(
     let mut seen = 0u64;
     let mut too_big = false;
     let stream = body.into_data_stream().map(|chunk| {
-        let chunk = chunk
-            .map_err(|e| hangar_machine::Error::BadRequest(format!("reading the upload: {e}")))?;
+        let chunk = chunk.map_err(|e| hangar_machine::Error::BadRequest(format!("reading the upload: {e}")))?;
         seen += chunk.len() as u64;
         if seen > MAX_UPLOAD {
             too_big = true;
@@ -137,9 +132,7 @@ pub async fn make_dir(
     Query(q): Query<FilePathQuery>,
 ) -> ApiResult<axum::Json<FileInfo>> {
     let mode = parse_mode(q.mode.as_deref())?;
-    Ok(axum::Json(
-        s.mgr.make_dir(&app, &id, &q.path, mode, q.parents).await?,
-    ))
+    Ok(axum::Json(s.mgr.make_dir(&app, &id, &q.path, mode, q.parents).await?))
 }
 
 /// Remove a file, symlink or (with `recursive=true`, non-empty) directory.

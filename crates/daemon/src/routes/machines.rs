@@ -9,9 +9,8 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use hangar_api::{
-    CreateMachineRequest, DestroyQuery, ErrorBody, ExecRequest, ExecResponse, ExecStreamEvent,
-    LogsQuery, Machine, MachineEvent, MachineState, ProcessInfo, SignalRequest, StopRequest,
-    WaitQuery,
+    CreateMachineRequest, DestroyQuery, ErrorBody, ExecRequest, ExecResponse, ExecStreamEvent, LogsQuery, Machine,
+    MachineEvent, MachineState, ProcessInfo, SignalRequest, StopRequest, WaitQuery,
 };
 use hangar_machine::ExecOutput;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -64,9 +63,7 @@ pub async fn list_machines(
         }
     }
     Ok(axum::Json(
-        s.mgr
-            .list_machines(&app, &states, &metadata, include_deleted)
-            .await?,
+        s.mgr.list_machines(&app, &states, &metadata, include_deleted).await?,
     ))
 }
 
@@ -74,10 +71,7 @@ pub async fn list_machines(
 #[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path)),
     responses((status = 200, body = Machine), (status = 404, body = ErrorBody)))]
-pub async fn get_machine(
-    State(s): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-) -> Ok200<Machine> {
+pub async fn get_machine(State(s): State<AppState>, Path((app, id)): Path<(String, String)>) -> Ok200<Machine> {
     Ok(axum::Json(s.mgr.get_machine(&app, &id).await?))
 }
 
@@ -85,10 +79,7 @@ pub async fn get_machine(
 #[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path)),
     responses((status = 200, body = Machine), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn start_machine(
-    State(s): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-) -> Ok200<Machine> {
+pub async fn start_machine(State(s): State<AppState>, Path((app, id)): Path<(String, String)>) -> Ok200<Machine> {
     Ok(axum::Json(s.mgr.start_machine(&app, &id).await?))
 }
 
@@ -97,8 +88,7 @@ fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> ApiR
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// Stop a started machine: the stop signal, then SIGKILL after `timeout`.
@@ -111,9 +101,7 @@ pub async fn stop_machine(
     Path((app, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Ok200<Machine> {
-    Ok(axum::Json(
-        s.mgr.stop_machine(&app, &id, optional_body(&body)?).await?,
-    ))
+    Ok(axum::Json(s.mgr.stop_machine(&app, &id, optional_body(&body)?).await?))
 }
 
 /// Stop and start a started machine.
@@ -126,9 +114,7 @@ pub async fn restart_machine(
     body: Bytes,
 ) -> Ok200<Machine> {
     Ok(axum::Json(
-        s.mgr
-            .restart_machine(&app, &id, optional_body(&body)?)
-            .await?,
+        s.mgr.restart_machine(&app, &id, optional_body(&body)?).await?,
     ))
 }
 
@@ -169,9 +155,7 @@ pub async fn wait_machine(
 ) -> Ok200<Machine> {
     let state: MachineState = q.state.parse().map_err(ApiError::bad_request)?;
     let timeout = Duration::from_secs(q.timeout.unwrap_or(60).min(600));
-    Ok(axum::Json(
-        s.mgr.wait_machine(&app, &id, state, timeout).await?,
-    ))
+    Ok(axum::Json(s.mgr.wait_machine(&app, &id, state, timeout).await?))
 }
 
 /// The machine's lifecycle events, oldest first.
@@ -189,10 +173,7 @@ pub async fn machine_events(
 #[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/ps", tag = "machines",
     params(("app" = String, Path), ("id" = String, Path)),
     responses((status = 200, body = Vec<ProcessInfo>), (status = 409, body = ErrorBody)))]
-pub async fn machine_ps(
-    State(s): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-) -> Ok200<Vec<ProcessInfo>> {
+pub async fn machine_ps(State(s): State<AppState>, Path((app, id)): Path<(String, String)>) -> Ok200<Vec<ProcessInfo>> {
     Ok(axum::Json(s.mgr.processes(&app, &id).await?))
 }
 
@@ -246,19 +227,11 @@ pub async fn exec_stream(
                 false,
             ),
             Ok(None) => return None,
-            Err(e) => (
-                ExecStreamEvent::Error {
-                    error: e.to_string(),
-                },
-                false,
-            ),
+            Err(e) => (ExecStreamEvent::Error { error: e.to_string() }, false),
         };
         let mut line = serde_json::to_vec(&event).expect("event serializes");
         line.push(b'\n');
-        Some((
-            Ok::<_, std::io::Error>(Bytes::from(line)),
-            more.then_some(exec),
-        ))
+        Some((Ok::<_, std::io::Error>(Bytes::from(line)), more.then_some(exec)))
     });
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -290,9 +263,7 @@ pub async fn machine_logs(
     };
     if let (Some(f), Some(tail)) = (file.as_mut(), q.tail_bytes) {
         let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let _ = f
-            .seek(std::io::SeekFrom::Start(len.saturating_sub(tail)))
-            .await;
+        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(tail))).await;
     }
     let follow = q.follow;
     let mgr = s.mgr.clone();
@@ -306,10 +277,7 @@ pub async fn machine_logs(
                         Ok(0) => {}
                         Ok(n) => {
                             buf.truncate(n);
-                            return Some((
-                                Ok::<_, std::io::Error>(Bytes::from(buf)),
-                                (file, mgr, app, id, path),
-                            ));
+                            return Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (file, mgr, app, id, path)));
                         }
                         Err(e) => return Some((Err(e), (None, mgr, app, id, path))),
                     }

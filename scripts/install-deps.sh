@@ -3,7 +3,7 @@
 # Usage: scripts/install-deps.sh [--test]   (--test adds what the tests use)
 set -euo pipefail
 need=(runc btrfs-progs busybox-static)
-[[ "${1:-}" == "--test" ]] && need+=(gcc)
+[[ "${1:-}" == "--test" ]] && need+=(gcc runsc)
 missing=()
 for pkg in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

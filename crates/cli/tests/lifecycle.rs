@@ -371,3 +371,28 @@ async fn logs_and_wait() {
     d.ok(Method::POST, &format!("{}/stop", path("logs", &id)), None).await;
     assert_eq!(waiter.await.unwrap(), 200);
 }
+
+/// gVisor: the same machine, with a user-space kernel between it and the
+/// host. A smoke test of the whole path: create, exec, files, stop/start
+/// persistence, destroy.
+#[tokio::test(flavor = "multi_thread")]
+async fn runsc_machines_work_end_to_end() {
+    let d = Daemon::start();
+    d.create_app("gv").await;
+    let m = d.machine("gv", json!({"runtime": "runsc"})).await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    assert_eq!(m["state"], "started");
+    // gVisor answers with its own kernel, not the host's.
+    let uname = d.sh("gv", &id, "uname -r").await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(uname.trim(), host.trim(), "runsc machine runs on the host kernel");
+    d.sh("gv", &id, "echo kept > /root/kept").await;
+    let r = d.exec("gv", &id, &["sh", "-c", "exit 9"]).await;
+    assert_eq!(r["exit_code"], 9);
+    d.ok(Method::POST, &format!("{}/stop", path("gv", &id)), None).await;
+    d.ok(Method::POST, &format!("{}/start", path("gv", &id)), None).await;
+    assert_eq!(d.sh("gv", &id, "cat /root/kept").await, "kept\n");
+    d.ok(Method::DELETE, &format!("{}?force=true", path("gv", &id)), None)
+        .await;
+    assert_eq!(d.ok(Method::GET, &path("gv", &id), None).await["state"], "destroyed");
+}

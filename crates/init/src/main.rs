@@ -29,7 +29,8 @@ use hangar_init_protocol::{ExitStatus, io_message};
 
 use crate::state::{Init, configure_child, kill, wait_any};
 
-const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N] [--exit-file PATH] -- CMD [ARGS...]";
+const USAGE: &str =
+    "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--exit-file PATH] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -47,6 +48,9 @@ const FORWARDED: [libc::c_int; 8] = [
 struct Args {
     user: Option<String>,
     listen_fd: RawFd,
+    /// Bind our own socket here instead of adopting one (for runtimes that
+    /// can't pass a descriptor in, e.g. runsc with `--host-uds=create`).
+    listen_path: Option<PathBuf>,
     exit_file: PathBuf,
     command: Vec<String>,
 }
@@ -55,6 +59,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         user: None,
         listen_fd: 3,
+        listen_path: None,
         exit_file: PathBuf::from("/.hangar/run/exit.json"),
         command: Vec::new(),
     };
@@ -80,6 +85,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     .filter(|fd| *fd >= 0)
                     .ok_or(format!("bad --listen-fd {v:?}"))?;
             }
+            "--listen-path" => parsed.listen_path = Some(PathBuf::from(value("--listen-path")?)),
             "--exit-file" => parsed.exit_file = PathBuf::from(value("--exit-file")?),
             "--" => {
                 parsed.command = args.collect();
@@ -114,7 +120,10 @@ fn main() {
     // Before any thread exists, so that every thread inherits the mask and
     // signals can only be taken by the sigwaitinfo loop.
     let signals = block_signals();
-    let listener = adopt_listener(args.listen_fd);
+    let listener = match &args.listen_path {
+        Some(path) => bind_listener(path),
+        None => adopt_listener(args.listen_fd),
+    };
     // Not our business to pass on whatever else the runtime left open.
     cloexec_inherited_fds();
     // Orphans must come to us even when we are not PID 1 (tests, or a
@@ -166,6 +175,24 @@ fn block_signals() -> libc::sigset_t {
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, ptr::null_mut());
         set
+    }
+}
+
+/// Binds a fresh listening socket at `path`, replacing a stale one.
+fn bind_listener(path: &std::path::Path) -> Option<UnixListener> {
+    if let Some(dir) = path.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    let _ = fs::remove_file(path);
+    match UnixListener::bind(path) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!(
+                "hangar-init: cannot listen on {}: {e}; not serving requests",
+                path.display()
+            );
+            None
+        }
     }
 }
 
@@ -344,6 +371,7 @@ mod tests {
             Args {
                 user: Some("robot".into()),
                 listen_fd: 5,
+                listen_path: None,
                 exit_file: "/x".into(),
                 command: vec!["sleep".into(), "--help".into()]
             }

@@ -23,10 +23,24 @@ pub enum ExecOutput {
     Exit(ExitStatus),
 }
 
+/// Connects to an init's socket. The socket may sit in a directory the
+/// machine can write (runsc), where it could plant a symlink to some other
+/// socket on the host; so the path is opened without following symlinks,
+/// checked to be a socket, and connected to through that descriptor.
 pub(crate) async fn connect(socket: &Path) -> Result<UnixStream> {
-    UnixStream::connect(socket)
-        .await
-        .map_err(|e| Error::internal("connecting to the machine's init (is it still running?)", e))
+    use rustix::fs::{Mode, OFlags};
+    let fail = |e: std::io::Error| Error::internal("connecting to the machine's init (is it still running?)", e);
+    let fd = rustix::fs::open(socket, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| fail(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| fail(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+        return Err(Error::Internal(format!("{} is not a socket", socket.display())));
+    }
+    use std::os::fd::AsRawFd;
+    let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let stream = UnixStream::connect(&via).await.map_err(fail)?;
+    drop(fd);
+    Ok(stream)
 }
 
 fn lost(e: std::io::Error) -> Error {

@@ -446,11 +446,11 @@ impl Manager {
         let running = slot.running.lock().expect("running lock").clone();
         let status = match running {
             Some(running) => {
-                running.signal(signal)?;
+                running.signal(signal).await?;
                 match running.wait_exit(timeout).await {
                     Some(status) => status,
                     None => {
-                        running.signal(libc::SIGKILL)?;
+                        running.signal(libc::SIGKILL).await?;
                         running
                             .wait_exit(Duration::from_secs(30))
                             .await
@@ -489,7 +489,7 @@ impl Manager {
         let signal = parse_signal(signal)?;
         let rec = self.record(app, id).await?;
         self.running(&rec)?;
-        match agent::call(&self.paths(&rec.id).socket, &Request::Signal { signal }).await? {
+        match agent::call(&self.agent_socket(&rec), &Request::Signal { signal }).await? {
             Reply::Ok => Ok(()),
             other => Err(Error::Internal(format!(
                 "machine init answered a signal with {other:?}"
@@ -672,7 +672,7 @@ impl Manager {
             timeout_ms: req.timeout.map(|s| s.saturating_mul(1000)),
             stdin: req.stdin.is_some(),
         };
-        agent::exec(&self.paths(&rec.id).socket, request, req.stdin.map(Bytes::from)).await
+        agent::exec(&self.agent_socket(&rec), request, req.stdin.map(Bytes::from)).await
     }
 
     /// Runs a command to completion and returns its output.
@@ -704,7 +704,7 @@ impl Manager {
     async fn file_call(&self, app: &str, id: &str, req: Request) -> Result<Reply> {
         let rec = self.record(app, id).await?;
         self.running(&rec)?;
-        agent::call(&self.paths(&rec.id).socket, &req).await
+        agent::call(&self.agent_socket(&rec), &req).await
     }
 
     pub async fn stat_file(&self, app: &str, id: &str, path: &str) -> Result<FileInfo> {
@@ -779,7 +779,7 @@ impl Manager {
         check_path(path)?;
         let rec = self.record(app, id).await?;
         self.running(&rec)?;
-        let (stat, reader) = agent::read_file(&self.paths(&rec.id).socket, path).await?;
+        let (stat, reader) = agent::read_file(&self.agent_socket(&rec), path).await?;
         Ok((to_file_info(stat), reader))
     }
 
@@ -808,7 +808,7 @@ impl Manager {
             make_parents: parents,
         };
         Ok(to_file_info(
-            agent::write_file(&self.paths(&rec.id).socket, req, body).await?,
+            agent::write_file(&self.agent_socket(&rec), req, body).await?,
         ))
     }
 

@@ -6,9 +6,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use hangar_api::{ExitInfo, MachineState};
+use hangar_api::{ExitInfo, MachineState, RuntimeKind};
 use hangar_init_protocol::ExitStatus;
 use hangar_rootfs::overlay::{self, WritableLayer};
+use hangar_runtime::OciRuntime;
 use hangar_runtime::spec::{self, SandboxSpec};
 use hangar_store::MachineRecord;
 use tokio::io::unix::AsyncFd;
@@ -24,6 +25,8 @@ const DEFAULT_PIDS_LIMIT: u32 = 4096;
 #[derive(Debug)]
 pub(crate) struct Running {
     pub instance_id: String,
+    id: String,
+    runtime: OciRuntime,
     pidfd: OwnedFd,
     /// Set once by the monitor when the sandbox's init has exited.
     pub exited: watch::Receiver<Option<ExitStatus>>,
@@ -32,7 +35,18 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    pub fn signal(&self, sig: i32) -> Result<()> {
+    /// Signals the sandbox's init, which passes the signal on to the main
+    /// process (or dies, for SIGKILL).
+    pub async fn signal(&self, sig: i32) -> Result<()> {
+        if self.runtime.kind == RuntimeKind::Runsc && sig != libc::SIGKILL {
+            // The pid runsc reports is the sandbox's (the gVisor kernel's),
+            // not the init's; only runsc can reach the init inside it. A
+            // SIGKILL to the sandbox itself is right for both runtimes.
+            if self.exited.borrow().is_some() {
+                return Ok(());
+            }
+            return Ok(self.runtime.kill(&self.id, sig).await?);
+        }
         let Some(sig) = rustix::process::Signal::from_named_raw(sig) else {
             return Err(Error::BadRequest(format!("unknown signal {sig}")));
         };
@@ -105,6 +119,7 @@ impl Manager {
             memory_mb: guest.memory_mb,
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
+            listen: self.runtime(rec.config.runtime).init_listen(),
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)
@@ -125,6 +140,9 @@ impl Manager {
         runtime.delete(&rec.id).await?;
         let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
+        if let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
+            self.wait_for_agent(rec).await?;
+        }
         let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
         Ok(running)
     }
@@ -145,6 +163,8 @@ impl Manager {
         let (tx, rx) = watch::channel(None);
         let running = Arc::new(Running {
             instance_id,
+            id: rec.id.clone(),
+            runtime: self.runtime(rec.config.runtime).clone(),
             pidfd: pidfd
                 .try_clone()
                 .map_err(|e| Error::internal("duplicating a pidfd", e))?,
@@ -184,6 +204,37 @@ impl Manager {
             tracing::warn!(machine = %rec.id, "unmounting root filesystem: {e}");
         }
         let _ = fs::remove_file(&paths.socket);
+        let _ = fs::remove_file(paths.run.join("init.sock"));
+    }
+
+    /// Where the daemon reaches a machine's init: the socket it bound itself,
+    /// or (runsc) the one the init bound in its run directory.
+    pub(crate) fn agent_socket(&self, rec: &MachineRecord) -> std::path::PathBuf {
+        let paths = self.paths(&rec.id);
+        match self.runtime(rec.config.runtime).init_listen() {
+            hangar_runtime::spec::InitListen::Fd(_) => paths.socket,
+            hangar_runtime::spec::InitListen::Path(_) => paths.run.join("init.sock"),
+        }
+    }
+
+    /// Waits until an init that binds its own socket is accepting. There is
+    /// no event to wait on across the sandbox boundary, so this polls
+    /// briefly, with a deadline.
+    async fn wait_for_agent(&self, rec: &MachineRecord) -> Result<()> {
+        let socket = self.agent_socket(rec);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if crate::agent::connect(&socket).await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Internal(format!(
+                    "machine {}: its init did not start listening within 10 s",
+                    rec.id
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Records the end of a run: metering, exit info, new state. The caller

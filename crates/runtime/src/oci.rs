@@ -8,7 +8,7 @@ use hangar_api::RuntimeKind;
 use serde::Deserialize;
 use tokio::process::Command;
 
-use crate::spec::LISTEN_FD;
+use crate::spec::{InitListen, RUN_DIR};
 use crate::{Result, RuntimeError};
 
 /// One OCI runtime binary with its own state directory (`--root`), so two
@@ -44,7 +44,7 @@ impl OciRuntime {
         if self.kind == RuntimeKind::Runsc {
             // gVisor's default network stack would need a veth; machines
             // have loopback only, which "none" gives.
-            cmd.args(["--network", "none"]);
+            cmd.args(["--network", "none", "--host-uds", "create"]);
         }
         cmd.stdin(Stdio::null()).kill_on_drop(true);
         cmd
@@ -60,6 +60,17 @@ impl OciRuntime {
             action,
             id: id.to_owned(),
             message,
+        }
+    }
+
+    /// The descriptor number the sandbox's init finds its listening socket
+    /// at. runc hands extra descriptors through (`--preserve-fds`); the
+    /// runsc here can't, but it donates stdio to the sandbox, so the socket
+    /// goes in as stdin.
+    pub fn listen_fd(&self) -> i32 {
+        match self.kind {
+            RuntimeKind::Runc => 3,
+            RuntimeKind::Runsc => 0,
         }
     }
 
@@ -80,9 +91,22 @@ impl OciRuntime {
             .to_owned())
     }
 
+    /// How the sandbox's init gets its listening socket. runc hands a
+    /// descriptor bound outside the machine through (`--preserve-fds`).
+    /// runsc can't: gVisor can't accept on an imported listening socket, so
+    /// the init binds one in its run directory, which `--host-uds=create`
+    /// makes a real socket on the host.
+    pub fn init_listen(&self) -> InitListen {
+        match self.kind {
+            RuntimeKind::Runc => InitListen::Fd(3),
+            RuntimeKind::Runsc => InitListen::Path(format!("{RUN_DIR}/init.sock")),
+        }
+    }
+
     /// Starts the sandbox described by `bundle/config.json` in the background.
-    /// Its init inherits `listen` as descriptor [`LISTEN_FD`] and `output` as
-    /// stdout and stderr. Returns the init's host pid.
+    /// Its init inherits `listen` (when [`OciRuntime::init_listen`] says to
+    /// pass one) and `output` as stdout and stderr. Returns the host pid the
+    /// runtime reports for the sandbox.
     pub async fn run(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: std::fs::File) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
@@ -95,30 +119,16 @@ impl OciRuntime {
             .arg(bundle)
             .arg("--pid-file")
             .arg(&pid_file);
-        if self.kind == RuntimeKind::Runc {
-            cmd.args(["--preserve-fds", "1"]);
+        if let InitListen::Fd(fd) = self.init_listen() {
+            // --preserve-fds N passes descriptors 3..3+N.
+            cmd.args(["--preserve-fds", &(fd - 2).to_string()]);
+            pass_fd(&mut cmd, listen.as_raw_fd(), fd);
         }
         cmd.arg(id);
         let err_out = output
             .try_clone()
             .map_err(|e| io(e, "duplicating the machine log descriptor"))?;
         cmd.stdout(output).stderr(err_out);
-        let listen_raw = listen.as_raw_fd();
-        // SAFETY: between fork and exec we only call async-signal-safe
-        // functions (dup2, fcntl) on descriptors we own.
-        unsafe {
-            cmd.pre_exec(move || {
-                if listen_raw == LISTEN_FD {
-                    // dup2 onto itself keeps CLOEXEC; clear it by hand.
-                    if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(listen_raw, LISTEN_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let status = cmd.status().await.map_err(|source| RuntimeError::Missing {
             runtime: self.name(),
             source,
@@ -136,6 +146,25 @@ impl OciRuntime {
             .parse()
             .map_err(|_| self.failed("run", id, "wrote an unreadable pid file".into()))?;
         Ok(pid)
+    }
+
+    /// Sends a signal to the sandbox's init through the runtime.
+    pub async fn kill(&self, id: &str, signal: i32) -> Result<()> {
+        let out = self
+            .command()
+            .arg("kill")
+            .arg(id)
+            .arg(signal.to_string())
+            .output()
+            .await
+            .map_err(|source| RuntimeError::Missing {
+                runtime: self.name(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(self.failed("kill", id, String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        Ok(())
     }
 
     /// The sandbox's status, or `None` if the runtime doesn't know it.
@@ -158,25 +187,93 @@ impl OciRuntime {
             .map_err(|e| self.failed("state", id, format!("unreadable output: {e}")))
     }
 
+    /// Reaps runsc's helper processes (the gofer) that ended and were
+    /// reparented to us, the subreaper: runsc waits for them to disappear
+    /// before it deletes a sandbox, and a zombie never does. Only zombies
+    /// named `exe` (runsc re-executes itself through /proc/self/exe) are
+    /// touched, so the runtime CLIs that tokio is waiting for are left alone.
+    pub fn reap_helpers(&self) {
+        if self.kind != RuntimeKind::Runsc {
+            return;
+        }
+        let me = std::process::id();
+        let Ok(dir) = std::fs::read_dir("/proc") else { return };
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces, so split at ')'.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+            let mut fields = rest.split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+            if comm == "exe" && state == Some("Z") && ppid == Some(me) {
+                // SAFETY: waitpid on a zombie child of ours, by pid.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            }
+        }
+    }
+
     /// Removes the sandbox (killing it if it still runs) and its cgroup.
     /// Removing one the runtime doesn't know is not an error.
     pub async fn delete(&self, id: &str) -> Result<()> {
-        let out = self
+        let mut child = self
             .command()
             .args(["delete", "--force"])
             .arg(id)
             .stdout(Stdio::null())
-            .output()
-            .await
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|source| RuntimeError::Missing {
                 runtime: self.name(),
                 source,
             })?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && !stderr.contains("does not exist") && !stderr.contains("not found") {
+        let mut stderr = child.stderr.take().expect("piped");
+        let read_err = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+            text
+        });
+        // runsc's helpers end while it deletes, and it waits for them to be
+        // gone: keep reaping them until it is done.
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if self.kind == RuntimeKind::Runsc => {
+                    self.reap_helpers();
+                }
+            }
+        }
+        .map_err(|e| io(e, "waiting for the runtime"))?;
+        let stderr = read_err.await.unwrap_or_default();
+        if !status.success() && !stderr.contains("does not exist") && !stderr.contains("not found") {
             return Err(self.failed("delete", id, stderr.trim().to_owned()));
         }
         Ok(())
+    }
+}
+
+/// Makes `fd` descriptor `target` in the runtime's child.
+fn pass_fd(cmd: &mut Command, fd: i32, target: i32) {
+    // SAFETY: between fork and exec we only call async-signal-safe functions
+    // (dup2, fcntl) on descriptors we own.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == target {
+                // dup2 onto itself keeps CLOEXEC; clear it by hand.
+                if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

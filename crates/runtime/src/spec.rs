@@ -16,8 +16,6 @@ use serde_json::{Value, json};
 /// Where hangar-init and its run directory appear inside every machine.
 pub const INIT_PATH: &str = "/.hangar/init";
 pub const RUN_DIR: &str = "/.hangar/run";
-/// The descriptor number the init's listening socket has inside the machine.
-pub const LISTEN_FD: i32 = 3;
 
 /// What a sandbox runs and with what limits.
 #[derive(Debug, Clone)]
@@ -41,6 +39,19 @@ pub struct SandboxSpec {
     pub pids_limit: u32,
     /// cgroup path (see [`crate::cgroup::path_for`]).
     pub cgroup_path: String,
+    /// How the init gets its listening socket (see
+    /// [`crate::OciRuntime::init_listen`]).
+    pub listen: InitListen,
+}
+
+/// How hangar-init gets the socket it serves the daemon on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitListen {
+    /// Already bound by the daemon outside the machine and passed in as this
+    /// descriptor: the machine can't touch the host path.
+    Fd(i32),
+    /// Bound by the init itself at this path inside the machine.
+    Path(String),
 }
 
 /// Docker's default capability set.
@@ -159,7 +170,10 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
     if let Some(user) = &spec.user {
         args.extend(["--user".to_owned(), user.clone()]);
     }
-    args.extend(["--listen-fd".to_owned(), LISTEN_FD.to_string()]);
+    match &spec.listen {
+        InitListen::Fd(fd) => args.extend(["--listen-fd".to_owned(), fd.to_string()]),
+        InitListen::Path(p) => args.extend(["--listen-path".to_owned(), p.clone()]),
+    }
     args.push("--".to_owned());
     args.extend(spec.args.iter().cloned());
     args
@@ -241,6 +255,7 @@ mod tests {
             memory_mb: 128,
             pids_limit: 512,
             cgroup_path: "/hangar/m1".into(),
+            listen: InitListen::Fd(3),
         }
     }
 

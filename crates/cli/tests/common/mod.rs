@@ -222,10 +222,20 @@ impl Daemon {
     /// Stops the daemon with SIGTERM (graceful) or SIGKILL, and starts it
     /// again on the same data dir.
     pub fn restart(&mut self, signal: i32) {
+        self.stop_daemon(signal);
+        self.start_daemon();
+    }
+
+    /// Stops the daemon process (machines keep running).
+    pub fn stop_daemon(&mut self, signal: i32) {
         let mut child = self.child.take().unwrap();
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
         child.wait().unwrap();
+    }
+
+    /// Starts the daemon again on the same data dir.
+    pub fn start_daemon(&mut self) {
         self.spawn();
     }
 

@@ -1,0 +1,157 @@
+//! Crash recovery: whatever the daemon was in the middle of when it died,
+//! the next daemon finishes or undoes it, and loses nothing.
+
+mod common;
+
+use common::Daemon;
+use hangar_api::MachineState;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+/// Rewrites a machine's recorded state while the daemon is down, as if it
+/// had crashed between recording an intent and finishing the work.
+async fn crash_in_state(d: &mut Daemon, id: &str, state: MachineState) {
+    d.stop_daemon(libc::SIGKILL);
+    let store = hangar_store::Store::open(&d.data_dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let mut rec = store.get_machine(id).await.unwrap().unwrap();
+    rec.state = state;
+    store.update_machine(&rec, None).await.unwrap();
+    drop(store);
+    d.start_daemon();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unfinished_operations_are_finished_or_undone() {
+    let mut d = Daemon::start();
+    d.create_app("rec").await;
+
+    // A create that never finished is undone completely, so a retry with
+    // the same name succeeds.
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/rec/machines",
+            Some(json!({"name": "half", "skip_launch": true, "config": {"image": common::busybox_image()}})),
+        )
+        .await;
+    let half = m["id"].as_str().unwrap().to_owned();
+    crash_in_state(&mut d, &half, MachineState::Creating).await;
+    let (status, _) = d
+        .call(Method::GET, &format!("/v1/apps/rec/machines/{half}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!d.pool_dir.join(format!("machine-{half}")).exists());
+    assert!(!d.data_dir.path().join("machines").join(&half).exists());
+    d.ok(
+        Method::POST,
+        "/v1/apps/rec/machines",
+        Some(json!({"name": "half", "config": {"image": common::busybox_image()}})),
+    )
+    .await;
+
+    // A start whose sandbox came up is recorded as started.
+    let m = d.machine("rec", json!({})).await;
+    let starting = m["id"].as_str().unwrap().to_owned();
+    d.sh("rec", &starting, "echo alive > /root/a").await;
+    crash_in_state(&mut d, &starting, MachineState::Starting).await;
+    assert_eq!(
+        d.ok(Method::GET, &format!("/v1/apps/rec/machines/{starting}"), None)
+            .await["state"],
+        "started"
+    );
+    assert_eq!(d.sh("rec", &starting, "cat /root/a").await, "alive\n");
+
+    // A stop that was interrupted is carried out.
+    crash_in_state(&mut d, &starting, MachineState::Stopping).await;
+    let m = d.wait_state("rec", &starting, "stopped").await;
+    assert_eq!(m["last_exit"]["requested_stop"], true, "{m}");
+
+    // A destroy that was interrupted is finished.
+    crash_in_state(&mut d, &starting, MachineState::Destroying).await;
+    assert_eq!(
+        d.ok(Method::GET, &format!("/v1/apps/rec/machines/{starting}"), None)
+            .await["state"],
+        "destroyed"
+    );
+    assert!(!d.pool_dir.join(format!("machine-{starting}")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_an_image_import_leaves_nothing_half_done() {
+    let mut d = Daemon::start();
+    d.create_app("imp").await;
+    // An image big enough that its import is still running when we kill.
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("data")).unwrap();
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "sleep", "wc"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let mut f = std::fs::File::create(rootfs.join("data/big")).unwrap();
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..192 {
+        for chunk in block.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chunk.copy_from_slice(&seed.to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &block).unwrap();
+    }
+    drop(f);
+    let layout = dir.path().join("layout");
+    let config = hangar_image::ImageConfig {
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    hangar_image::write_oci_layout(&layout, "big", &rootfs, &config).unwrap();
+    let image = format!("oci:{}:big", layout.display());
+
+    let req = {
+        let (url, token, http) = (d.url.clone(), d.token.clone(), d.http.clone());
+        let image = image.clone();
+        tokio::spawn(async move {
+            http.post(format!("{url}/v1/apps/imp/machines"))
+                .bearer_auth(token)
+                .json(&json!({"name": "big", "config": {"image": image, "init": {"cmd": ["x"]}}}))
+                .send()
+                .await
+        })
+    };
+    // Kill once the import has visibly begun (its scratch space is in use).
+    let tmp = d.data_dir.path().join("images/tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&tmp).map(|mut r| r.next().is_none()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "import never started");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    d.stop_daemon(libc::SIGKILL);
+    assert!(req.await.unwrap().is_err(), "the request must not have been answered");
+    d.start_daemon();
+
+    // Nothing was acknowledged, so nothing exists; scratch space is clean;
+    // the retry succeeds.
+    assert!(
+        d.ok(Method::GET, "/v1/apps/imp/machines", None)
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/imp/machines",
+            Some(json!({"name": "big", "config": {"image": image, "init": {"cmd": ["sleep", "1000"]}}})),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap();
+    let sum = d.sh("imp", id, "wc -c < /data/big").await;
+    assert_eq!(sum.trim(), (192 << 20).to_string());
+}

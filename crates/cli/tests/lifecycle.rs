@@ -67,7 +67,9 @@ async fn create_start_stop_and_illegal_transitions() {
         .await;
     assert_eq!(stopped["state"], "stopped");
     assert_eq!(stopped["last_exit"]["requested_stop"], true);
-    // Stop released the sandbox: no process, no cgroup.
+    // Stop released the sandbox: nothing of the machine runs. What may
+    // remain is the waiting runtime process of a sandbox prepared for the
+    // next start, and nothing else.
     let (status, _) = d
         .call(
             Method::POST,
@@ -76,7 +78,15 @@ async fn create_start_stop_and_illegal_transitions() {
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/hangar/{id}")).exists());
+    let procs = format!("/sys/fs/cgroup/memory/hangar/{id}/cgroup.procs");
+    for pid in std::fs::read_to_string(&procs).unwrap_or_default().lines() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(
+            comm.trim(),
+            "runc:[2:INIT]",
+            "machine process {pid} still alive after stop"
+        );
+    }
 
     let events = d.ok(Method::GET, &format!("{}/events", path("life", &id)), None).await;
     let kinds: Vec<String> = events
@@ -395,4 +405,70 @@ async fn runsc_machines_work_end_to_end() {
     d.ok(Method::DELETE, &format!("{}?force=true", path("gv", &id)), None)
         .await;
     assert_eq!(d.ok(Method::GET, &path("gv", &id), None).await["state"], "destroyed");
+}
+
+/// A stopped machine's next start is prepared in the background (the
+/// sandbox created, its process not yet run), so the start itself only
+/// releases it. The start event says which path it took.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopped_machines_are_prepared_for_a_fast_start() {
+    let d = Daemon::start();
+    d.create_app("warm").await;
+    let m = d
+        .machine(
+            "warm",
+            json!({"files": [{"guest_path": "/etc/seed", "raw_value": "djE=", "mode": 420}]}),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    d.sh("warm", &id, "echo v2 > /etc/seed").await;
+    d.ok(Method::POST, &format!("{}/stop", path("warm", &id)), None).await;
+
+    let runtime_state = || {
+        let out = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(d.data_dir.path().join("runtime/runc"))
+            .args(["state", &id])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v["status"].clone())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runtime_state() != "created" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped machine was never prepared"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let started = d.ok(Method::POST, &format!("{}/start", path("warm", &id)), None).await;
+    assert_eq!(started["state"], "started");
+    assert_eq!(runtime_state(), "running");
+    // Config files are placed on every start, on either path.
+    assert_eq!(d.sh("warm", &id, "cat /etc/seed").await, "v1");
+    let events = d.ok(Method::GET, &format!("{}/events", path("warm", &id)), None).await;
+    let paths: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "start" && e["status"] == "started")
+        .map(|e| e["detail"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["cold", "prepared"]);
+
+    // Destroying a stopped, prepared machine leaves no sandbox behind.
+    d.ok(Method::POST, &format!("{}/stop", path("warm", &id)), None).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runtime_state() != "created" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped machine was never prepared"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    d.ok(Method::DELETE, &path("warm", &id), None).await;
+    assert_eq!(runtime_state(), serde_json::Value::Null);
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/hangar/{id}")).exists());
 }

@@ -49,6 +49,9 @@ pub struct ManagerConfig {
     pub pool_dir: Option<PathBuf>,
     /// Size of the loop-mounted pool image, when one is made.
     pub pool_image_bytes: u64,
+    /// How many stopped machines may hold a prepared sandbox (a fast start
+    /// for about 2 MB of memory each); 0 turns preparing off.
+    pub prepared_limit: usize,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -61,6 +64,8 @@ struct Slot {
     state: watch::Sender<MachineState>,
     /// The live sandbox, while there is one.
     running: Mutex<Option<Arc<sandbox::Running>>>,
+    /// A sandbox created ahead of the next start, while stopped.
+    prepared: Mutex<Option<Arc<sandbox::Running>>>,
 }
 
 #[derive(Debug)]
@@ -72,6 +77,8 @@ struct Inner {
     runtimes: HashMap<RuntimeKind, OciRuntime>,
     host: String,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// How many machines hold a prepared sandbox.
+    prepared_count: std::sync::atomic::AtomicUsize,
 }
 
 /// The operations layer. Cheap to clone.
@@ -166,6 +173,7 @@ impl Manager {
                 runtimes,
                 host,
                 slots: Mutex::new(HashMap::new()),
+                prepared_count: Default::default(),
             }),
         })
     }
@@ -188,6 +196,7 @@ impl Manager {
                     op: tokio::sync::Mutex::new(()),
                     state: watch::channel(state).0,
                     running: Mutex::new(None),
+                    prepared: Mutex::new(None),
                 })
             })
             .clone()

@@ -321,7 +321,9 @@ impl Manager {
             .update_machine(&rec, Some(&event("create", "created", "user", None)))
             .await?;
         slot.state.send_replace(rec.state);
-        if !req.skip_launch {
+        if req.skip_launch {
+            self.settle_in_background(&rec.id);
+        } else {
             // A start failure leaves a created machine the user can inspect
             // and retry, so it is reported, not undone.
             self.start_locked(&slot, &mut rec, "user").await?;
@@ -347,7 +349,7 @@ impl Manager {
 
     /// Removes every trace of a machine whose create did not finish.
     pub(crate) async fn undo_create(&self, rec: &MachineRecord) {
-        self.teardown(rec).await;
+        self.teardown(&self.slot(&rec.id, rec.state), rec).await;
         if let Err(e) = self.inner.pool.delete(&volume_name(&rec.id)) {
             tracing::warn!(machine = %rec.id, "removing volume of an unfinished create: {e}");
         }
@@ -382,17 +384,18 @@ impl Manager {
             .update_machine(rec, Some(&event("start", "starting", source, None)))
             .await?;
         slot.state.send_replace(rec.state);
-        match self.launch(rec).await {
-            Ok(running) => {
+        match self.launch(slot, rec).await {
+            Ok((running, path)) => {
                 let now = now_ms();
                 rec.state = MachineState::Started;
                 rec.started_at_ms = Some(now);
                 rec.updated_at_ms = now;
                 rec.instance_id = running.instance_id.clone();
                 *slot.running.lock().expect("running lock") = Some(running);
+                let detail = serde_json::json!({ "path": path.as_str() });
                 self.inner
                     .store
-                    .update_machine(rec, Some(&event("start", "started", source, None)))
+                    .update_machine(rec, Some(&event("start", "started", source, Some(detail))))
                     .await?;
                 slot.state.send_replace(rec.state);
                 Ok(())
@@ -535,7 +538,7 @@ impl Manager {
     /// Removes a machine's sandbox, volume and files, then records it
     /// destroyed. Safe to repeat (recovery does, after a crash).
     pub(crate) async fn finish_destroy(&self, rec: &mut MachineRecord, source: &str) -> Result<()> {
-        self.teardown(rec).await;
+        self.teardown(&self.slot(&rec.id, rec.state), rec).await;
         let pool = self.inner.pool.clone();
         let name = volume_name(&rec.id);
         tokio::task::spawn_blocking(move || pool.delete(&name))
@@ -565,6 +568,14 @@ impl Manager {
         };
         let slot = self.slot(id, rec.state);
         let _op = slot.op.lock().await;
+        let prepared = slot.prepared.lock().expect("prepared lock").clone();
+        if prepared.is_some_and(|p| p.instance_id == instance_id) {
+            // A prepared sandbox died before it was started (killed from
+            // outside): the machine just starts cold next time.
+            tracing::warn!(machine = %id, "prepared sandbox ended before it was started");
+            self.teardown(&slot, &rec).await;
+            return;
+        }
         let running = slot.running.lock().expect("running lock").clone();
         let Some(running) = running.filter(|r| r.instance_id == instance_id) else {
             return; // a stop or destroy has already recorded this exit

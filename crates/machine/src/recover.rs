@@ -56,8 +56,9 @@ impl Manager {
                     // can leave a mount or runtime record behind.
                     let paths = self.paths(&rec.id);
                     if hangar_rootfs::overlay::is_mounted(&paths.rootfs) || paths.socket.exists() {
-                        self.teardown(&rec).await;
+                        self.teardown(&slot, &rec).await;
                     }
+                    self.settle_in_background(&rec.id);
                 }
                 MachineState::Destroyed => {}
             }

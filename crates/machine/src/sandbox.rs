@@ -5,6 +5,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use hangar_api::{ExitInfo, MachineState, RuntimeKind};
 use hangar_init_protocol::ExitStatus;
@@ -15,11 +16,28 @@ use hangar_store::MachineRecord;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-use crate::launch::LaunchPlan;
 use crate::paths::volume_name;
-use crate::{Error, Manager, Result, event, now_ms, random_hex, rfc3339};
+use crate::{Error, Manager, Result, Slot, event, now_ms, random_hex, rfc3339};
 
 const DEFAULT_PIDS_LIMIT: u32 = 4096;
+
+/// How a start brought its sandbox up; recorded in the start event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StartPath {
+    /// Released a sandbox prepared while the machine was stopped.
+    Prepared,
+    /// Created the sandbox through the runtime.
+    Cold,
+}
+
+impl StartPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Cold => "cold",
+        }
+    }
+}
 
 /// A live sandbox.
 #[derive(Debug)]
@@ -67,45 +85,114 @@ impl Running {
 }
 
 impl Manager {
-    /// Mounts the root filesystem and starts the sandbox. On failure, undoes
-    /// what it did and returns the error; the caller records the outcome.
-    pub(crate) async fn launch(&self, rec: &MachineRecord) -> Result<Arc<Running>> {
-        let image = self.load_image(&rec.image_digest).await?;
-        let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
-        let lowers = self.inner.images.layer_dirs(&image);
-        match self.launch_sandbox(rec, &plan, &lowers).await {
-            Ok(running) => Ok(running),
+    /// Starts the machine's sandbox: the prepared one if there is one (the
+    /// fast path: one fifo read), else a cold start through the runtime. On
+    /// failure, undoes what it did and returns the error; the caller records
+    /// the outcome.
+    pub(crate) async fn launch(&self, slot: &Slot, rec: &MachineRecord) -> Result<(Arc<Running>, StartPath)> {
+        let prepared = slot.prepared.lock().expect("prepared lock").take();
+        if let Some(prepared) = prepared {
+            self.inner.prepared_count.fetch_sub(1, Ordering::Relaxed);
+            let started = self
+                .write_config_files(rec)
+                .and_then(|()| Ok(self.runtime(rec.config.runtime).start_created(&rec.id)?));
+            match started {
+                Ok(()) => return Ok((prepared, StartPath::Prepared)),
+                Err(e) => tracing::warn!(machine = %rec.id, "prepared sandbox unusable, starting cold: {e}"),
+            }
+        }
+        match self.create_sandbox(rec, false).await {
+            Ok(running) => Ok((running, StartPath::Cold)),
             Err(e) => {
-                self.teardown(rec).await;
+                self.teardown(slot, rec).await;
                 Err(e)
             }
         }
     }
 
-    async fn launch_sandbox(
-        &self,
-        rec: &MachineRecord,
-        plan: &LaunchPlan,
-        lowers: &[std::path::PathBuf],
-    ) -> Result<Arc<Running>> {
-        let paths = self.paths(&rec.id);
-        let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
-        let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
-        if !overlay::is_mounted(&paths.rootfs) {
-            overlay::mount(lowers, &layer, &paths.rootfs)?;
+    /// Prepares a stopped machine's next start ahead of time: mounts its
+    /// root filesystem and has the runtime set up the whole sandbox, short
+    /// of running the process. A prepared machine still uses no CPU; it
+    /// holds one waiting runtime process (about 2 MB of its own memory), so
+    /// at most `prepared_limit` machines are kept prepared.
+    async fn prepare(&self, slot: &Slot, rec: &MachineRecord) -> Result<()> {
+        let limit = self.inner.cfg.prepared_limit;
+        if !self.runtime(rec.config.runtime).can_prepare() || self.inner.prepared_count.load(Ordering::Relaxed) >= limit
+        {
+            return Ok(());
         }
+        let running = self.create_sandbox(rec, true).await?;
+        self.inner.prepared_count.fetch_add(1, Ordering::Relaxed);
+        *slot.prepared.lock().expect("prepared lock") = Some(running);
+        Ok(())
+    }
+
+    /// After a machine's sandbox ended: release it (its cgroup and runtime
+    /// state) and prepare the next start, in the background so that neither
+    /// is on the path of the stop that ended it. Skipped if anything has
+    /// started the machine or begun destroying it meanwhile.
+    pub(crate) fn settle_in_background(&self, id: &str) {
+        let (mgr, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let Ok(Some(rec)) = mgr.inner.store.get_machine(&id).await else {
+                return;
+            };
+            let slot = mgr.slot(&id, rec.state);
+            let _op = slot.op.lock().await;
+            let Ok(Some(rec)) = mgr.inner.store.get_machine(&id).await else {
+                return;
+            };
+            let busy = slot.running.lock().expect("running lock").is_some()
+                || slot.prepared.lock().expect("prepared lock").is_some();
+            if !rec.state.is_at_rest() || busy {
+                return;
+            }
+            if let Err(e) = mgr.runtime(rec.config.runtime).delete(&rec.id).await {
+                tracing::warn!(machine = %id, "releasing the ended sandbox: {e}");
+                return;
+            }
+            if let Err(e) = mgr.prepare(&slot, &rec).await {
+                tracing::warn!(machine = %id, "preparing the next start (it will start cold): {e}");
+                mgr.teardown(&slot, &rec).await;
+            }
+        });
+    }
+
+    /// Writes the config's `files` into the machine's root filesystem.
+    fn write_config_files(&self, rec: &MachineRecord) -> Result<()> {
+        let rootfs = self.paths(&rec.id).rootfs;
         for f in &rec.config.files {
             use base64::Engine;
             let data = base64::engine::general_purpose::STANDARD
                 .decode(&f.raw_value)
                 .map_err(|e| Error::BadRequest(format!("files: {}: {e}", f.guest_path)))?;
-            hangar_rootfs::confined::write_file(&paths.rootfs, &f.guest_path, &data, f.mode.unwrap_or(0o644))?;
+            hangar_rootfs::confined::write_file(&rootfs, &f.guest_path, &data, f.mode.unwrap_or(0o644))?;
+        }
+        Ok(())
+    }
+
+    /// Mounts the root filesystem, writes the bundle, and has the runtime
+    /// run the sandbox (or, with `prepare_only`, create it without running
+    /// the process).
+    async fn create_sandbox(&self, rec: &MachineRecord, prepare_only: bool) -> Result<Arc<Running>> {
+        let image = self.load_image(&rec.image_digest).await?;
+        let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+        let lowers = self.inner.images.layer_dirs(&image);
+        let paths = self.paths(&rec.id);
+        let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
+        let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
+        if !overlay::is_mounted(&paths.rootfs) {
+            overlay::mount(&lowers, &layer, &paths.rootfs)?;
+        }
+        if !prepare_only {
+            self.write_config_files(rec)?;
         }
         for dir in [&paths.bundle, &paths.run] {
             fs::create_dir_all(dir).map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
         }
         let _ = fs::remove_file(paths.run.join("exit.json"));
         let guest = rec.config.guest.clone().unwrap_or_default();
+        let runtime = self.runtime(rec.config.runtime);
         let spec = SandboxSpec {
             hostname: rec.id.clone(),
             rootfs: paths.rootfs.clone(),
@@ -119,7 +206,7 @@ impl Manager {
             memory_mb: guest.memory_mb,
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
-            listen: self.runtime(rec.config.runtime).init_listen(),
+            listen: runtime.init_listen(),
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)
@@ -134,17 +221,21 @@ impl Manager {
             .mode(0o600)
             .open(&paths.log)
             .map_err(|e| Error::internal(&ctx("opening its log"), e))?;
-        let runtime = self.runtime(rec.config.runtime);
         // A leftover sandbox of the same id (a crash between run and record)
         // would make `run` fail; it is ours and stale, so remove it.
         runtime.delete(&rec.id).await?;
-        let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
+        let pid = if prepare_only {
+            runtime.create(&rec.id, &paths.bundle, listener.as_fd(), output).await?
+        } else {
+            runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?
+        };
         drop(listener);
-        if let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
+        if !prepare_only && let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
             self.wait_for_agent(rec).await?;
         }
-        let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
-        Ok(running)
+        // The init keeps its pid through the exec that starts it, so a
+        // prepared sandbox is watched from the moment it exists.
+        self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))
     }
 
     /// Starts watching a sandbox's init (by pid) and returns its handle. The
@@ -195,7 +286,10 @@ impl Manager {
 
     /// Unmounts and removes the sandbox of a machine that no longer runs.
     /// Best effort: every step is retried by recovery if it fails here.
-    pub(crate) async fn teardown(&self, rec: &MachineRecord) {
+    pub(crate) async fn teardown(&self, slot: &Slot, rec: &MachineRecord) {
+        if slot.prepared.lock().expect("prepared lock").take().is_some() {
+            self.inner.prepared_count.fetch_sub(1, Ordering::Relaxed);
+        }
         let paths = self.paths(&rec.id);
         if let Err(e) = self.runtime(rec.config.runtime).delete(&rec.id).await {
             tracing::warn!(machine = %rec.id, "removing sandbox: {e}");
@@ -247,7 +341,6 @@ impl Manager {
         source: &str,
     ) -> Result<()> {
         let oom = hangar_runtime::cgroup::oom_kills(&rec.id) > 0;
-        self.teardown(rec).await;
         let now = now_ms();
         if let Some(started) = rec.started_at_ms.take() {
             rec.run_ms += (now - started).max(0);
@@ -274,6 +367,7 @@ impl Manager {
         let slot = self.slot(&rec.id, rec.state);
         *slot.running.lock().expect("running lock") = None;
         slot.state.send_replace(rec.state);
+        self.settle_in_background(&rec.id);
         Ok(())
     }
 }

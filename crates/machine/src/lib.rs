@@ -122,10 +122,22 @@ impl Manager {
     /// dir, checks the runtime, and makes the daemon the subreaper of the
     /// sandboxes it starts (so it can collect their exit status). Call
     /// [`Manager::recover`] next.
-    pub async fn open(cfg: ManagerConfig) -> Result<Manager> {
+    pub async fn open(mut cfg: ManagerConfig) -> Result<Manager> {
+        std::fs::create_dir_all(cfg.data_dir.join("machines"))
+            .map_err(|e| Error::internal(&format!("creating {}", cfg.data_dir.display()), e))?;
+        // Paths end up in bundles that runtimes read from other working
+        // directories: make them absolute once, here.
+        let absolute = |p: &std::path::Path| {
+            std::fs::canonicalize(p).map_err(|e| Error::BadRequest(format!("{}: {e}", p.display())))
+        };
+        cfg.data_dir = absolute(&cfg.data_dir)?;
+        cfg.init_binary = absolute(&cfg.init_binary).map_err(|_| {
+            Error::BadRequest(format!(
+                "hangar-init not found at {}: build it (scripts/build.sh) or pass --init-binary",
+                cfg.init_binary.display()
+            ))
+        })?;
         let data = &cfg.data_dir;
-        std::fs::create_dir_all(data.join("machines"))
-            .map_err(|e| Error::internal(&format!("creating {}", data.display()), e))?;
         let store = Store::open(&data.join("state.db")).await?;
         let images = ImageStore::open(&data.join("images"))?;
         let pool: Arc<dyn Pool> = {

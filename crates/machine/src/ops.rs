@@ -103,6 +103,31 @@ fn check_path(path: &str) -> Result<()> {
 }
 
 impl Manager {
+    /// Moves a machine to `next`: durably, with the event that explains it,
+    /// then tells waiters. A move the state machine forbids is a bug here,
+    /// never something a request can cause, so it is an internal error.
+    pub(crate) async fn transition(
+        &self,
+        rec: &mut MachineRecord,
+        next: MachineState,
+        kind: &str,
+        source: &str,
+        detail: Option<serde_json::Value>,
+    ) -> Result<()> {
+        if !rec.state.can_become(next) {
+            return Err(Error::Internal(format!(
+                "machine {}: illegal move {} -> {next}",
+                rec.id, rec.state
+            )));
+        }
+        rec.state = next;
+        rec.updated_at_ms = now_ms();
+        let event = event(kind, next.as_str(), source, detail);
+        self.inner.store.update_machine(rec, Some(&event)).await?;
+        self.slot(&rec.id, next).state.send_replace(next);
+        Ok(())
+    }
+
     // ---- apps ----
 
     pub async fn create_app(&self, name: &str) -> Result<App> {
@@ -189,13 +214,7 @@ impl Manager {
         {
             return Ok(rec);
         }
-        let by_name = self
-            .inner
-            .store
-            .list_machines(Some(app))
-            .await?
-            .into_iter()
-            .find(|m| m.name == id_or_name && m.state != MachineState::Destroyed);
+        let by_name = self.inner.store.get_machine_by_name(app, id_or_name).await?;
         match by_name {
             Some(rec) => Ok(rec),
             None => {
@@ -314,13 +333,8 @@ impl Manager {
             self.undo_create(&rec).await;
             return Err(e);
         }
-        rec.state = MachineState::Created;
-        rec.updated_at_ms = now_ms();
-        self.inner
-            .store
-            .update_machine(&rec, Some(&event("create", "created", "user", None)))
+        self.transition(&mut rec, MachineState::Created, "create", "user", None)
             .await?;
-        slot.state.send_replace(rec.state);
         if req.skip_launch {
             self.settle_in_background(&rec.id);
         } else {
@@ -377,38 +391,21 @@ impl Manager {
                 "only created, stopped or failed machines start",
             ));
         }
-        rec.state = MachineState::Starting;
-        rec.updated_at_ms = now_ms();
-        self.inner
-            .store
-            .update_machine(rec, Some(&event("start", "starting", source, None)))
+        self.transition(rec, MachineState::Starting, "start", source, None)
             .await?;
-        slot.state.send_replace(rec.state);
         match self.launch(slot, rec).await {
             Ok((running, path)) => {
-                let now = now_ms();
-                rec.state = MachineState::Started;
-                rec.started_at_ms = Some(now);
-                rec.updated_at_ms = now;
+                rec.started_at_ms = Some(now_ms());
                 rec.instance_id = running.instance_id.clone();
                 *slot.running.lock().expect("running lock") = Some(running);
                 let detail = serde_json::json!({ "path": path.as_str() });
-                self.inner
-                    .store
-                    .update_machine(rec, Some(&event("start", "started", source, Some(detail))))
-                    .await?;
-                slot.state.send_replace(rec.state);
-                Ok(())
+                self.transition(rec, MachineState::Started, "start", source, Some(detail))
+                    .await
             }
             Err(e) => {
-                rec.state = MachineState::Stopped;
-                rec.updated_at_ms = now_ms();
                 let detail = serde_json::json!({ "error": e.to_string() });
-                self.inner
-                    .store
-                    .update_machine(rec, Some(&event("start", "error", source, Some(detail))))
+                self.transition(rec, MachineState::Stopped, "start", source, Some(detail))
                     .await?;
-                slot.state.send_replace(rec.state);
                 Err(e)
             }
         }
@@ -439,13 +436,21 @@ impl Manager {
         if rec.state != MachineState::Started {
             return Err(wrong_state(rec, "stop", "only started machines stop"));
         }
-        rec.state = MachineState::Stopping;
-        rec.updated_at_ms = now_ms();
-        self.inner
-            .store
-            .update_machine(rec, Some(&event("stop", "stopping", source, None)))
+        self.transition(rec, MachineState::Stopping, "stop", source, None)
             .await?;
-        slot.state.send_replace(rec.state);
+        self.end_run(slot, rec, signal, timeout, source).await
+    }
+
+    /// Signals a stopping machine's sandbox, waits up to `timeout` for it to
+    /// end (then SIGKILL), and records the stop.
+    pub(crate) async fn end_run(
+        &self,
+        slot: &Arc<Slot>,
+        rec: &mut MachineRecord,
+        signal: i32,
+        timeout: Duration,
+        source: &str,
+    ) -> Result<()> {
         let running = slot.running.lock().expect("running lock").clone();
         let status = match running {
             Some(running) => {
@@ -525,13 +530,8 @@ impl Manager {
         if !rec.state.can_become(MachineState::Destroying) {
             return Err(wrong_state(rec, "destroy", "wait for the current operation to finish"));
         }
-        rec.state = MachineState::Destroying;
-        rec.updated_at_ms = now_ms();
-        self.inner
-            .store
-            .update_machine(rec, Some(&event("destroy", "destroying", source, None)))
+        self.transition(rec, MachineState::Destroying, "destroy", source, None)
             .await?;
-        slot.state.send_replace(rec.state);
         self.finish_destroy(rec, source).await
     }
 
@@ -550,13 +550,8 @@ impl Manager {
         {
             return Err(Error::internal(&format!("removing {}", dir.display()), e));
         }
-        rec.state = MachineState::Destroyed;
-        rec.updated_at_ms = now_ms();
-        self.inner
-            .store
-            .update_machine(rec, Some(&event("destroy", "destroyed", source, None)))
+        self.transition(rec, MachineState::Destroyed, "destroy", source, None)
             .await?;
-        self.slot(&rec.id, rec.state).state.send_replace(rec.state);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use hangar_init_protocol::ExitStatus;
 use hangar_store::MachineRecord;
 
 use crate::sandbox::read_exit_file;
-use crate::{Manager, Result, event, now_ms};
+use crate::{Manager, Result, now_ms};
 
 /// What recovery found and did, for the daemon's log.
 #[derive(Debug, Default)]
@@ -80,31 +80,23 @@ impl Manager {
             let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
             let running = self.watch_sandbox(rec, status.pid, plan.env, rec.instance_id.clone())?;
             *slot.running.lock().expect("running lock") = Some(running);
-            let was = rec.state;
-            if was != MachineState::Started {
-                rec.state = MachineState::Started;
-                rec.started_at_ms.get_or_insert(now_ms());
-                rec.updated_at_ms = now_ms();
-                let detail = serde_json::json!({ "recovered_from": was.as_str() });
-                self.inner
-                    .store
-                    .update_machine(rec, Some(&event("start", "started", "daemon", Some(detail))))
-                    .await?;
-            }
-            slot.state.send_replace(rec.state);
-            if was == MachineState::Stopping {
+            if rec.state == MachineState::Stopping {
                 // The user asked for a stop that the crash interrupted.
                 let (mgr, slot, mut rec) = (self.clone(), slot.clone(), rec.clone());
                 tokio::spawn(async move {
                     let _op = slot.op.lock().await;
-                    if let Err(e) = mgr
-                        .stop_locked(&slot, &mut rec, libc::SIGTERM, Duration::from_secs(10), "daemon")
-                        .await
-                    {
+                    let stop = mgr.end_run(&slot, &mut rec, libc::SIGTERM, Duration::from_secs(10), "daemon");
+                    if let Err(e) = stop.await {
                         tracing::warn!(machine = %rec.id, "finishing an interrupted stop: {e}");
                     }
                 });
+            } else if rec.state == MachineState::Starting {
+                rec.started_at_ms.get_or_insert(now_ms());
+                let detail = serde_json::json!({ "recovered_from": "starting" });
+                self.transition(rec, MachineState::Started, "start", "daemon", Some(detail))
+                    .await?;
             }
+            slot.state.send_replace(rec.state);
             return Ok(true);
         }
         let requested = rec.state == MachineState::Stopping;

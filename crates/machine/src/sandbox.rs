@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 use crate::paths::volume_name;
-use crate::{Error, Manager, Result, Slot, event, now_ms, random_hex, rfc3339};
+use crate::{Error, Manager, Result, Slot, now_ms, random_hex, rfc3339};
 
 const DEFAULT_PIDS_LIMIT: u32 = 4096;
 
@@ -341,32 +341,25 @@ impl Manager {
         source: &str,
     ) -> Result<()> {
         let oom = hangar_runtime::cgroup::oom_kills(&rec.id) > 0;
-        let now = now_ms();
         if let Some(started) = rec.started_at_ms.take() {
-            rec.run_ms += (now - started).max(0);
+            rec.run_ms += (now_ms() - started).max(0);
         }
         let clean = requested_stop || status.code == Some(0);
-        rec.state = if clean {
-            MachineState::Stopped
-        } else {
-            MachineState::Failed
-        };
-        rec.updated_at_ms = now;
         rec.last_exit = Some(ExitInfo {
             exit_code: status.code,
             signal: status.signal,
             oom_killed: oom,
             requested_stop,
-            exited_at: rfc3339(now),
+            exited_at: rfc3339(now_ms()),
         });
+        *self.slot(&rec.id, rec.state).running.lock().expect("running lock") = None;
         let detail = serde_json::to_value(&rec.last_exit).ok();
-        self.inner
-            .store
-            .update_machine(rec, Some(&event("exit", rec.state.as_str(), source, detail)))
-            .await?;
-        let slot = self.slot(&rec.id, rec.state);
-        *slot.running.lock().expect("running lock") = None;
-        slot.state.send_replace(rec.state);
+        let next = if clean {
+            MachineState::Stopped
+        } else {
+            MachineState::Failed
+        };
+        self.transition(rec, next, "exit", source, detail).await?;
         self.settle_in_background(&rec.id);
         Ok(())
     }

@@ -196,35 +196,28 @@ impl OciRuntime {
 
     /// Sends a signal to the sandbox's init through the runtime.
     pub async fn kill(&self, id: &str, signal: i32) -> Result<()> {
-        let out = self
-            .command()
-            .arg("kill")
-            .arg(id)
-            .arg(signal.to_string())
-            .output()
-            .await
-            .map_err(|source| RuntimeError::Missing {
-                runtime: self.name(),
-                source,
-            })?;
+        let out = self.output(&["kill", id, &signal.to_string()]).await?;
         if !out.status.success() {
             return Err(self.failed("kill", id, String::from_utf8_lossy(&out.stderr).trim().to_owned()));
         }
         Ok(())
     }
 
-    /// The sandbox's status, or `None` if the runtime doesn't know it.
-    pub async fn state(&self, id: &str) -> Result<Option<ContainerStatus>> {
-        let out = self
-            .command()
-            .arg("state")
-            .arg(id)
+    /// Runs one runtime subcommand to completion.
+    async fn output(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.command()
+            .args(args)
             .output()
             .await
             .map_err(|source| RuntimeError::Missing {
                 runtime: self.name(),
                 source,
-            })?;
+            })
+    }
+
+    /// The sandbox's status, or `None` if the runtime doesn't know it.
+    pub async fn state(&self, id: &str) -> Result<Option<ContainerStatus>> {
+        let out = self.output(&["state", id]).await?;
         if !out.status.success() {
             return Ok(None);
         }

@@ -326,6 +326,17 @@ impl Store {
         row.as_ref().map(machine_from_row).transpose()
     }
 
+    /// The living (not destroyed) machine named `name` in `app`.
+    pub async fn get_machine_by_name(&self, app: &str, name: &str) -> Result<Option<MachineRecord>> {
+        let row = sqlx::query(MACHINE_SELECT_LIVE_BY_NAME)
+            .bind(app)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading machine"))?;
+        row.as_ref().map(machine_from_row).transpose()
+    }
+
     /// Machines of one app (or of all apps), oldest first.
     pub async fn list_machines(&self, app: Option<&str>) -> Result<Vec<MachineRecord>> {
         let rows = match app {
@@ -393,6 +404,9 @@ impl Store {
 
 const MACHINE_SELECT_BY_ID: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, host, \
      created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json FROM machines WHERE id = ?";
+const MACHINE_SELECT_LIVE_BY_NAME: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, host, \
+     created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json FROM machines \
+     WHERE app = ? AND name = ? AND state <> 'destroyed'";
 const MACHINE_SELECT_BY_APP: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, host, \
      created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json FROM machines WHERE app = ? ORDER BY created_at_ms, id";
 const MACHINE_SELECT_ALL: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, host, \

@@ -321,3 +321,31 @@ async fn the_sandbox_is_hardened() {
     assert_eq!(d.sh("in", &id, "/tmp/euid").await, "0\n");
     assert_eq!(d.sh("in", &id, "su alice -c /tmp/euid").await, "1000\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_main_process_runs_as_the_configured_user() {
+    let d = Daemon::start();
+    let id = machine(&d, json!({"init": {"user": "alice"}})).await;
+    let ps = d.ok(Method::GET, &format!("{}/ps", path(&id)), None).await;
+    let main = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["command"] == "sleep 2147483647")
+        .unwrap();
+    assert_eq!(main["uid"], 1000, "{ps}");
+    // Init itself stays root, so exec and file operations keep working.
+    assert_eq!(ps[0]["uid"], 0);
+    assert_eq!(d.sh("in", &id, "id -u").await, "0\n");
+    // The main process got alice's HOME from the machine's passwd (only
+    // alice may read her process's environment: root in a machine has no
+    // CAP_SYS_PTRACE).
+    let r = d
+        .ok(
+            Method::POST,
+            &format!("{}/exec", path(&id)),
+            Some(json!({"command": ["sh", "-c", "tr '\\0' '\\n' < /proc/$(pidof sleep)/environ | grep ^HOME="], "user": "alice"})),
+        )
+        .await;
+    assert_eq!(r["stdout"], "HOME=/home/alice\n", "{r}");
+}

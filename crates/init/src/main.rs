@@ -29,8 +29,7 @@ use hangar_init_protocol::{ExitStatus, io_message};
 
 use crate::state::{Init, configure_child, kill, wait_any};
 
-const USAGE: &str =
-    "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--exit-file PATH] -- CMD [ARGS...]";
+const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--exit-file PATH] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -51,6 +50,9 @@ struct Args {
     /// Bind our own socket here instead of adopting one (for runtimes that
     /// can't pass a descriptor in, e.g. runsc with `--host-uds=create`).
     listen_path: Option<PathBuf>,
+    /// The `HOME` we were given is the runtime's default for root, not the
+    /// image's choice: give the main process its user's home instead.
+    home_from_passwd: bool,
     exit_file: PathBuf,
     command: Vec<String>,
 }
@@ -60,6 +62,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         user: None,
         listen_fd: 3,
         listen_path: None,
+        home_from_passwd: false,
         exit_file: PathBuf::from("/.hangar/run/exit.json"),
         command: Vec::new(),
     };
@@ -86,6 +89,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     .ok_or(format!("bad --listen-fd {v:?}"))?;
             }
             "--listen-path" => parsed.listen_path = Some(PathBuf::from(value("--listen-path")?)),
+            "--home-from-passwd" => parsed.home_from_passwd = true,
             "--exit-file" => parsed.exit_file = PathBuf::from(value("--exit-file")?),
             "--" => {
                 parsed.command = args.collect();
@@ -242,7 +246,7 @@ fn spawn_main(args: &Args) -> Result<u32, (i32, String)> {
     let mut cmd = Command::new(program);
     cmd.args(&args.command[1..]);
     if let Some(home) = creds.as_ref().and_then(|c| c.home.as_ref())
-        && std::env::var_os("HOME").is_none()
+        && (args.home_from_passwd || std::env::var_os("HOME").is_none())
     {
         cmd.env("HOME", home);
     }
@@ -372,6 +376,7 @@ mod tests {
                 user: Some("robot".into()),
                 listen_fd: 5,
                 listen_path: None,
+                home_from_passwd: false,
                 exit_file: "/x".into(),
                 command: vec!["sleep".into(), "--help".into()]
             }

@@ -202,6 +202,7 @@ impl Manager {
             env: plan.env.clone(),
             cwd: plan.cwd.clone(),
             user: plan.user.clone(),
+            home_from_passwd: !plan.env.iter().any(|kv| kv.starts_with("HOME=")),
             cpus: guest.cpus,
             memory_mb: guest.memory_mb,
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),

@@ -33,6 +33,9 @@ pub struct SandboxSpec {
     pub cwd: String,
     /// Image or config user for the main process; root if `None`.
     pub user: Option<String>,
+    /// `env` sets no `HOME`: the main process gets its user's (the runtime
+    /// would otherwise give it root's).
+    pub home_from_passwd: bool,
     /// Whole CPUs of quota.
     pub cpus: u32,
     pub memory_mb: u64,
@@ -169,6 +172,9 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
     let mut args = vec![INIT_PATH.to_owned()];
     if let Some(user) = &spec.user {
         args.extend(["--user".to_owned(), user.clone()]);
+        if spec.home_from_passwd {
+            args.push("--home-from-passwd".to_owned());
+        }
     }
     match &spec.listen {
         InitListen::Fd(fd) => args.extend(["--listen-fd".to_owned(), fd.to_string()]),
@@ -251,6 +257,7 @@ mod tests {
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),
             user: Some("1000".into()),
+            home_from_passwd: false,
             cpus: 2,
             memory_mb: 128,
             pids_limit: 512,

@@ -454,6 +454,9 @@ impl Manager {
         let running = slot.running.lock().expect("running lock").clone();
         let status = match running {
             Some(running) => {
+                if signal != libc::SIGKILL {
+                    running.wait_ready(timeout.min(Duration::from_secs(1))).await;
+                }
                 running.signal(signal).await?;
                 match running.wait_exit(timeout).await {
                     Some(status) => status,

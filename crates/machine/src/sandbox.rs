@@ -50,6 +50,8 @@ pub(crate) struct Running {
     pub exited: watch::Receiver<Option<ExitStatus>>,
     /// The machine's environment, the base of every exec's.
     pub env: Vec<String>,
+    /// Where the init serves requests.
+    agent: std::path::PathBuf,
 }
 
 impl Running {
@@ -72,6 +74,15 @@ impl Running {
             Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
             Err(e) => Err(Error::internal("signalling the machine", e)),
         }
+    }
+
+    /// Waits until the init has set up its signal handling, so that a
+    /// signal sent next is not lost. (A pid namespace's init drops signals it
+    /// has no handler for, and a just-started init may not have one yet.)
+    /// Answering any request proves it: the init blocks signals first thing.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) {
+        let status = crate::agent::call(&self.agent, &hangar_init_protocol::Request::Status);
+        let _ = tokio::time::timeout(timeout, status).await;
     }
 
     /// Waits until the sandbox has exited, or the deadline passes.
@@ -147,10 +158,7 @@ impl Manager {
             if !rec.state.is_at_rest() || busy {
                 return;
             }
-            if let Err(e) = mgr.runtime(rec.config.runtime).delete(&rec.id).await {
-                tracing::warn!(machine = %id, "releasing the ended sandbox: {e}");
-                return;
-            }
+            // Preparing starts by removing the ended sandbox.
             if let Err(e) = mgr.prepare(&slot, &rec).await {
                 tracing::warn!(machine = %id, "preparing the next start (it will start cold): {e}");
                 mgr.teardown(&slot, &rec).await;
@@ -262,6 +270,7 @@ impl Manager {
                 .map_err(|e| Error::internal("duplicating a pidfd", e))?,
             exited: rx,
             env,
+            agent: self.agent_socket(rec),
         });
         let run_dir = self.paths(&rec.id).run;
         let (mgr, id, instance) = (self.clone(), rec.id.clone(), running.instance_id.clone());
@@ -288,8 +297,13 @@ impl Manager {
     /// Unmounts and removes the sandbox of a machine that no longer runs.
     /// Best effort: every step is retried by recovery if it fails here.
     pub(crate) async fn teardown(&self, slot: &Slot, rec: &MachineRecord) {
-        if slot.prepared.lock().expect("prepared lock").take().is_some() {
+        let prepared = slot.prepared.lock().expect("prepared lock").take();
+        if let Some(prepared) = prepared {
             self.inner.prepared_count.fetch_sub(1, Ordering::Relaxed);
+            // Killed here, `runc delete` finds it already dead; left to runc,
+            // it would SIGKILL it and then sleep 100 ms before looking again.
+            let _ = prepared.signal(libc::SIGKILL).await;
+            prepared.wait_exit(std::time::Duration::from_secs(5)).await;
         }
         let paths = self.paths(&rec.id);
         if let Err(e) = self.runtime(rec.config.runtime).delete(&rec.id).await {

@@ -1,0 +1,259 @@
+//! `hangar-bench`: Hangar's machine lifecycle (create, start, exec, stop)
+//! measured beside podman with runc on the same busybox image, and beside
+//! the floor (bare namespaces + chroot, one runc invocation), in one run.
+//!
+//! Runs as root. Everything it makes (daemon, machines, containers, images,
+//! directories) is removed when it ends, also on error or Ctrl-C.
+
+mod floor;
+mod hangar;
+mod image;
+mod podman;
+mod process;
+mod report;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+/// Every operation timed, by any system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Create and start: answered with the machine started.
+    Create,
+    /// Start of a machine stopped a while ago (settled), until the start
+    /// call returns.
+    StartApi,
+    /// The same start, until a first exec of `true` returns.
+    StartToExec,
+    /// Start issued as soon as a stop has returned, until a first exec of
+    /// `true` returns: includes whatever the stop left in the background.
+    StartAfterStop,
+    /// One exec of `true` in a started machine.
+    Exec,
+    /// Stop of a started machine, until the call returns.
+    Stop,
+    /// Removal of a machine whose stop has just returned.
+    Destroy,
+    UnshareTrue,
+    HostSpawnTrue,
+    RuncRun,
+    RuncDelete,
+    RuncVersion,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Create => "create (→ started)",
+            Op::StartApi => "start, settled (call returns)",
+            Op::StartToExec => "start, settled → first exec `true`",
+            Op::StartAfterStop => "start right after stop → first exec",
+            Op::Exec => "exec `true` round trip",
+            Op::Stop => "stop (call returns)",
+            Op::Destroy => "destroy right after stop",
+            Op::UnshareTrue => "unshare + chroot `true`",
+            Op::HostSpawnTrue => "spawn `true` on the host",
+            Op::RuncRun => "runc run `true` (one sandbox)",
+            Op::RuncDelete => "runc delete --force (absent id)",
+            Op::RuncVersion => "runc --version (Go process start)",
+        }
+    }
+}
+
+/// Samples of each operation one system was timed at.
+pub type Samples = BTreeMap<Op, Vec<Duration>>;
+
+/// What one system's section measured.
+#[derive(Debug, Default)]
+pub struct Section {
+    pub samples: Samples,
+    /// Facts about the run worth printing beside the numbers.
+    pub notes: Vec<String>,
+}
+
+impl Section {
+    pub fn push(&mut self, op: Op, t: Duration) {
+        self.samples.entry(op).or_default().push(t);
+    }
+}
+
+/// The systems measured, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum System {
+    Hangar,
+    Podman,
+    Floor,
+}
+
+/// What became of one system's section.
+#[derive(Debug)]
+pub enum Outcome {
+    Ran(Section),
+    /// Not measurable here, and why (not an error).
+    Skipped(String),
+    Failed(String),
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hangar-bench",
+    about = "Times Hangar's machine lifecycle beside podman (runc) and the bare sandbox floor. Run as root."
+)]
+struct Cli {
+    /// Timed iterations per operation (after one uncounted warm-up).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    iterations: u32,
+    /// How long a stopped machine sits before the "settled" start, in ms:
+    /// time for work a stop leaves in the background (Hangar prepares the
+    /// next start then) to finish, as for a machine stopped a while ago.
+    #[arg(long, default_value_t = 300)]
+    settle_ms: u64,
+    /// Print JSON (with every sample) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Measure only this system.
+    #[arg(long, value_enum)]
+    only: Option<System>,
+    /// The `hangar` binary (default: next to this one).
+    #[arg(long)]
+    hangar: Option<PathBuf>,
+    /// The static hangar-init (default: scripts/build.sh's output for this
+    /// build profile).
+    #[arg(long)]
+    init_binary: Option<PathBuf>,
+    /// A directory on btrfs for the daemon's pool; if it is not on btrfs, a
+    /// loop-mounted image is made in its parent and mounted there (and left
+    /// mounted, as the integration tests leave it).
+    #[arg(long, default_value = "/var/tmp/hangar-test-pool/mnt")]
+    pool_root: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("hangar-bench starts sandboxes and needs root");
+    }
+    process::install_interrupt_handler();
+    let iterations = cli.iterations as usize;
+    let settle = Duration::from_millis(cli.settle_ms);
+    let selected = |s: System| cli.only.is_none_or(|o| o == s);
+    let work = tempfile::Builder::new()
+        .prefix("hangar-bench")
+        .tempdir()
+        .context("creating a scratch directory")?;
+    let rootfs = work.path().join("rootfs");
+    image::make_rootfs(&rootfs)?;
+
+    let exe = std::env::current_exe()?;
+    let bin_dir = exe.parent().context("locating this binary")?.to_owned();
+    let hangar_bin = cli.hangar.clone().unwrap_or_else(|| bin_dir.join("hangar"));
+    let layout = if selected(System::Hangar) || selected(System::Podman) {
+        if !hangar_bin.is_file() {
+            bail!(
+                "{} missing: build it with scripts/build.sh, or pass --hangar",
+                hangar_bin.display()
+            );
+        }
+        Some(image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?)
+    } else {
+        None
+    };
+
+    let host = report::HostInfo::collect(&hangar_bin);
+    let mut outcomes: BTreeMap<System, Outcome> = BTreeMap::new();
+    if let (true, Some(layout)) = (selected(System::Hangar), &layout) {
+        eprintln!("hangar: {iterations} lifecycle cycles + {iterations} execs (after a warm-up)…");
+        let outcome = match init_binary(cli.init_binary.as_deref(), &bin_dir) {
+            Ok(init_binary) => {
+                let cfg = hangar::Config {
+                    hangar: hangar_bin.clone(),
+                    init_binary,
+                    pool_root: cli.pool_root.clone(),
+                    image: format!("oci:{}:latest", layout.display()),
+                };
+                outcome(hangar::bench(&cfg, iterations, settle))
+            }
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        };
+        outcomes.insert(System::Hangar, outcome);
+    }
+    if let (true, Some(layout)) = (selected(System::Podman), &layout) {
+        eprintln!("podman: {iterations} lifecycle cycles + {iterations} execs (after a warm-up)…");
+        let outcome = match podman::unavailable() {
+            Some(why) => Outcome::Skipped(why),
+            None => outcome(podman::bench(layout, iterations, settle)),
+        };
+        outcomes.insert(System::Podman, outcome);
+    }
+    if selected(System::Floor) {
+        eprintln!("floor: {iterations} runs of each (after a warm-up)…");
+        outcomes.insert(System::Floor, outcome(floor::bench(&rootfs, work.path(), iterations)));
+    }
+    process::check_interrupt()?;
+
+    let report = report::Report::new(std::env::args().collect(), host, iterations, cli.settle_ms, &outcomes);
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    let failed = outcomes.values().any(|o| matches!(o, Outcome::Failed(_)));
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// A section's result, its error printed as it happens so the rest goes on.
+fn outcome(result: Result<Section>) -> Outcome {
+    match result {
+        Ok(s) => Outcome::Ran(s),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("  failed: {msg}");
+            Outcome::Failed(msg)
+        }
+    }
+}
+
+/// hangar-init is built static for an explicit target (scripts/build.sh), so
+/// it sits under target/x86_64-unknown-linux-gnu/PROFILE/.
+fn init_binary(given: Option<&Path>, bin_dir: &Path) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let mut candidates = vec![bin_dir.join("hangar-init")];
+    if let (Some(profile), Some(target)) = (bin_dir.file_name(), bin_dir.parent()) {
+        candidates.insert(
+            0,
+            target
+                .join("x86_64-unknown-linux-gnu")
+                .join(profile)
+                .join("hangar-init"),
+        );
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("the static hangar-init is missing: build it with scripts/build.sh, or pass --init-binary")
+}
+
+/// The first line of `PROGRAM --version`, for the record.
+pub fn version_of(program: &Path) -> String {
+    process::first_line(Command::new(program).arg("--version"))
+}

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -148,8 +149,8 @@ fn spawn(init: &Init, spec: &ExecSpec) -> Result<(std::process::Child, Receiver<
         .map(users::resolve_system)
         .transpose()
         .map_err(ErrorReply::invalid)?;
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..]).env_clear();
+    let mut cmd = Command::new(resolve_program(program, &spec.env));
+    cmd.arg0(program).args(&spec.argv[1..]).env_clear();
     let mut has_home = false;
     for entry in &spec.env {
         match entry.split_once('=') {
@@ -193,6 +194,26 @@ fn spawn(init: &Init, spec: &ExecSpec) -> Result<(std::process::Child, Receiver<
     configure_child(&mut cmd, creds.as_ref(), true);
     init.spawn_tracked(&mut cmd)
         .map_err(|e| ErrorReply::new(ErrorKind::ExecFailed, format!("exec {program:?}: {}", io_message(&e))))
+}
+
+/// Finds a bare program name in the exec's `PATH` with a few `stat`s, so
+/// the child makes one `execve` instead of one per `PATH` entry before it
+/// (each a failed exec in the child). Anything not found is returned as is,
+/// for the exec to fail with the usual error.
+fn resolve_program(program: &str, env: &[String]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return program.into();
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/bin:/bin");
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .unwrap_or_else(|| program.into())
 }
 
 /// Waits for the reaper to deliver the child's status, killing the group

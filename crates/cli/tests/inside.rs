@@ -75,6 +75,16 @@ async fn exec_runs_commands_with_the_machine_environment() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A machine is reachable only through its own app.
+    d.create_app("other").await;
+    let (status, _) = d
+        .call(
+            Method::POST,
+            &format!("/v1/apps/other/machines/{id}/exec"),
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Streaming: chunks arrive before the command ends, then the exit line.
     let resp = d

@@ -498,9 +498,8 @@ impl Manager {
 
     pub async fn signal_machine(&self, app: &str, id: &str, signal: &str) -> Result<()> {
         let signal = parse_signal(signal)?;
-        let rec = self.record(app, id).await?;
-        self.running(&rec)?;
-        match agent::call(&self.agent_socket(&rec), &Request::Signal { signal }).await? {
+        let running = self.live_sandbox(app, id).await?;
+        match agent::call(&running.agent, &Request::Signal { signal }).await? {
             Reply::Ok => Ok(()),
             other => Err(Error::Internal(format!(
                 "machine init answered a signal with {other:?}"
@@ -635,12 +634,28 @@ impl Manager {
 
     // ---- inside a machine ----
 
-    fn running(&self, rec: &MachineRecord) -> Result<Arc<crate::sandbox::Running>> {
-        let slot = self.slot(&rec.id, rec.state);
-        let running = slot.running.lock().expect("running lock").clone();
+    /// The live sandbox of a started machine. Exec and file requests are the
+    /// hot path, so a machine named by id is found in memory; only names and
+    /// machines that aren't running need the database (for the error, too).
+    async fn live_sandbox(&self, app: &str, id_or_name: &str) -> Result<Arc<crate::sandbox::Running>> {
+        let slot = self.inner.slots.lock().expect("slots lock").get(id_or_name).cloned();
+        if let Some(slot) = slot
+            && *slot.state.borrow() == MachineState::Started
+            && let Some(running) = slot.running.lock().expect("running lock").clone()
+            && running.app == app
+        {
+            return Ok(running);
+        }
+        let rec = self.record(app, id_or_name).await?;
+        let running = self
+            .slot(&rec.id, rec.state)
+            .running
+            .lock()
+            .expect("running lock")
+            .clone();
         match running {
             Some(r) if rec.state == MachineState::Started => Ok(r),
-            _ => Err(wrong_state(rec, "reach inside", "start it first")),
+            _ => Err(wrong_state(&rec, "reach inside", "start it first")),
         }
     }
 
@@ -663,8 +678,7 @@ impl Manager {
         if let Some(cwd) = &req.cwd {
             check_path(cwd)?;
         }
-        let rec = self.record(app, id).await?;
-        let running = self.running(&rec)?;
+        let running = self.live_sandbox(app, id).await?;
         let mut env = running.env.clone();
         for (k, v) in &req.env {
             if k.is_empty() || k.contains('=') {
@@ -681,7 +695,7 @@ impl Manager {
             timeout_ms: req.timeout.map(|s| s.saturating_mul(1000)),
             stdin: req.stdin.is_some(),
         };
-        agent::exec(&self.agent_socket(&rec), request, req.stdin.map(Bytes::from)).await
+        agent::exec(&running.agent, request, req.stdin.map(Bytes::from)).await
     }
 
     /// Runs a command to completion and returns its output.
@@ -711,9 +725,8 @@ impl Manager {
     }
 
     async fn file_call(&self, app: &str, id: &str, req: Request) -> Result<Reply> {
-        let rec = self.record(app, id).await?;
-        self.running(&rec)?;
-        agent::call(&self.agent_socket(&rec), &req).await
+        let running = self.live_sandbox(app, id).await?;
+        agent::call(&running.agent, &req).await
     }
 
     pub async fn stat_file(&self, app: &str, id: &str, path: &str) -> Result<FileInfo> {
@@ -786,9 +799,8 @@ impl Manager {
 
     pub async fn read_file(&self, app: &str, id: &str, path: &str) -> Result<(FileInfo, FileReader)> {
         check_path(path)?;
-        let rec = self.record(app, id).await?;
-        self.running(&rec)?;
-        let (stat, reader) = agent::read_file(&self.agent_socket(&rec), path).await?;
+        let running = self.live_sandbox(app, id).await?;
+        let (stat, reader) = agent::read_file(&running.agent, path).await?;
         Ok((to_file_info(stat), reader))
     }
 
@@ -809,16 +821,13 @@ impl Manager {
         if mode.is_some_and(|m| m > 0o7777) {
             return Err(Error::BadRequest("mode must be at most 7777 (octal)".into()));
         }
-        let rec = self.record(app, id).await?;
-        self.running(&rec)?;
+        let running = self.live_sandbox(app, id).await?;
         let req = Request::WriteFile {
             path: path.into(),
             mode,
             make_parents: parents,
         };
-        Ok(to_file_info(
-            agent::write_file(&self.agent_socket(&rec), req, body).await?,
-        ))
+        Ok(to_file_info(agent::write_file(&running.agent, req, body).await?))
     }
 
     pub async fn processes(&self, app: &str, id: &str) -> Result<Vec<ProcessInfo>> {

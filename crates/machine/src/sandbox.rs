@@ -51,7 +51,10 @@ pub(crate) struct Running {
     /// The machine's environment, the base of every exec's.
     pub env: Vec<String>,
     /// Where the init serves requests.
-    agent: std::path::PathBuf,
+    pub agent: std::path::PathBuf,
+    /// The app the machine belongs to, so requests can be checked against
+    /// it without a database read.
+    pub app: String,
 }
 
 impl Running {
@@ -271,6 +274,7 @@ impl Manager {
             exited: rx,
             env,
             agent: self.agent_socket(rec),
+            app: rec.app.clone(),
         });
         let run_dir = self.paths(&rec.id).run;
         let (mgr, id, instance) = (self.clone(), rec.id.clone(), running.instance_id.clone());

@@ -135,9 +135,12 @@ impl OciRuntime {
             .read(true)
             .open(&fifo)
             .map_err(|e| io(e, &format!("opening {}", fifo.display())))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(|e| io(e, "releasing the sandbox"))?;
-        if buf.is_empty() {
+        // One byte is runc's init saying "going": it execs right after.
+        // Waiting for EOF instead would also wait out that exec (about 1 ms
+        // for hangar-init), which the caller's next request overlaps anyway.
+        let mut byte = [0u8; 1];
+        let n = f.read(&mut byte).map_err(|e| io(e, "releasing the sandbox"))?;
+        if n == 0 {
             return Err(self.failed("start", id, "the prepared sandbox is gone".into()));
         }
         // runc reports a sandbox whose fifo exists as "created"; as runc

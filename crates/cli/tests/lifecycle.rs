@@ -68,8 +68,8 @@ async fn create_start_stop_and_illegal_transitions() {
     assert_eq!(stopped["state"], "stopped");
     assert_eq!(stopped["last_exit"]["requested_stop"], true);
     // Stop released the sandbox: nothing of the machine runs. What may
-    // remain is the waiting runtime process of a sandbox prepared for the
-    // next start, and nothing else.
+    // remain is the idle hangar-init of a sandbox prepared for the next
+    // start (holding the main process back), and nothing else.
     let (status, _) = d
         .call(
             Method::POST,
@@ -83,8 +83,8 @@ async fn create_start_stop_and_illegal_transitions() {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         assert_eq!(
             comm.trim(),
-            "runc:[2:INIT]",
-            "machine process {pid} still alive after stop"
+            "init",
+            "machine process {pid} ({comm}) still alive after stop"
         );
     }
 
@@ -284,18 +284,24 @@ async fn memory_limit_oom_is_reported_and_cpu_limit_is_set() {
         let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/hangar/{id}/cpu.cfs_quota_us")).unwrap();
         assert_eq!(quota.trim(), "200000");
     }
-    // The pids limit holds inside the machine.
-    let r = d
-        .exec(
-            "oom",
-            id,
-            &["sh", "-c", "for i in $(seq 1 80); do sleep 5 & done; wait"],
+    // The pids limit holds inside the machine: the shell can't fork them
+    // all, or (if the machine's processes took every pid first) the exec
+    // itself is refused with a message that says why.
+    let (status, r) = d
+        .call(
+            Method::POST,
+            &format!("{}/exec", path("oom", id)),
+            Some(json!({"command": ["sh", "-c", "for i in $(seq 1 80); do sleep 5 & done; wait"]})),
         )
         .await;
-    assert!(
-        r["stderr"].as_str().unwrap().contains("fork") || r["exit_code"] != 0,
-        "{r}"
-    );
+    if status.is_success() {
+        assert!(
+            r["stderr"].as_str().unwrap().contains("fork") || r["exit_code"] != 0,
+            "{r}"
+        );
+    } else {
+        assert!(r["error"].as_str().unwrap().contains("process limit"), "{r}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -408,8 +414,8 @@ async fn runsc_machines_work_end_to_end() {
 }
 
 /// A stopped machine's next start is prepared in the background (the
-/// sandbox created, its process not yet run), so the start itself only
-/// releases it. The start event says which path it took.
+/// sandbox booted, hangar-init holding the main process back), so the start
+/// itself is one message. The start event says which path it took.
 #[tokio::test(flavor = "multi_thread")]
 async fn stopped_machines_are_prepared_for_a_fast_start() {
     let d = Daemon::start();
@@ -436,16 +442,26 @@ async fn stopped_machines_are_prepared_for_a_fast_start() {
             .unwrap_or_default()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runtime_state() != "created" {
+    while runtime_state() != "running" {
         assert!(
             std::time::Instant::now() < deadline,
             "the stopped machine was never prepared"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // Prepared, but the machine is stopped: its process isn't running and
+    // nothing can reach inside.
+    assert_eq!(d.ok(Method::GET, &path("warm", &id), None).await["state"], "stopped");
+    let (status, _) = d
+        .call(
+            Method::POST,
+            &format!("{}/exec", path("warm", &id)),
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
     let started = d.ok(Method::POST, &format!("{}/start", path("warm", &id)), None).await;
     assert_eq!(started["state"], "started");
-    assert_eq!(runtime_state(), "running");
     // Config files are placed on every start, on either path.
     assert_eq!(d.sh("warm", &id, "cat /etc/seed").await, "v1");
     let events = d.ok(Method::GET, &format!("{}/events", path("warm", &id)), None).await;
@@ -461,7 +477,7 @@ async fn stopped_machines_are_prepared_for_a_fast_start() {
     // Destroying a stopped, prepared machine leaves no sandbox behind.
     d.ok(Method::POST, &format!("{}/stop", path("warm", &id)), None).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runtime_state() != "created" {
+    while runtime_state() != "running" {
         assert!(
             std::time::Instant::now() < deadline,
             "the stopped machine was never prepared"

@@ -167,6 +167,10 @@ pub enum Request {
     },
     /// Report the main process's pid and, once it has exited, its status.
     Status,
+    /// Start the main process of an init started with `--hold`; a no-op
+    /// once it runs. If it can't be started, init ends as it would have at
+    /// boot (exit file, exit code), right after answering.
+    Start,
 }
 
 /// A successful answer, the payload of a `Reply` frame.

@@ -105,6 +105,12 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
     };
     if let Err(e) = waiter {
         ctl.kill_group();
+        // Most likely the machine is at its process limit (threads count).
+        let reply = ErrorReply::new(
+            ErrorKind::Io,
+            format!("exec: cannot start a thread in the machine ({e}); is it at its process limit?"),
+        );
+        let _ = write_json(&mut &*stream, FrameKind::Error, &reply);
         return Err(e);
     }
     if let Some(stdin) = child.stdin.take() {

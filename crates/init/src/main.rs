@@ -29,7 +29,7 @@ use hangar_init_protocol::{ExitStatus, io_message};
 
 use crate::state::{Init, configure_child, kill, wait_any};
 
-const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--exit-file PATH] -- CMD [ARGS...]";
+const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -50,6 +50,10 @@ struct Args {
     /// Bind our own socket here instead of adopting one (for runtimes that
     /// can't pass a descriptor in, e.g. runsc with `--host-uds=create`).
     listen_path: Option<PathBuf>,
+    /// Start the main process only when the daemon says so (a `start`
+    /// request): the sandbox is ready ahead of time and a start is one
+    /// message.
+    hold: bool,
     /// The `HOME` we were given is the runtime's default for root, not the
     /// image's choice: give the main process its user's home instead.
     home_from_passwd: bool,
@@ -62,6 +66,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         user: None,
         listen_fd: 3,
         listen_path: None,
+        hold: false,
         home_from_passwd: false,
         exit_file: PathBuf::from("/.hangar/run/exit.json"),
         command: Vec::new(),
@@ -90,6 +95,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             }
             "--listen-path" => parsed.listen_path = Some(PathBuf::from(value("--listen-path")?)),
             "--home-from-passwd" => parsed.home_from_passwd = true,
+            "--hold" => parsed.hold = true,
             "--exit-file" => parsed.exit_file = PathBuf::from(value("--exit-file")?),
             "--" => {
                 parsed.command = args.collect();
@@ -135,15 +141,19 @@ fn main() {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
-    let main_pid = match spawn_main(&args) {
-        Ok(pid) => pid,
+    let (exit_file, hold) = (args.exit_file.clone(), args.hold);
+    let starter = Box::new(move |init: &Init| match spawn_main(&args, init) {
+        Ok(_) => Ok(()),
         Err((code, message)) => {
             eprintln!("hangar-init: {message}");
             write_exit_file(&args.exit_file, &ExitStatus::exited(code));
-            std::process::exit(code);
+            Err(code)
         }
-    };
-    let init: &'static Init = Box::leak(Box::new(Init::new(main_pid)));
+    });
+    let init: &'static Init = Box::leak(Box::new(Init::new(starter)));
+    if !hold && let Err(code) = init.release_main() {
+        std::process::exit(code);
+    }
     if let Some(listener) = listener {
         let started = thread::Builder::new()
             .name("serve".into())
@@ -154,7 +164,7 @@ fn main() {
     }
 
     let status = signal_loop(init, &signals);
-    write_exit_file(&args.exit_file, &status);
+    write_exit_file(&exit_file, &status);
     init.shut_down(status.shell_code(), terminate_all);
 }
 
@@ -237,7 +247,7 @@ fn cloexec_inherited_fds() {
 /// Starts the main process with our stdio, environment and cwd. On failure
 /// returns the shell-style exit code (127 not found, 126 not executable) and
 /// a message.
-fn spawn_main(args: &Args) -> Result<u32, (i32, String)> {
+fn spawn_main(args: &Args, init: &Init) -> Result<u32, (i32, String)> {
     let program = &args.command[0];
     let creds = match &args.user {
         Some(spec) => Some(users::resolve_system(spec).map_err(|e| (126, format!("cannot run {program:?}: {e}")))?),
@@ -251,9 +261,8 @@ fn spawn_main(args: &Args) -> Result<u32, (i32, String)> {
         cmd.env("HOME", home);
     }
     configure_child(&mut cmd, creds.as_ref(), false);
-    // No reaper runs yet, so std may waitpid a failed child itself.
-    match cmd.spawn() {
-        Ok(child) => Ok(child.id()),
+    match init.spawn_main(&mut cmd) {
+        Ok(pid) => Ok(pid),
         Err(e) => {
             let code = match e.raw_os_error() {
                 Some(libc::EACCES | libc::ENOEXEC | libc::EPERM) => 126,
@@ -273,10 +282,14 @@ fn signal_loop(init: &Init, signals: &libc::sigset_t) -> ExitStatus {
             if let Some(status) = init.reap() {
                 return status;
             }
-        } else if FORWARDED.contains(&sig) && init.main_exit().is_none() {
+        } else if FORWARDED.contains(&sig)
+            && init.main_exit().is_none()
+            && let Some(pid) = init.main_pid()
+        {
             // The main process may just have exited (zombie or reaped): a
-            // failed kill then is expected and harmless.
-            let _ = kill(init.main_pid as i32, sig);
+            // failed kill then is expected and harmless. Before it is
+            // started (held), there is no one to pass a signal to.
+            let _ = kill(pid as i32, sig);
         }
         // Anything else (including EINTR, sig < 0) is ignored: PID 1 has no
         // default actions.
@@ -308,7 +321,7 @@ fn write_exit_file(path: &Path, status: &ExitStatus) {
 /// Kills every other process of the machine and reaps them all, giving up
 /// after a few seconds (a process stuck in uninterruptible sleep must not
 /// keep the machine from stopping).
-fn terminate_all() {
+pub(crate) fn terminate_all() {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as u32;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -376,6 +389,7 @@ mod tests {
                 user: Some("robot".into()),
                 listen_fd: 5,
                 listen_path: None,
+                hold: false,
                 home_from_passwd: false,
                 exit_file: "/x".into(),
                 command: vec!["sleep".into(), "--help".into()]

@@ -6,7 +6,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 use std::time::Duration;
 
-use hangar_init_protocol::{ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json};
+use hangar_init_protocol::{ErrorKind, ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json};
 
 use crate::exec::{self, ExecSpec};
 use crate::state::{Init, kill};
@@ -21,13 +21,19 @@ pub fn serve(init: &'static Init, listener: UnixListener) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
+                let spare = stream.try_clone();
                 let spawned = thread::Builder::new()
                     .name("conn".into())
                     .spawn(move || handle(init, stream));
                 if let Err(e) = spawned {
-                    // The stream was moved into the failed closure and is
-                    // closed with it; the client sees a reset and may retry.
+                    // Most likely the machine's processes took every pid
+                    // (threads count): say so rather than just hanging up.
                     eprintln!("hangar-init: cannot start connection thread: {e}");
+                    if let Ok(s) = spare {
+                        let message =
+                            format!("cannot start a thread in the machine ({e}); is it at its process limit?");
+                        let _ = send_error(&s, ErrorReply::new(ErrorKind::Io, message));
+                    }
                 }
             }
             Err(e) => match e.raw_os_error() {
@@ -101,10 +107,19 @@ fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
         Request::Status => reply(
             stream,
             Ok(Reply::Status {
-                main_pid: Some(init.main_pid),
+                main_pid: init.main_pid(),
                 exited: init.main_exit(),
             }),
         ),
+        Request::Start => match init.release_main() {
+            Ok(()) => reply(stream, Ok(Reply::Ok)),
+            // Reported like any other early exit of the main process: through
+            // the exit file and init's own exit code.
+            Err(code) => {
+                let _ = reply(stream, Ok(Reply::Ok));
+                init.shut_down(code, crate::terminate_all)
+            }
+        },
     }
 }
 
@@ -115,7 +130,10 @@ fn signal_main(init: &Init, signal: i32) -> Result<Reply, ErrorReply> {
     if init.main_exit().is_some() {
         return Err(ErrorReply::invalid("the main process has already exited"));
     }
-    kill(init.main_pid as i32, signal).map_err(|e| ErrorReply::from_io(&e, "signal main process"))?;
+    let Some(pid) = init.main_pid() else {
+        return Err(ErrorReply::invalid("the main process has not been started"));
+    };
+    kill(pid as i32, signal).map_err(|e| ErrorReply::from_io(&e, "signal main process"))?;
     Ok(Reply::Ok)
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
@@ -20,10 +21,16 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Starts the main process; on failure it has recorded why and returns the
+/// exit code init must end with.
+pub type MainStarter = Box<dyn FnOnce(&Init) -> Result<(), i32> + Send>;
+
 /// Everything the threads of hangar-init share.
 pub struct Init {
-    /// Pid of the main process.
-    pub main_pid: u32,
+    /// Pid of the main process; 0 until it is started.
+    main_pid: AtomicU32,
+    /// How to start the main process, until it is started.
+    starter: Mutex<Option<MainStarter>>,
     main_exit: Mutex<Option<ExitStatus>>,
     /// Held for reading while a child is spawned and registered, and for
     /// writing while the reaper calls `waitpid(-1)`.
@@ -40,14 +47,40 @@ pub struct Init {
 }
 
 impl Init {
-    /// State for a running main process `main_pid`.
-    pub fn new(main_pid: u32) -> Self {
+    /// State for an init whose main process `starter` starts, once
+    /// [`Init::release_main`] is called.
+    pub fn new(starter: MainStarter) -> Self {
         Self {
-            main_pid,
+            main_pid: AtomicU32::new(0),
+            starter: Mutex::new(Some(starter)),
             main_exit: Mutex::new(None),
             spawn_lock: RwLock::new(()),
             waiters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The main process's pid, once started.
+    pub fn main_pid(&self) -> Option<u32> {
+        Some(self.main_pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
+    }
+
+    /// Starts the main process if it isn't yet. `Err` carries the exit code
+    /// init must end with because it could not be started.
+    pub fn release_main(&self) -> Result<(), i32> {
+        let starter = lock(&self.starter).take();
+        match starter {
+            Some(start) => start(self),
+            None => Ok(()),
+        }
+    }
+
+    /// Spawns the main process, recording its pid before the reaper can
+    /// collect it.
+    pub fn spawn_main(&self, cmd: &mut Command) -> io::Result<u32> {
+        let _guard = self.spawn_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let pid = cmd.spawn()?.id();
+        self.main_pid.store(pid, Ordering::SeqCst);
+        Ok(pid)
     }
 
     /// How the main process ended, once it has.
@@ -73,7 +106,7 @@ impl Init {
         let _guard = self.spawn_lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut main = None;
         while let Some((pid, status)) = wait_any(libc::WNOHANG) {
-            if pid == self.main_pid {
+            if Some(pid) == self.main_pid() {
                 *lock(&self.main_exit) = Some(status);
                 main = Some(status);
             } else if let Some(tx) = lock(&self.waiters).remove(&pid) {

@@ -25,13 +25,17 @@ struct Init {
 
 impl Init {
     fn start(main: &[&str]) -> Self {
+        Self::start_with(&[], main)
+    }
+
+    fn start_with(flags: &[&str], main: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("init.sock");
         let exit_file = dir.path().join("run/exit.json");
         let listener = UnixListener::bind(&sock).unwrap();
         let fd = listener.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar-init"));
-        cmd.arg("--exit-file").arg(&exit_file).arg("--").args(main);
+        cmd.args(flags).arg("--exit-file").arg(&exit_file).arg("--").args(main);
         // SAFETY: only dup2/fcntl between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -608,4 +612,48 @@ fn main_process_exit_and_spawn_failure() {
 
     let mut init = Init::start(&["/dev/null"]);
     assert_eq!(init.wait_exit(Duration::from_secs(5)).code(), Some(126));
+}
+
+#[test]
+fn held_main_starts_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let script = format!("touch {}; exec sleep 30", marker.display());
+    let init = Init::start_with(&["--hold"], &["sh", "-c", &script]);
+    // Held: serving, but the main process doesn't exist yet.
+    let Reply::Status {
+        main_pid: None,
+        exited: None,
+    } = init.call(&Request::Status).unwrap()
+    else {
+        panic!("main process started while held")
+    };
+    assert_eq!(
+        init.call(&Request::Signal { signal: 15 }).unwrap_err().kind,
+        ErrorKind::Invalid
+    );
+    assert_eq!(init.exec(&["true"], None).exit.unwrap().code, Some(0));
+    assert!(!marker.exists());
+
+    assert_eq!(init.call(&Request::Start).unwrap(), Reply::Ok);
+    let Reply::Status { main_pid: Some(_), .. } = init.call(&Request::Status).unwrap() else {
+        panic!("main process not started")
+    };
+    // A second start is a no-op.
+    assert_eq!(init.call(&Request::Start).unwrap(), Reply::Ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "main process never ran");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn held_main_that_cannot_start_ends_init_like_at_boot() {
+    let mut init = Init::start_with(&["--hold"], &["/no/such/program"]);
+    assert_eq!(init.call(&Request::Start).unwrap(), Reply::Ok);
+    let status = init.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(127));
+    let exit: ExitStatus = serde_json::from_slice(&fs::read(&init.exit_file).unwrap()).unwrap();
+    assert_eq!(exit, ExitStatus::exited(127));
 }

@@ -107,11 +107,12 @@ impl Manager {
         let prepared = slot.prepared.lock().expect("prepared lock").take();
         if let Some(prepared) = prepared {
             self.inner.prepared_count.fetch_sub(1, Ordering::Relaxed);
-            let started = self
-                .write_config_files(rec)
-                .and_then(|()| Ok(self.runtime(rec.config.runtime).start_created(&rec.id)?));
+            let started = match self.write_config_files(rec) {
+                Ok(()) => crate::agent::call(&prepared.agent, &hangar_init_protocol::Request::Start).await,
+                Err(e) => Err(e),
+            };
             match started {
-                Ok(()) => return Ok((prepared, StartPath::Prepared)),
+                Ok(_) => return Ok((prepared, StartPath::Prepared)),
                 Err(e) => tracing::warn!(machine = %rec.id, "prepared sandbox unusable, starting cold: {e}"),
             }
         }
@@ -125,14 +126,12 @@ impl Manager {
     }
 
     /// Prepares a stopped machine's next start ahead of time: mounts its
-    /// root filesystem and has the runtime set up the whole sandbox, short
-    /// of running the process. A prepared machine still uses no CPU; it
-    /// holds one waiting runtime process (about 2 MB of its own memory), so
-    /// at most `prepared_limit` machines are kept prepared.
+    /// root filesystem and boots the whole sandbox with hangar-init holding
+    /// the main process back, so that a start is one message to the init.
+    /// A prepared machine uses no CPU; its idle init costs about 1 MB of
+    /// memory, so at most `prepared_limit` machines are kept prepared.
     async fn prepare(&self, slot: &Slot, rec: &MachineRecord) -> Result<()> {
-        let limit = self.inner.cfg.prepared_limit;
-        if !self.runtime(rec.config.runtime).can_prepare() || self.inner.prepared_count.load(Ordering::Relaxed) >= limit
-        {
+        if self.inner.prepared_count.load(Ordering::Relaxed) >= self.inner.cfg.prepared_limit {
             return Ok(());
         }
         let running = self.create_sandbox(rec, true).await?;
@@ -183,8 +182,7 @@ impl Manager {
     }
 
     /// Mounts the root filesystem, writes the bundle, and has the runtime
-    /// run the sandbox (or, with `prepare_only`, create it without running
-    /// the process).
+    /// run the sandbox (with `prepare_only`, with its main process held).
     async fn create_sandbox(&self, rec: &MachineRecord, prepare_only: bool) -> Result<Arc<Running>> {
         let image = self.load_image(&rec.image_digest).await?;
         let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
@@ -219,6 +217,7 @@ impl Manager {
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
             listen: runtime.init_listen(),
+            hold: prepare_only,
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)
@@ -236,17 +235,11 @@ impl Manager {
         // A leftover sandbox of the same id (a crash between run and record)
         // would make `run` fail; it is ours and stale, so remove it.
         runtime.delete(&rec.id).await?;
-        let pid = if prepare_only {
-            runtime.create(&rec.id, &paths.bundle, listener.as_fd(), output).await?
-        } else {
-            runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?
-        };
+        let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
-        if !prepare_only && let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
+        if let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
             self.wait_for_agent(rec).await?;
         }
-        // The init keeps its pid through the exec that starts it, so a
-        // prepared sandbox is watched from the moment it exists.
         self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))
     }
 

@@ -108,66 +108,17 @@ impl OciRuntime {
     /// pass one) and `output` as stdout and stderr. Returns the host pid the
     /// runtime reports for the sandbox.
     pub async fn run(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: std::fs::File) -> Result<u32> {
-        self.launch(false, id, bundle, listen, output).await
-    }
-
-    /// Like [`OciRuntime::run`], but stops short of running the process:
-    /// namespaces, mounts and cgroup are set up and the sandbox's init waits
-    /// for [`OciRuntime::start_created`]. This is the expensive part of a
-    /// start, done ahead of time. runc only.
-    pub async fn create(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: std::fs::File) -> Result<u32> {
-        self.launch(true, id, bundle, listen, output).await
-    }
-
-    /// Whether [`OciRuntime::create`] and [`OciRuntime::start_created`] work.
-    pub fn can_prepare(&self) -> bool {
-        self.kind == RuntimeKind::Runc
-    }
-
-    /// Runs the process of a sandbox made by [`OciRuntime::create`]. This is
-    /// what `runc start` does, without starting a runc process: runc's init
-    /// is blocked writing to the sandbox's exec fifo, and execs the process
-    /// once someone reads it.
-    pub fn start_created(&self, id: &str) -> Result<()> {
-        use std::io::Read;
-        let fifo = self.state_root.join(id).join("exec.fifo");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .open(&fifo)
-            .map_err(|e| io(e, &format!("opening {}", fifo.display())))?;
-        // One byte is runc's init saying "going": it execs right after.
-        // Waiting for EOF instead would also wait out that exec (about 1 ms
-        // for hangar-init), which the caller's next request overlaps anyway.
-        let mut byte = [0u8; 1];
-        let n = f.read(&mut byte).map_err(|e| io(e, "releasing the sandbox"))?;
-        if n == 0 {
-            return Err(self.failed("start", id, "the prepared sandbox is gone".into()));
-        }
-        // runc reports a sandbox whose fifo exists as "created"; as runc
-        // start does, remove it so the sandbox reads as running.
-        let _ = std::fs::remove_file(&fifo);
-        Ok(())
-    }
-
-    async fn launch(
-        &self,
-        prepare_only: bool,
-        id: &str,
-        bundle: &Path,
-        listen: BorrowedFd<'_>,
-        output: std::fs::File,
-    ) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let log_file = bundle.join("runtime.log");
         let mut cmd = self.command();
         cmd.arg("--log").arg(&log_file).arg("--log-format").arg("json");
-        if prepare_only {
-            cmd.arg("create");
-        } else {
-            cmd.arg("run").arg("--detach");
-        }
-        cmd.arg("--bundle").arg(bundle).arg("--pid-file").arg(&pid_file);
+        cmd.arg("run")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(&pid_file);
         if let InitListen::Fd(fd) = self.init_listen() {
             // --preserve-fds N passes descriptors 3..3+N.
             cmd.args(["--preserve-fds", &(fd - 2).to_string()]);
@@ -184,7 +135,7 @@ impl OciRuntime {
         })?;
         if !status.success() {
             return Err(self.failed(
-                if prepare_only { "create" } else { "run" },
+                "run",
                 id,
                 last_log_error(&log_file).unwrap_or_else(|| status.to_string()),
             ));

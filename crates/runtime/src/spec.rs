@@ -36,6 +36,9 @@ pub struct SandboxSpec {
     /// `env` sets no `HOME`: the main process gets its user's (the runtime
     /// would otherwise give it root's).
     pub home_from_passwd: bool,
+    /// Boot the sandbox but hold the main process until the init is told to
+    /// start it: the expensive part of a start, done ahead of time.
+    pub hold: bool,
     /// Whole CPUs of quota.
     pub cpus: u32,
     pub memory_mb: u64,
@@ -180,6 +183,9 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
         InitListen::Fd(fd) => args.extend(["--listen-fd".to_owned(), fd.to_string()]),
         InitListen::Path(p) => args.extend(["--listen-path".to_owned(), p.clone()]),
     }
+    if spec.hold {
+        args.push("--hold".to_owned());
+    }
     args.push("--".to_owned());
     args.extend(spec.args.iter().cloned());
     args
@@ -258,6 +264,7 @@ mod tests {
             cwd: "/".into(),
             user: Some("1000".into()),
             home_from_passwd: false,
+            hold: false,
             cpus: 2,
             memory_mb: 128,
             pids_limit: 512,

@@ -111,15 +111,18 @@ fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
                 exited: init.main_exit(),
             }),
         ),
-        Request::Start => match init.release_main() {
-            Ok(()) => reply(stream, Ok(Reply::Ok)),
-            // Reported like any other early exit of the main process: through
-            // the exit file and init's own exit code.
-            Err(code) => {
-                let _ = reply(stream, Ok(Reply::Ok));
+        Request::Start => {
+            // Answer first: the daemon's start is done once the init has the
+            // order, and the main process's fork and exec (about half a
+            // millisecond) happen while the answer travels. A main process
+            // that can't be started is reported like any other early exit:
+            // through the exit file and init's own exit code.
+            let answered = reply(stream, Ok(Reply::Ok));
+            if let Err(code) = init.release_main() {
                 init.shut_down(code, crate::terminate_all)
             }
-        },
+            answered
+        }
     }
 }
 

@@ -75,7 +75,7 @@ struct ServeArgs {
     /// Size of the loop-mounted pool image, in GiB.
     #[arg(long, default_value_t = 16)]
     pool_size_gb: u64,
-    /// Stopped machines kept prepared for a fast start (about 2 MB of
+    /// Stopped machines kept prepared for a fast start (about 1 MB of
     /// memory each; 0 makes every start cold).
     #[arg(long, default_value_t = 32)]
     prepared_limit: usize,

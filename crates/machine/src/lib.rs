@@ -50,7 +50,7 @@ pub struct ManagerConfig {
     /// Size of the loop-mounted pool image, when one is made.
     pub pool_image_bytes: u64,
     /// How many stopped machines may hold a prepared sandbox (a fast start
-    /// for about 2 MB of memory each); 0 turns preparing off.
+    /// for about 1 MB of memory each); 0 turns preparing off.
     pub prepared_limit: usize,
 }
 

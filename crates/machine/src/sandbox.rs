@@ -100,7 +100,8 @@ impl Running {
 
 impl Manager {
     /// Starts the machine's sandbox: the prepared one if there is one (the
-    /// fast path: one fifo read), else a cold start through the runtime. On
+    /// fast path: one message to its held init), else a cold start through
+    /// the runtime. On
     /// failure, undoes what it did and returns the error; the caller records
     /// the outcome.
     pub(crate) async fn launch(&self, slot: &Slot, rec: &MachineRecord) -> Result<(Arc<Running>, StartPath)> {
@@ -113,7 +114,11 @@ impl Manager {
             };
             match started {
                 Ok(_) => return Ok((prepared, StartPath::Prepared)),
-                Err(e) => tracing::warn!(machine = %rec.id, "prepared sandbox unusable, starting cold: {e}"),
+                Err(e) => {
+                    tracing::warn!(machine = %rec.id, "prepared sandbox unusable, starting cold: {e}");
+                    let _ = prepared.signal(libc::SIGKILL).await;
+                    prepared.wait_exit(std::time::Duration::from_secs(5)).await;
+                }
             }
         }
         match self.create_sandbox(rec, false).await {

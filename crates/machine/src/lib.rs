@@ -59,7 +59,7 @@ pub struct ManagerConfig {
 #[derive(Debug)]
 struct Slot {
     /// Serialises lifecycle operations on this machine.
-    op: tokio::sync::Mutex<()>,
+    op: Arc<tokio::sync::Mutex<()>>,
     /// The machine's current state, for `wait`.
     state: watch::Sender<MachineState>,
     /// The live sandbox, while there is one.
@@ -205,7 +205,7 @@ impl Manager {
             .entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    op: tokio::sync::Mutex::new(()),
+                    op: Arc::new(tokio::sync::Mutex::new(())),
                     state: watch::channel(state).0,
                     running: Mutex::new(None),
                     prepared: Mutex::new(None),

@@ -373,11 +373,22 @@ impl Manager {
         }
     }
 
-    pub async fn start_machine(&self, app: &str, id: &str) -> Result<Machine> {
-        let rec = self.record(app, id).await?;
+    /// Takes a machine's operation lock and reads its record afresh (by id:
+    /// a name could meanwhile belong to another machine).
+    async fn lock_machine(
+        &self,
+        app: &str,
+        id_or_name: &str,
+    ) -> Result<(Arc<Slot>, tokio::sync::OwnedMutexGuard<()>, MachineRecord)> {
+        let rec = self.record(app, id_or_name).await?;
         let slot = self.slot(&rec.id, rec.state);
-        let _op = slot.op.lock().await;
-        let mut rec = self.record(app, id).await?;
+        let guard = slot.op.clone().lock_owned().await;
+        let rec = self.record(app, &rec.id).await?;
+        Ok((slot, guard, rec))
+    }
+
+    pub async fn start_machine(&self, app: &str, id: &str) -> Result<Machine> {
+        let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
         rec.restart_count = 0;
         self.start_locked(&slot, &mut rec, "user").await?;
         Ok(machine_view(&rec))
@@ -417,10 +428,7 @@ impl Manager {
             Some(d) => d.to_std().map_err(Error::BadRequest)?,
             None => DEFAULT_STOP_TIMEOUT,
         };
-        let rec = self.record(app, id).await?;
-        let slot = self.slot(&rec.id, rec.state);
-        let _op = slot.op.lock().await;
-        let mut rec = self.record(app, id).await?;
+        let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
         self.stop_locked(&slot, &mut rec, signal, timeout, "user").await?;
         Ok(machine_view(&rec))
     }
@@ -483,10 +491,7 @@ impl Manager {
             .map(|d| d.to_std())
             .transpose()
             .map_err(Error::BadRequest)?;
-        let rec = self.record(app, id).await?;
-        let slot = self.slot(&rec.id, rec.state);
-        let _op = slot.op.lock().await;
-        let mut rec = self.record(app, id).await?;
+        let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
         if rec.state != MachineState::Started {
             return Err(wrong_state(&rec, "restart", "start it instead"));
         }
@@ -508,10 +513,7 @@ impl Manager {
     }
 
     pub async fn destroy_machine(&self, app: &str, id: &str, force: bool) -> Result<()> {
-        let rec = self.record(app, id).await?;
-        let slot = self.slot(&rec.id, rec.state);
-        let _op = slot.op.lock().await;
-        let mut rec = self.record(app, id).await?;
+        let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
         self.destroy_locked(&slot, &mut rec, force, "user").await
     }
 

@@ -107,6 +107,9 @@ impl Store {
             // One connection: SQLite has one writer anyway, and this keeps
             // read-your-writes trivially true across tasks.
             .max_connections(1)
+            // The one connection is ours alone and local: a ping before every
+            // use would only add a round trip to each statement.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(db(format!("opening {}", path.display())))?;

@@ -86,3 +86,22 @@ async fn state_survives_reopen() {
     store.delete_app("a").await.unwrap();
     assert!(store.get_app("a").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn updating_a_missing_machine_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    store.create_app("a", 1).await.unwrap();
+    let ghost = machine("ghost", "g");
+    assert!(matches!(
+        store.update_machine(&ghost, Some(&event("stop"))).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.list_events("ghost").await.unwrap().is_empty());
+    // And a real one gets exactly one event per update.
+    let m = machine("m1", "x");
+    store.insert_machine(&m, &event("create")).await.unwrap();
+    store.update_machine(&m, Some(&event("start"))).await.unwrap();
+    store.update_machine(&m, None).await.unwrap();
+    assert_eq!(store.list_events("m1").await.unwrap().len(), 2);
+}

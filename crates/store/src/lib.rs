@@ -271,48 +271,33 @@ impl Store {
     /// Writes the machine's new state (and everything else that changed)
     /// together with the event that explains it, atomically.
     pub async fn update_machine(&self, m: &MachineRecord, event: Option<&MachineEvent>) -> Result<()> {
-        // One round trip for the update and its event: every lifecycle step
-        // makes one of these, and each statement sent to SQLite through sqlx
-        // is a hop to its worker thread. The event is inserted only if the
-        // update found the machine (`changes()`), all inside the transaction.
-        const UPDATE: &str = "UPDATE machines SET state = ?, config_json = ?, instance_id = ?, updated_at_ms = ?, \
-               run_ms = ?, started_at_ms = ?, restart_count = ?, last_exit_json = ? WHERE id = ?";
-        const UPDATE_WITH_EVENT: &str = "UPDATE machines SET state = ?, config_json = ?, instance_id = ?, updated_at_ms = ?, \
-               run_ms = ?, started_at_ms = ?, restart_count = ?, last_exit_json = ? WHERE id = ?; \
-             INSERT INTO events (machine_id, kind, status, source, timestamp_ms, detail_json) \
-               SELECT ?, ?, ?, ?, ?, ? WHERE changes() = 1";
         let mut tx = self.pool.begin().await.map_err(db("updating machine"))?;
         let config = serde_json::to_string(&m.config).expect("config serializes");
-        let last_exit = m
-            .last_exit
-            .as_ref()
-            .map(|e| serde_json::to_string(e).expect("serializes"));
-        let query = sqlx::query(if event.is_some() { UPDATE_WITH_EVENT } else { UPDATE })
-            .bind(m.state.as_str())
-            .bind(config)
-            .bind(&m.instance_id)
-            .bind(m.updated_at_ms)
-            .bind(m.run_ms)
-            .bind(m.started_at_ms)
-            .bind(m.restart_count as i64)
-            .bind(last_exit)
-            .bind(&m.id);
-        let query = match event {
-            Some(e) => query
-                .bind(&m.id)
-                .bind(&e.kind)
-                .bind(&e.status)
-                .bind(&e.source)
-                .bind(e.timestamp)
-                .bind(e.detail.as_ref().map(|d| d.to_string())),
-            None => query,
-        };
-        let done = query
-            .execute(&mut *tx)
-            .await
-            .map_err(db(format!("updating machine {}", m.id)))?;
+        let done = sqlx::query(
+            "UPDATE machines SET state = ?, config_json = ?, instance_id = ?, updated_at_ms = ?, \
+               run_ms = ?, started_at_ms = ?, restart_count = ?, last_exit_json = ? WHERE id = ?",
+        )
+        .bind(m.state.as_str())
+        .bind(config)
+        .bind(&m.instance_id)
+        .bind(m.updated_at_ms)
+        .bind(m.run_ms)
+        .bind(m.started_at_ms)
+        .bind(m.restart_count as i64)
+        .bind(
+            m.last_exit
+                .as_ref()
+                .map(|e| serde_json::to_string(e).expect("serializes")),
+        )
+        .bind(&m.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(format!("updating machine {}", m.id)))?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("machine {} not found", m.id)));
+        }
+        if let Some(event) = event {
+            insert_event(&mut tx, &m.id, event).await?;
         }
         tx.commit().await.map_err(db("updating machine"))?;
         Ok(())

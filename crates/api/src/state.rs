@@ -69,14 +69,6 @@ impl MachineState {
     pub fn is_at_rest(self) -> bool {
         matches!(self, Self::Created | Self::Stopped | Self::Failed)
     }
-
-    /// States a daemon can crash in the middle of; recovery resolves them.
-    pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Self::Creating | Self::Starting | Self::Stopping | Self::Destroying
-        )
-    }
 }
 
 impl std::fmt::Display for MachineState {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::process::{check_interrupt, run};
+use crate::process::check_interrupt;
 use crate::stats::timed;
 use crate::{Op, Section};
 
@@ -350,27 +350,11 @@ impl Drop for Daemon {
 /// at /var/tmp/hangar-test-pool/mnt, made once per host under a lock and
 /// left mounted for the next user.
 fn pool_root(root: &Path) -> Result<PathBuf> {
-    if is_btrfs(root) {
-        return Ok(root.to_owned());
+    if !hangar_rootfs::pool::is_btrfs(root).unwrap_or(false) {
+        let base = root
+            .parent()
+            .context("the pool root must have a parent directory for its image file")?;
+        hangar_rootfs::pool::mount_image(&base.join("pool.img"), root, 32 << 30)?;
     }
-    let base = root
-        .parent()
-        .context("the pool root must have a parent directory for its image file")?;
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let lock = File::create(base.join("lock"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-    if is_btrfs(root) {
-        return Ok(root.to_owned());
-    }
-    let img = base.join("pool.img");
-    if !img.exists() {
-        File::create(&img)?.set_len(32 << 30)?;
-        run(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&img))?;
-    }
-    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(root))?;
     Ok(root.to_owned())
-}
-
-fn is_btrfs(p: &Path) -> bool {
-    rustix::fs::statfs(p).is_ok_and(|s| s.f_type == 0x9123_683E)
 }

@@ -413,6 +413,31 @@ async fn runsc_machines_work_end_to_end() {
     assert_eq!(d.ok(Method::GET, &path("gv", &id), None).await["state"], "destroyed");
 }
 
+/// What runc says of a machine's sandbox (`null` if it has none).
+fn runtime_state(d: &Daemon, id: &str) -> serde_json::Value {
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(d.data_dir.path().join("runtime/runc"))
+        .args(["state", id])
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .map(|v| v["status"].clone())
+        .unwrap_or_default()
+}
+
+/// Waits until a stopped machine holds a prepared (running, held) sandbox.
+async fn wait_prepared(d: &Daemon, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while runtime_state(d, id) != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped machine was never prepared"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A stopped machine's next start is prepared in the background (the
 /// sandbox booted, hangar-init holding the main process back), so the start
 /// itself is one message. The start event says which path it took.
@@ -430,25 +455,7 @@ async fn stopped_machines_are_prepared_for_a_fast_start() {
     d.sh("warm", &id, "echo v2 > /etc/seed").await;
     d.ok(Method::POST, &format!("{}/stop", path("warm", &id)), None).await;
 
-    let runtime_state = || {
-        let out = std::process::Command::new("runc")
-            .arg("--root")
-            .arg(d.data_dir.path().join("runtime/runc"))
-            .args(["state", &id])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .map(|v| v["status"].clone())
-            .unwrap_or_default()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runtime_state() != "running" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stopped machine was never prepared"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_prepared(&d, &id).await;
     // Prepared, but the machine is stopped: its process isn't running and
     // nothing can reach inside.
     assert_eq!(d.ok(Method::GET, &path("warm", &id), None).await["state"], "stopped");
@@ -476,15 +483,8 @@ async fn stopped_machines_are_prepared_for_a_fast_start() {
 
     // Destroying a stopped, prepared machine leaves no sandbox behind.
     d.ok(Method::POST, &format!("{}/stop", path("warm", &id)), None).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while runtime_state() != "running" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stopped machine was never prepared"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_prepared(&d, &id).await;
     d.ok(Method::DELETE, &path("warm", &id), None).await;
-    assert_eq!(runtime_state(), serde_json::Value::Null);
+    assert_eq!(runtime_state(&d, &id), serde_json::Value::Null);
     assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/hangar/{id}")).exists());
 }

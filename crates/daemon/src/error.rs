@@ -39,7 +39,6 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
             Error::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
-            Error::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "busy"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -19,9 +19,6 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),
-    /// Too many requests for one machine at once.
-    #[error("{0}")]
-    Busy(String),
     /// Something failed on our side; the message says what was being done.
     #[error("{0}")]
     Internal(String),

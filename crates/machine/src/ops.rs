@@ -462,9 +462,6 @@ impl Manager {
         let running = slot.running.lock().expect("running lock").clone();
         let status = match running {
             Some(running) => {
-                if signal != libc::SIGKILL {
-                    running.wait_ready(timeout.min(Duration::from_secs(1))).await;
-                }
                 running.signal(signal).await?;
                 match running.wait_exit(timeout).await {
                     Some(status) => status,
@@ -849,11 +846,9 @@ impl Manager {
         }
     }
 
-    /// Where the machine's main-process output is, and whether it can still
-    /// grow (the machine is not destroyed).
-    pub async fn log_file(&self, app: &str, id: &str) -> Result<(std::path::PathBuf, bool)> {
-        let rec = self.record(app, id).await?;
-        Ok((self.paths(&rec.id).log, rec.state != MachineState::Destroyed))
+    /// Where the machine's main-process output is.
+    pub async fn log_file(&self, app: &str, id: &str) -> Result<std::path::PathBuf> {
+        Ok(self.paths(&self.record(app, id).await?.id).log)
     }
 
     /// The current state of a machine, cheaply (for log follow).

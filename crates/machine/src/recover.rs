@@ -96,7 +96,6 @@ impl Manager {
                 self.transition(rec, MachineState::Started, "start", "daemon", Some(detail))
                     .await?;
             }
-            slot.state.send_replace(rec.state);
             return Ok(true);
         }
         let requested = rec.state == MachineState::Stopping;

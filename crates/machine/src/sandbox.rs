@@ -79,13 +79,28 @@ impl Running {
         }
     }
 
-    /// Waits until the init has set up its signal handling, so that a
-    /// signal sent next is not lost. (A pid namespace's init drops signals it
-    /// has no handler for, and a just-started init may not have one yet.)
-    /// Answering any request proves it: the init blocks signals first thing.
-    pub async fn wait_ready(&self, timeout: std::time::Duration) {
-        let status = crate::agent::call(&self.agent, &hangar_init_protocol::Request::Status);
-        let _ = tokio::time::timeout(timeout, status).await;
+    /// Waits until the init answers requests, or has already ended. A
+    /// sandbox is started only once its init serves: exec works at once, and
+    /// a stop's signal can't be lost (a pid namespace's init drops signals it
+    /// has no handler for, and the init blocks them before it serves). With
+    /// runsc the socket doesn't even exist before the init binds it.
+    async fn wait_serving(&self, id: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.exited.borrow().is_some()
+                || crate::agent::call(&self.agent, &hangar_init_protocol::Request::Status)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Internal(format!(
+                    "machine {id}: its init did not answer within 10 s"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Waits until the sandbox has exited, or the deadline passes.
@@ -242,10 +257,9 @@ impl Manager {
         runtime.delete(&rec.id).await?;
         let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
-        if let hangar_runtime::spec::InitListen::Path(_) = runtime.init_listen() {
-            self.wait_for_agent(rec).await?;
-        }
-        self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))
+        let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
+        running.wait_serving(&rec.id).await?;
+        Ok(running)
     }
 
     /// Starts watching a sandbox's init (by pid) and returns its handle. The
@@ -325,26 +339,6 @@ impl Manager {
         match self.runtime(rec.config.runtime).init_listen() {
             hangar_runtime::spec::InitListen::Fd(_) => paths.socket,
             hangar_runtime::spec::InitListen::Path(_) => paths.run.join("init.sock"),
-        }
-    }
-
-    /// Waits until an init that binds its own socket is accepting. There is
-    /// no event to wait on across the sandbox boundary, so this polls
-    /// briefly, with a deadline.
-    async fn wait_for_agent(&self, rec: &MachineRecord) -> Result<()> {
-        let socket = self.agent_socket(rec);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if crate::agent::connect(&socket).await.is_ok() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Internal(format!(
-                    "machine {}: its init did not start listening within 10 s",
-                    rec.id
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
 

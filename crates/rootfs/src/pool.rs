@@ -55,9 +55,6 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn delete(&self, name: &str) -> Result<()>;
     /// Where a volume lives (whether or not it exists).
     fn path(&self, name: &str) -> PathBuf;
-    fn exists(&self, name: &str) -> bool {
-        self.path(name).exists()
-    }
 }
 
 /// A pool of btrfs subvolumes in one directory.
@@ -66,7 +63,8 @@ pub struct BtrfsPool {
     root: PathBuf,
 }
 
-fn is_btrfs(path: &Path) -> Result<bool> {
+/// Whether `path` is on a btrfs filesystem.
+pub fn is_btrfs(path: &Path) -> Result<bool> {
     let st = rustix::fs::statfs(path).map_err(io_err(format!("statfs {}", path.display())))?;
     Ok(st.f_type as i64 == BTRFS_SUPER_MAGIC)
 }
@@ -98,31 +96,9 @@ impl BtrfsPool {
     /// formatted on first use and loop-mounted at `data_dir/pool`.
     pub fn open_for_data_dir(data_dir: &Path, image_size: u64) -> Result<BtrfsPool> {
         let root = data_dir.join("pool");
-        if is_btrfs(data_dir)? {
-            return Self::open(&root);
+        if !is_btrfs(data_dir)? {
+            mount_image(&data_dir.join("pool.img"), &root, image_size)?;
         }
-        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
-        if is_btrfs(&root)? {
-            return Ok(BtrfsPool { root }); // mounted by an earlier run
-        }
-        let image = data_dir.join("pool.img");
-        if !image.exists() {
-            let tmp = data_dir.join("pool.img.tmp");
-            let f = fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-            f.set_len(image_size)
-                .map_err(io_err(format!("sizing {}", tmp.display())))?;
-            drop(f);
-            run(
-                Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&tmp),
-                "formatting the storage pool",
-            )?;
-            // Quotas let later issues enforce volume sizes; harmless now.
-            fs::rename(&tmp, &image).map_err(io_err("installing pool image"))?;
-        }
-        run(
-            Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&root),
-            "loop-mounting the storage pool",
-        )?;
         Self::open(&root)
     }
 
@@ -216,12 +192,32 @@ impl Pool for BtrfsPool {
     }
 }
 
-/// Checks that `path` names a mount point with a btrfs filesystem, for
-/// callers that want to say early and clearly that the pool is missing.
-pub fn require_btrfs(path: &Path) -> Result<()> {
-    if is_btrfs(path)? {
-        Ok(())
-    } else {
-        Err(RootfsError::Unsupported(format!("{} is not on btrfs", path.display())))
+/// Makes `mountpoint` a btrfs filesystem kept in the sparse file `image`
+/// (`size` bytes, formatted on first use), loop-mounted unless it already
+/// is. Serialised by a lock file beside the image, so processes sharing one
+/// image (test binaries, the benchmark) set it up once.
+pub fn mount_image(image: &Path, mountpoint: &Path, size: u64) -> Result<()> {
+    fs::create_dir_all(mountpoint).map_err(io_err(format!("creating {}", mountpoint.display())))?;
+    let lock_path = image.with_extension("lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err(format!("creating {}", lock_path.display())))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(io_err(format!("locking {}", lock_path.display())))?;
+    if is_btrfs(mountpoint)? {
+        return Ok(()); // mounted by an earlier run
     }
+    if !image.exists() {
+        let tmp = image.with_extension("tmp");
+        let f = fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        f.set_len(size).map_err(io_err(format!("sizing {}", tmp.display())))?;
+        drop(f);
+        run(
+            Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&tmp),
+            "formatting the storage pool",
+        )?;
+        fs::rename(&tmp, image).map_err(io_err("installing pool image"))?;
+    }
+    run(
+        Command::new("mount").args(["-o", "loop"]).arg(image).arg(mountpoint),
+        "loop-mounting the storage pool",
+    )
 }

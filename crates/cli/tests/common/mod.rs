@@ -47,26 +47,10 @@ fn test_pool_root() -> PathBuf {
         require_root();
         let base = PathBuf::from("/var/tmp/hangar-test-pool");
         let mnt = base.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let lock = File::create(base.join("lock")).unwrap();
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        if hangar_rootfs_is_btrfs(&mnt) {
-            return mnt;
-        }
-        let img = base.join("pool.img");
-        if !img.exists() {
-            let f = File::create(&img).unwrap();
-            f.set_len(32 << 30).unwrap();
-            sh(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&img));
-        }
-        sh(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
+        hangar_rootfs::pool::mount_image(&base.join("pool.img"), &mnt, 32 << 30).unwrap();
         mnt
     })
     .clone()
-}
-
-fn hangar_rootfs_is_btrfs(p: &Path) -> bool {
-    rustix::fs::statfs(p).map(|s| s.f_type == 0x9123_683E).unwrap_or(false)
 }
 
 /// The static hangar-init built by scripts/build.sh.

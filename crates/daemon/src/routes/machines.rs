@@ -250,7 +250,7 @@ pub async fn machine_logs(
     Path((app, id)): Path<(String, String)>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
-    let (path, _) = s.mgr.log_file(&app, &id).await?;
+    let path = s.mgr.log_file(&app, &id).await?;
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => Some(f),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

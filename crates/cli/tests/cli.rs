@@ -110,6 +110,37 @@ async fn a_session_with_the_cli() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("MACHINE:/absolute/path"));
     ok(&d, &["machine", "rm", "--force", "box"]);
 
+    // An app of its own, a machine created without starting, then started;
+    // its main process's output through `logs`.
+    assert_eq!(ok(&d, &["app", "create", "work"]), "created app work\n");
+    assert!(ok(&d, &["app", "ls"]).contains("work"));
+    let created = ok(
+        &d,
+        &[
+            "machine",
+            "create",
+            "-a",
+            "work",
+            &image,
+            "--name",
+            "job",
+            "--",
+            "sh",
+            "-c",
+            "echo job-output; sleep 1000",
+        ],
+    );
+    assert!(created.contains("job created"), "{created}");
+    ok(&d, &["machine", "start", "-a", "work", "job"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ok(&d, &["machine", "logs", "-a", "work", "job"]).contains("job-output") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the main process's output never reached the logs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
     // A daemon that isn't there is named in the error.
     let out = Command::new(HANGAR)
         .args(["app", "ls"])

@@ -58,6 +58,15 @@ async fn create_start_stop_and_illegal_transitions() {
     let listed = d.ok(Method::GET, "/v1/apps/life/machines?metadata.role=db", None).await;
     assert!(listed.as_array().unwrap().is_empty());
 
+    // Restart: a new sandbox instance over the same filesystem.
+    d.sh("life", &id, "echo kept > /root/kept").await;
+    let restarted = d
+        .ok(Method::POST, &format!("{}/restart", path("life", &id)), None)
+        .await;
+    assert_eq!(restarted["state"], "started");
+    assert_ne!(restarted["instance_id"], started["instance_id"]);
+    assert_eq!(d.sh("life", &id, "cat /root/kept").await, "kept\n");
+
     let stopped = d
         .ok(
             Method::POST,
@@ -102,8 +111,13 @@ async fn create_start_stop_and_illegal_transitions() {
             "create:created",
             "start:starting",
             "start:started",
+            // the restart: a stop and a start
             "stop:stopping",
-            "exit:stopped"
+            "exit:stopped",
+            "start:starting",
+            "start:started",
+            "stop:stopping",
+            "exit:stopped",
         ]
     );
 

@@ -2,7 +2,7 @@
 //! inside the same transaction as the change, so a crash mid-migration leaves
 //! the previous version intact.
 
-use sqlx::SqlitePool;
+use rusqlite::Connection;
 
 use crate::{Result, db};
 
@@ -53,14 +53,11 @@ CREATE TABLE settings (
 );
 "#];
 
-pub(crate) async fn migrate(pool: &SqlitePool) -> Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
-        .execute(pool)
-        .await
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
         .map_err(db("creating schema_migrations"))?;
-    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
-        .fetch_one(pool)
-        .await
+    let applied: i64 = conn
+        .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
         .map_err(db("reading schema version"))?;
     if applied as usize > MIGRATIONS.len() {
         return Err(crate::StoreError::Corrupt(format!(
@@ -69,17 +66,12 @@ pub(crate) async fn migrate(pool: &SqlitePool) -> Result<()> {
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        let mut tx = pool.begin().await.map_err(db("migrating"))?;
-        sqlx::raw_sql(*sql)
-            .execute(&mut *tx)
-            .await
+        let tx = conn.transaction().map_err(db("migrating"))?;
+        tx.execute_batch(sql)
             .map_err(db(format!("applying migration {}", i + 1)))?;
-        sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
-            .bind(i as i64 + 1)
-            .execute(&mut *tx)
-            .await
+        tx.execute("INSERT INTO schema_migrations (version) VALUES (?)", [i as i64 + 1])
             .map_err(db("recording migration"))?;
-        tx.commit().await.map_err(db("migrating"))?;
+        tx.commit().map_err(db("migrating"))?;
     }
     Ok(())
 }

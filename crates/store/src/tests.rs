@@ -105,3 +105,28 @@ async fn updating_a_missing_machine_records_nothing() {
     store.update_machine(&m, None).await.unwrap();
     assert_eq!(store.list_events("m1").await.unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_all_land_in_order_per_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    store.create_app("a", 1).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let m = machine(&format!("m{i}"), &format!("n{i}"));
+            store.insert_machine(&m, &event("create")).await.unwrap();
+            for _ in 0..20 {
+                store.update_machine(&m, Some(&event("update"))).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(store.list_machines(Some("a")).await.unwrap().len(), 8);
+    for i in 0..8 {
+        assert_eq!(store.list_events(&format!("m{i}")).await.unwrap().len(), 21);
+    }
+}

@@ -3,9 +3,9 @@
 //!
 //! Threads per exec:
 //! - the connection thread spawns the child and then runs the output loop:
-//!   `poll` over stdout, stderr, the socket (for hangup) and a wake pipe;
-//! - a waiter receives the exit status from the reaper (the only caller of
-//!   `waitpid`), enforces the timeout, and wakes the output loop;
+//!   `poll` over stdout, stderr, the socket (for hangup) and a wake pipe,
+//!   with the timeout as poll's deadline. The reaper (the only caller of
+//!   `waitpid`) records the exit status and writes the wake pipe;
 //! - with `stdin`, a feeder copies `Stdin` frames into the child's stdin.
 
 use std::fs::File;
@@ -14,8 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use hangar_init_protocol::{
     CHUNK, ErrorKind, ErrorReply, ExitStatus, FrameKind, io_message, read_frame, write_frame, write_json,
 };
 
-use crate::state::{Init, configure_child, kill, lock};
+use crate::state::{ExitWatcher, Init, configure_child, kill, lock};
 use crate::users;
 
 /// How long output may keep flowing after the child has exited.
@@ -50,8 +49,8 @@ pub struct ExecSpec {
 
 /// State shared by the threads of one exec.
 struct Ctl {
-    /// Process group (= session = pid) of the child.
-    pgid: i32,
+    /// Process group (= session = pid) of the child; 0 until it is spawned.
+    pgid: AtomicI32,
     /// Set once the exec is over (Exit sent or client gone); after that the
     /// group must not be signalled any more: its pgid may be reused.
     done: AtomicBool,
@@ -64,8 +63,9 @@ struct Ctl {
 
 impl Ctl {
     fn kill_group(&self) {
-        if !self.done.load(Ordering::SeqCst) {
-            let _ = kill(-self.pgid, libc::SIGKILL);
+        let pgid = self.pgid.load(Ordering::SeqCst);
+        if pgid > 0 && !self.done.load(Ordering::SeqCst) {
+            let _ = kill(-pgid, libc::SIGKILL);
         }
     }
 
@@ -75,44 +75,36 @@ impl Ctl {
     }
 }
 
+impl ExitWatcher for Ctl {
+    fn exited(&self, status: ExitStatus) {
+        *lock(&self.exit) = Some(status);
+        self.wake();
+    }
+}
+
 /// Handles one exec request on `stream`. Returns an error only when the
 /// client could not be written to.
 pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
     // Everything that can fail without the child's help is set up before
     // it is spawned, so an early error cannot leave it running unwatched.
-    let spawned = io::pipe()
-        .map_err(|e| ErrorReply::from_io(&e, "exec: pipe"))
-        .and_then(|wake| Ok((wake, spawn(init, &spec)?)));
-    let ((wake_r, wake_w), (mut child, rx)) = match spawned {
-        Ok(x) => x,
-        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e),
+    let (wake_r, wake_w) = match io::pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &ErrorReply::from_io(&e, "exec: pipe")),
     };
     let ctl = Arc::new(Ctl {
-        pgid: child.id() as i32,
+        pgid: AtomicI32::new(0),
         done: AtomicBool::new(false),
         timed_out: AtomicBool::new(false),
         broken: AtomicBool::new(false),
         exit: Mutex::new(None),
         wake: wake_w,
     });
-
-    let deadline = spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-    let waiter = {
-        let ctl = ctl.clone();
-        thread::Builder::new()
-            .name("exec-wait".into())
-            .spawn(move || wait_exit(rx, deadline, &ctl))
+    let mut child = match spawn(init, &spec, ctl.clone()) {
+        Ok(child) => child,
+        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e),
     };
-    if let Err(e) = waiter {
-        ctl.kill_group();
-        // Most likely the machine is at its process limit (threads count).
-        let reply = ErrorReply::new(
-            ErrorKind::Io,
-            format!("exec: cannot start a thread in the machine ({e}); is it at its process limit?"),
-        );
-        let _ = write_json(&mut &*stream, FrameKind::Error, &reply);
-        return Err(e);
-    }
+    ctl.pgid.store(child.id() as i32, Ordering::SeqCst);
+    let deadline = spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     if let Some(stdin) = child.stdin.take() {
         let feeder = stream.try_clone().and_then(|sock| {
             let ctl = ctl.clone();
@@ -135,7 +127,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
             .take()
             .map(|p| (FrameKind::Stderr, File::from(std::os::fd::OwnedFd::from(p)))),
     ];
-    let result = pump(stream, outputs, wake_r, &ctl);
+    let result = pump(stream, outputs, wake_r, deadline, &ctl);
     // Whatever happened, make sure nothing of this exec outlives a failed
     // connection, then stop signalling the group.
     if !matches!(result, Ok(true)) {
@@ -145,7 +137,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
     result.map(drop)
 }
 
-fn spawn(init: &Init, spec: &ExecSpec) -> Result<(std::process::Child, Receiver<ExitStatus>), ErrorReply> {
+fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process::Child, ErrorReply> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorReply::invalid("exec: argv is empty"));
     };
@@ -198,8 +190,17 @@ fn spawn(init: &Init, spec: &ExecSpec) -> Result<(std::process::Child, Receiver<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     configure_child(&mut cmd, creds.as_ref(), true);
-    init.spawn_tracked(&mut cmd)
-        .map_err(|e| ErrorReply::new(ErrorKind::ExecFailed, format!("exec {program:?}: {}", io_message(&e))))
+    init.spawn_tracked(&mut cmd, watcher).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
+            "; is the machine at its process limit?"
+        } else {
+            ""
+        };
+        ErrorReply::new(
+            ErrorKind::ExecFailed,
+            format!("exec {program:?}: {}{hint}", io_message(&e)),
+        )
+    })
 }
 
 /// Finds a bare program name in the exec's `PATH` with a few `stat`s, so
@@ -220,31 +221,6 @@ fn resolve_program(program: &str, env: &[String]) -> std::path::PathBuf {
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
         .unwrap_or_else(|| program.into())
-}
-
-/// Waits for the reaper to deliver the child's status, killing the group
-/// when the deadline passes first.
-fn wait_exit(rx: Receiver<ExitStatus>, deadline: Option<Instant>, ctl: &Ctl) {
-    let status = match deadline {
-        Some(deadline) => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Err(RecvTimeoutError::Timeout) => {
-                ctl.timed_out.store(true, Ordering::SeqCst);
-                ctl.kill_group();
-                rx.recv().ok()
-            }
-            other => other.ok(),
-        },
-        None => rx.recv().ok(),
-    };
-    // The sender is only dropped if the reaper is gone, i.e. init is exiting.
-    let mut status = status.unwrap_or(ExitStatus {
-        code: None,
-        signal: None,
-        timed_out: false,
-    });
-    status.timed_out = ctl.timed_out.load(Ordering::SeqCst);
-    *lock(&ctl.exit) = Some(status);
-    ctl.wake();
 }
 
 /// Copies `Stdin` frames to the child until `StdinEof` or the end of the
@@ -306,6 +282,7 @@ fn pump(
     stream: &UnixStream,
     mut outputs: [Option<(FrameKind, File)>; 2],
     mut wake: io::PipeReader,
+    deadline: Option<Instant>,
     ctl: &Ctl,
 ) -> io::Result<bool> {
     for (_, f) in outputs.iter().flatten() {
@@ -327,10 +304,21 @@ fn pump(
         let timeout = match exited_at {
             Some(_) if !open => break,
             Some(at) => match EXIT_GRACE.checked_sub(at.elapsed()) {
-                Some(left) if !left.is_zero() => left.as_millis().max(1) as i32,
+                Some(left) if !left.is_zero() => poll_ms(left),
                 _ => break,
             },
-            None => -1,
+            None if ctl.timed_out.load(Ordering::SeqCst) => -1,
+            None => match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+                Some(left) if left.is_zero() => {
+                    // Killed, not done: its exit still comes through the
+                    // reaper and ends the loop like any other.
+                    ctl.timed_out.store(true, Ordering::SeqCst);
+                    ctl.kill_group();
+                    continue;
+                }
+                Some(left) => poll_ms(left),
+                None => -1,
+            },
         };
 
         // [wake, socket, stdout?, stderr?]. The socket is polled for no
@@ -371,16 +359,18 @@ fn pump(
             }
         }
     }
-    let status = lock(&ctl.exit).unwrap_or(ExitStatus {
-        code: None,
-        signal: None,
-        timed_out: false,
-    });
+    let mut status = lock(&ctl.exit).expect("the loop ends only after the exit");
+    status.timed_out = ctl.timed_out.load(Ordering::SeqCst);
     // Mark done before the last write so a hangup right after it cannot make
     // anyone signal a group that may no longer be ours.
     ctl.done.store(true, Ordering::SeqCst);
     write_json(&mut out, FrameKind::Exit, &status)?;
     Ok(true)
+}
+
+/// A poll timeout for `left`, rounded up so the deadline is not missed.
+fn poll_ms(left: Duration) -> i32 {
+    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
 }
 
 fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {

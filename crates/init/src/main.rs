@@ -27,7 +27,7 @@ use std::{mem, ptr, thread};
 
 use hangar_init_protocol::{ExitStatus, io_message};
 
-use crate::state::{Init, configure_child, kill, wait_any};
+use crate::state::{Init, configure_child, kill, reset_inherited_dispositions, wait_any};
 
 const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] -- CMD [ARGS...]";
 
@@ -127,6 +127,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    reset_inherited_dispositions();
     // Before any thread exists, so that every thread inherits the mask and
     // signals can only be taken by the sigwaitinfo loop.
     let signals = block_signals();

@@ -7,8 +7,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use hangar_init_protocol::ExitStatus;
 
@@ -43,7 +42,13 @@ pub struct Init {
     /// failed child itself with `waitpid(pid)` and panics if someone else
     /// already did.
     spawn_lock: RwLock<()>,
-    waiters: Mutex<HashMap<u32, Sender<ExitStatus>>>,
+    waiters: Mutex<HashMap<u32, Arc<dyn ExitWatcher>>>,
+}
+
+/// Told by the reaper how an exec child ended (on the reaper's thread, so
+/// it must only record the status and wake whoever waits).
+pub trait ExitWatcher: Send + Sync {
+    fn exited(&self, status: ExitStatus);
 }
 
 impl Init {
@@ -88,15 +93,13 @@ impl Init {
         *lock(&self.main_exit)
     }
 
-    /// Spawns `cmd` and returns the child with a channel on which the reaper
-    /// delivers its exit status. Never call `wait` on the returned child: the
-    /// reaper owns all waiting.
-    pub fn spawn_tracked(&self, cmd: &mut Command) -> io::Result<(Child, Receiver<ExitStatus>)> {
+    /// Spawns `cmd`; the reaper tells `watcher` how it ended. Never call
+    /// `wait` on the returned child: the reaper owns all waiting.
+    pub fn spawn_tracked(&self, cmd: &mut Command, watcher: Arc<dyn ExitWatcher>) -> io::Result<Child> {
         let _guard = self.spawn_lock.read().unwrap_or_else(PoisonError::into_inner);
         let child = cmd.spawn()?;
-        let (tx, rx) = mpsc::channel();
-        lock(&self.waiters).insert(child.id(), tx);
-        Ok((child, rx))
+        lock(&self.waiters).insert(child.id(), watcher);
+        Ok(child)
     }
 
     /// Reaps every child that has exited, delivering exec children's statuses
@@ -109,10 +112,8 @@ impl Init {
             if Some(pid) == self.main_pid() {
                 *lock(&self.main_exit) = Some(status);
                 main = Some(status);
-            } else if let Some(tx) = lock(&self.waiters).remove(&pid) {
-                // The receiver may be gone if its connection thread died;
-                // then nobody cares.
-                let _ = tx.send(status);
+            } else if let Some(watcher) = lock(&self.waiters).remove(&pid) {
+                watcher.exited(status);
             }
         }
         main
@@ -156,9 +157,11 @@ pub fn decode_wait_status(status: libc::c_int) -> ExitStatus {
     }
 }
 
-/// Makes `cmd` start the way a process expects: empty signal mask and default
-/// dispositions (init blocks everything and the mask is inherited across
-/// exec), optionally a new session, and the given credentials.
+/// Makes `cmd` start the way a process expects: an empty signal mask (init
+/// blocks everything and the mask is inherited across exec), optionally a
+/// new session, and the given credentials. Dispositions need no work here:
+/// exec resets handled signals, init cleared inherited SIG_IGNs at start
+/// (see [`reset_inherited_dispositions`]), and std resets SIGPIPE.
 pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_session: bool) {
     // Everything the closure needs is allocated here: after fork in a
     // multi-threaded process only async-signal-safe calls are allowed.
@@ -170,7 +173,6 @@ pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_sessi
         // SAFETY: only async-signal-safe syscalls on memory owned by the
         // closure; this runs in the forked child before exec.
         unsafe {
-            reset_dispositions();
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -206,13 +208,16 @@ struct KernelSigaction {
     mask: u64,
 }
 
-/// Sets every signal's disposition to the default. Goes straight to the
-/// kernel because glibc refuses to touch the two RT signals it reserves
-/// (32, 33), and an inherited SIG_IGN on those would survive exec.
-/// Async-signal-safe.
-fn reset_dispositions() {
+/// Sets every signal's disposition to the default, except SIGPIPE, which
+/// std ignores so that a write to a closed connection fails instead of
+/// killing init (std restores it in every child). Called once at start:
+/// whatever the runtime left ignored would otherwise survive into every
+/// child's exec. Goes straight to the kernel because glibc refuses to touch
+/// the two RT signals it reserves (32, 33).
+pub fn reset_inherited_dispositions() {
     // 64 is the highest signal number on Linux (NSIG - 1).
-    for sig in (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
+    let keep = [libc::SIGKILL, libc::SIGSTOP, libc::SIGPIPE];
+    for sig in (1..=64).filter(|s| !keep.contains(s)) {
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         {
             let act = KernelSigaction {

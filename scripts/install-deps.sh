@@ -3,7 +3,8 @@
 # Usage: scripts/install-deps.sh [--test]   (--test adds what the tests use)
 set -euo pipefail
 need=(runc btrfs-progs busybox-static)
-[[ "${1:-}" == "--test" ]] && need+=(gcc runsc)
+# docker-registry, skopeo and htpasswd (apache2-utils): a real registry for the pull tests.
+[[ "${1:-}" == "--test" ]] && need+=(gcc runsc docker-registry skopeo apache2-utils)
 missing=()
 for pkg in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -215,10 +215,13 @@ impl Daemon {
             url: String::new(),
             token: String::new(),
             // One idle connection: every call reuses it (keep-alive).
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .pool_max_idle_per_host(1)
-                .build()?,
+            http: {
+                hangar_image::install_crypto_provider();
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .pool_max_idle_per_host(1)
+                    .build()?
+            },
             rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         };
         let log = File::create(d.data_dir.path().join("daemon.log"))?;

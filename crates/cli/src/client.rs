@@ -53,7 +53,10 @@ pub fn connect(url: Option<String>, token: Option<String>, data_dir: &Path) -> R
         }
     };
     Ok(Client {
-        http: reqwest::Client::builder().no_proxy().build()?,
+        http: {
+            hangar_image::install_crypto_provider();
+            reqwest::Client::builder().no_proxy().build()?
+        },
         base: url.trim_end_matches('/').to_owned(),
         token,
     })

@@ -19,15 +19,35 @@ pub enum ImageError {
         reason: String,
     },
 
-    /// The reference names a registry image; only local layouts can be
-    /// imported for now.
-    #[error(
-        "cannot import {reference:?}: pulling from registries is not supported yet (issue 3); \
-         use oci:/path/to/layout[:tag] or oci-archive:/path/to/file.tar[:tag]"
-    )]
-    RegistryUnsupported {
-        /// The registry reference as given.
-        reference: String,
+    /// The registry wants credentials we don't have, or refused the ones
+    /// we sent.
+    #[error("registry {registry} refused access to {repository}: {detail}")]
+    Unauthorized {
+        /// `host[:port]`.
+        registry: String,
+        /// The repository asked for.
+        repository: String,
+        /// What happened, and where credentials come from.
+        detail: String,
+    },
+
+    /// The registry could not be reached, or answered in a way we cannot
+    /// use (an HTTP error, a broken connection, a malformed answer).
+    #[error("registry {registry}: {detail}")]
+    Registry {
+        /// `host[:port]`.
+        registry: String,
+        /// What went wrong.
+        detail: String,
+    },
+
+    /// A configuration file (registry auth file, CA bundle) is unusable.
+    #[error("invalid {what}: {reason}")]
+    Config {
+        /// Which file.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
     },
 
     /// A layout, archive, tag or blob does not exist.
@@ -69,11 +89,11 @@ pub enum ImageError {
         actual: String,
     },
 
-    /// The layout's structure or JSON is not valid OCI.
-    #[error("invalid OCI layout {layout}: {reason}")]
-    InvalidLayout {
-        /// The layout (reference or path).
-        layout: String,
+    /// The image (its layout, manifest or config) is not valid OCI.
+    #[error("invalid image {image}: {reason}")]
+    Invalid {
+        /// The image reference (or layout path).
+        image: String,
         /// What is wrong with it.
         reason: String,
     },

@@ -6,17 +6,23 @@
 //! layer (whiteouts converted to overlayfs' form). Layer tars are untrusted:
 //! nothing in one can write outside its layer directory.
 //!
-//! The API is blocking; async callers run it on a blocking thread.
+//! Also pulls images from registries over the OCI distribution API
+//! ([`ImageStore::pull`], async); everything else is blocking, and async
+//! callers run it on a blocking thread.
 //! Importing needs root (owners, device nodes, `trusted.*` xattrs).
 
 mod error;
 mod oci;
+mod pull;
 mod reference;
+pub mod registry;
 mod store;
 mod unpack;
 mod writer;
 
 pub use error::{ImageError, Result};
-pub use reference::ImageRef;
+pub use pull::{LayerProgress, LayerStatus, ProgressSink, PullProgress};
+pub use reference::{ImageRef, RegistryRef};
+pub use registry::{RegistryClient, RegistryConfig, install_crypto_provider};
 pub use store::{Image, ImageConfig, ImageStore, Layer};
 pub use writer::write_oci_layout;

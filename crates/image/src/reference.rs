@@ -6,7 +6,8 @@ use std::str::FromStr;
 
 use crate::error::ImageError;
 
-const LOCAL_FORMS: &str = "oci:/abs/path/to/layout[:tag] or oci-archive:/abs/path/to/file.tar[:tag]";
+const FORMS: &str = "[registry/]repository[:tag][@sha256:digest], oci:/abs/path/to/layout[:tag] \
+     or oci-archive:/abs/path/to/file.tar[:tag]";
 
 /// Skopeo transports that name local storage we cannot read; refusing them
 /// by name gives a better message than "not a valid registry reference".
@@ -41,10 +42,9 @@ pub enum ImageRef {
         /// As for [`ImageRef::Oci`].
         tag: Option<String>,
     },
-    /// Anything that looks like a registry reference (`busybox:latest`,
-    /// `docker.io/x/y@sha256:…`, `docker://…`), kept verbatim. Importing it
-    /// fails with [`ImageError::RegistryUnsupported`] until pulling exists.
-    Registry(String),
+    /// An image in a registry (`busybox:latest`, `docker.io/x/y@sha256:…`,
+    /// `docker://…`), normalized.
+    Registry(RegistryRef),
 }
 
 impl ImageRef {
@@ -62,7 +62,7 @@ impl fmt::Display for ImageRef {
         let (transport, path, tag) = match self {
             ImageRef::Oci { path, tag } => ("oci", path, tag),
             ImageRef::OciArchive { path, tag } => ("oci-archive", path, tag),
-            ImageRef::Registry(r) => return f.write_str(r),
+            ImageRef::Registry(r) => return r.fmt(f),
         };
         write!(f, "{transport}:{}", path.display())?;
         if let Some(tag) = tag {
@@ -94,19 +94,14 @@ impl FromStr for ImageRef {
                  or oci-archive:{s} for a tar file"
             )));
         }
-        if let Some(rest) = s.strip_prefix("docker://") {
-            check_registry_ref(rest).map_err(|e| bad(format!("{e}; expected {LOCAL_FORMS}")))?;
-            return Ok(ImageRef::Registry(s.to_owned()));
-        }
+        let registry = s.strip_prefix("docker://").unwrap_or(s);
         if let Some((transport, _)) = s.split_once(':')
             && OTHER_TRANSPORTS.contains(&transport)
         {
-            return Err(bad(format!(
-                "the {transport}: transport is not supported; use {LOCAL_FORMS}"
-            )));
+            return Err(bad(format!("the {transport}: transport is not supported; use {FORMS}")));
         }
-        check_registry_ref(s).map_err(|e| bad(format!("{e}; expected {LOCAL_FORMS}")))?;
-        Ok(ImageRef::Registry(s.to_owned()))
+        let r = parse_registry_ref(registry).map_err(|e| bad(format!("{e}; expected {FORMS}")))?;
+        Ok(ImageRef::Registry(r))
     }
 }
 
@@ -156,10 +151,53 @@ pub(crate) fn check_tag(tag: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A loose check of the docker reference grammar
-/// (`[domain[:port]/]name[:tag][@algo:hex]`): enough to tell a plausible
-/// registry reference from a typo, not a full validator.
-fn check_registry_ref(r: &str) -> Result<(), String> {
+/// A registry image, normalized the way docker and podman do:
+/// `busybox` is `docker.io/library/busybox:latest`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RegistryRef {
+    /// `host[:port]`; Docker Hub is `docker.io`.
+    pub registry: String,
+    /// `library/busybox`, `owner/repo`, …
+    pub repository: String,
+    /// The tag; `latest` when neither a tag nor a digest was given.
+    pub tag: Option<String>,
+    /// `sha256:<hex>`, when the reference pins one.
+    pub digest: Option<String>,
+}
+
+impl RegistryRef {
+    /// The `host[:port]` that serves the registry API (Docker Hub's lives on
+    /// another name than its references use).
+    pub fn api_host(&self) -> &str {
+        if self.registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+
+    /// What the manifest is fetched by: the digest when pinned, else the tag.
+    pub fn manifest_reference(&self) -> &str {
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+    }
+}
+
+impl fmt::Display for RegistryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses the docker reference grammar
+/// (`[domain[:port]/]name[:tag][@sha256:hex]`) and normalizes it.
+fn parse_registry_ref(r: &str) -> Result<RegistryRef, String> {
     if r.is_empty() {
         return Err("empty reference".into());
     }
@@ -170,19 +208,10 @@ fn check_registry_ref(r: &str) -> Result<(), String> {
         Some((n, d)) => (n, Some(d)),
         None => (r, None),
     };
-    if let Some(d) = digest {
-        let Some((algo, hex)) = d.split_once(':') else {
-            return Err(format!("digest {d:?} is not of the form algorithm:hex"));
-        };
-        if algo.is_empty()
-            || !algo
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c))
-            || hex.len() < 32
-            || !hex.chars().all(|c| c.is_ascii_hexdigit())
-        {
-            return Err(format!("digest {d:?} is not of the form algorithm:hex"));
-        }
+    if let Some(d) = digest
+        && crate::oci::sha256_hex(d).is_none()
+    {
+        return Err(format!("digest {d:?} is not of the form sha256:<64 lowercase hex>"));
     }
     // A tag is a ':' after the last '/'; an earlier ':' is a registry port.
     let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
@@ -201,8 +230,7 @@ fn check_registry_ref(r: &str) -> Result<(), String> {
     }
     let mut components: Vec<&str> = name.split('/').collect();
     let first = components[0];
-    if components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost") {
-        // Registry host[:port].
+    let registry = if components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost") {
         let (host, port) = match first.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (first, None),
@@ -214,8 +242,14 @@ fn check_registry_ref(r: &str) -> Result<(), String> {
             return Err(format!("{first:?} is not a valid registry host"));
         }
         components.remove(0);
-    }
-    for c in components {
+        match first {
+            "index.docker.io" | "registry-1.docker.io" => "docker.io",
+            other => other,
+        }
+    } else {
+        "docker.io"
+    };
+    for c in &components {
         let ok = !c.is_empty()
             && c.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && c.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
@@ -227,7 +261,19 @@ fn check_registry_ref(r: &str) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    let mut repository = components.join("/");
+    if registry == "docker.io" && components.len() == 1 {
+        repository = format!("library/{repository}");
+    }
+    Ok(RegistryRef {
+        registry: registry.to_owned(),
+        repository,
+        tag: match (tag, digest) {
+            (None, None) => Some("latest".to_owned()),
+            (tag, _) => tag.map(str::to_owned),
+        },
+        digest: digest.map(str::to_owned),
+    })
 }
 
 #[cfg(test)]
@@ -299,28 +345,42 @@ mod tests {
             "oci:/a/b:t",
             "oci-archive:/a.tar",
             "oci-archive:/a.tar:x_y-z.1",
-            "busybox:latest",
-            "docker://alpine",
+            "docker.io/library/busybox:latest",
+            "127.0.0.1:5000/a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
             assert_eq!(parse(s).unwrap().to_string(), s);
         }
     }
 
     #[test]
-    fn registry_references() {
-        for s in [
-            "busybox",
-            "busybox:latest",
-            "library/busybox",
-            "docker.io/x/y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-            "docker.io/x/y:1.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-            "localhost:5000/foo/bar:dev",
-            "ghcr.io/owner/repo-name_x:v1",
-            "docker://busybox:latest",
-            "docker://quay.io/a/b",
+    fn registry_references_are_normalized() {
+        let pin = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (s, normal) in [
+            ("busybox", "docker.io/library/busybox:latest"),
+            ("busybox:1.36", "docker.io/library/busybox:1.36"),
+            ("docker://busybox:latest", "docker.io/library/busybox:latest"),
+            ("library/busybox", "docker.io/library/busybox:latest"),
+            ("index.docker.io/x/y", "docker.io/x/y:latest"),
+            (&format!("docker.io/x/y@{pin}"), &format!("docker.io/x/y@{pin}")),
+            (&format!("docker.io/x/y:1.0@{pin}"), &format!("docker.io/x/y:1.0@{pin}")),
+            ("localhost:5000/foo/bar:dev", "localhost:5000/foo/bar:dev"),
+            ("ghcr.io/owner/repo-name_x:v1", "ghcr.io/owner/repo-name_x:v1"),
+            ("docker://quay.io/a/b", "quay.io/a/b:latest"),
         ] {
-            assert_eq!(parse(s).unwrap(), ImageRef::Registry(s.into()), "{s}");
+            assert_eq!(parse(s).unwrap().to_string(), normal, "{s}");
         }
+        let ImageRef::Registry(r) = parse("127.0.0.1:5000/a/b:t").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.api_host()),
+            ("127.0.0.1:5000", "a/b", "127.0.0.1:5000")
+        );
+        assert_eq!(r.manifest_reference(), "t");
+        let ImageRef::Registry(r) = parse(&format!("x:t@{pin}")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.api_host(), r.manifest_reference()), ("registry-1.docker.io", pin));
     }
 
     #[test]
@@ -362,10 +422,11 @@ mod tests {
             "foo//bar",
             "x@sha256:zz",
             "x@nothex",
+            "x@sha512:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "docker://",
         ] {
             let r = bad_reason(s);
-            assert!(r.contains("expected oci:"), "{s:?}: {r}");
+            assert!(r.contains("expected [registry/]repository"), "{s:?}: {r}");
         }
     }
 

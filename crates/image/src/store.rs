@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, FlockOperation, Mode, RenameFlags};
@@ -19,9 +20,9 @@ use crate::unpack::{self, UnpackMode};
 
 /// Index, manifest and config JSON is read into memory; anything bigger than
 /// this is not a plausible one.
-const MAX_JSON: u64 = 16 << 20;
+pub(crate) const MAX_JSON: u64 = 16 << 20;
 /// How many image indexes may nest before we give up.
-const MAX_INDEX_DEPTH: usize = 4;
+pub(crate) const MAX_INDEX_DEPTH: usize = 4;
 
 /// An image imported into an [`ImageStore`]. Serializable: the daemon keeps
 /// it as JSON.
@@ -106,7 +107,9 @@ impl From<&ImageConfig> for ContainerConfig {
 ///   against its digest before it appears here;
 /// - `layers/<diff_id hex>/`: unpacked layers, ready to be overlayfs lower
 ///   directories; each is complete or absent;
-/// - `tmp/`: scratch space for imports in progress.
+/// - `tmp/`: scratch space for imports in progress, cleared on open;
+/// - `partial/<hex>`: blobs being downloaded, kept across restarts so a pull
+///   can resume them (and verify them in full before they enter `blobs/`).
 ///
 /// All methods block; call them from a blocking thread. One store may be
 /// used from many threads, and several stores (or processes) may share a
@@ -114,6 +117,9 @@ impl From<&ImageConfig> for ContainerConfig {
 #[derive(Debug)]
 pub struct ImageStore {
     root: PathBuf,
+    /// One lock per blob being downloaded, so concurrent pulls that share
+    /// a layer fetch it once.
+    blob_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Held (shared) for the store's lifetime so a later `open` knows not to
     /// clear `tmp/` under us.
     _lock: File,
@@ -125,7 +131,7 @@ impl ImageStore {
     /// Leftovers of interrupted imports in `tmp/` are removed, unless another
     /// `ImageStore` on the same root is open (it may be using them).
     pub fn open(root: &Path) -> Result<ImageStore> {
-        for dir in ["blobs/sha256", "layers", "tmp"] {
+        for dir in ["blobs/sha256", "layers", "tmp", "partial"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).context(|| format!("creating image store directory {}", p.display()))?;
         }
@@ -138,6 +144,7 @@ impl ImageStore {
             .context(|| format!("opening {}", lock_path.display()))?;
         let store = ImageStore {
             root: root.to_owned(),
+            blob_locks: Default::default(),
             _lock: lock,
         };
         match rfs::flock(&store._lock, FlockOperation::NonBlockingLockExclusive) {
@@ -186,8 +193,9 @@ impl ImageStore {
     pub fn import(&self, r: &ImageRef) -> Result<Image> {
         let name = r.to_string();
         match r {
-            ImageRef::Registry(reference) => Err(ImageError::RegistryUnsupported {
-                reference: reference.clone(),
+            ImageRef::Registry(_) => Err(ImageError::BadReference {
+                reference: name,
+                reason: "registry images are pulled (ImageStore::pull), not imported".into(),
             }),
             ImageRef::Oci { path, tag } => self.import_layout(path, tag.as_deref(), &name),
             ImageRef::OciArchive { path, tag } => {
@@ -212,59 +220,30 @@ impl ImageStore {
     fn import_layout(&self, layout: &Path, tag: Option<&str>, name: &str) -> Result<Image> {
         let l = Layout { dir: layout, name };
         let index: Index = l.read_index()?;
-        let desc = select_by_tag(&index, tag, name)?;
-        let (manifest_desc, manifest_bytes, manifest) = l.resolve_manifest(desc)?;
-
-        if !oci::is_config(&manifest.config.media_type) {
-            return Err(ImageError::UnsupportedMediaType {
-                what: format!("config {} of {name}", manifest.config.digest),
-                media_type: manifest.config.media_type.clone(),
-            });
-        }
-        let config_bytes = l.read_small_blob(&manifest.config, "config")?;
-        let config: ConfigFile = serde_json::from_slice(&config_bytes)
-            .map_err(|e| l.invalid(format!("config {}: {e}", manifest.config.digest)))?;
-        if !(config.os.is_empty() && config.architecture.is_empty())
-            && (config.os != "linux" || config.architecture != "amd64")
-        {
-            return Err(ImageError::UnsupportedPlatform {
-                what: format!("{name} (manifest {})", manifest_desc.digest),
-                available: format!("{}/{}", config.os, config.architecture),
-            });
-        }
-        if config.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(l.invalid(format!(
-                "manifest {} has {} layers but its config lists {} diff_ids",
-                manifest_desc.digest,
-                manifest.layers.len(),
-                config.rootfs.diff_ids.len()
-            )));
-        }
-        // Check every layer before unpacking any, so an unsupported layer
-        // fails fast.
-        let mut plan = Vec::new();
-        for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-            let compression =
-                oci::layer_compression(&desc.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
-                    what: format!("layer {} of {name}", desc.digest),
-                    media_type: desc.media_type.clone(),
-                })?;
-            l.hex(&desc.digest)?;
-            if oci::sha256_hex(diff_id).is_none() {
-                return Err(l.invalid(format!(
-                    "diff_id {diff_id:?} of layer {} is not a sha256 digest",
-                    desc.digest
-                )));
+        let mut desc = select_by_tag(&index, tag, name)?.clone();
+        let (manifest_bytes, manifest) = 'resolve: {
+            for _ in 0..MAX_INDEX_DEPTH {
+                let bytes = l.read_small_blob(&desc, "manifest")?;
+                match resolve_step(&desc, &bytes, name)? {
+                    Resolved::Index(next) => desc = next,
+                    Resolved::Manifest(manifest) => break 'resolve (bytes, manifest),
+                }
             }
-            plan.push((desc, diff_id, compression));
-        }
+            return Err(invalid(
+                name,
+                format!("image indexes nest more than {MAX_INDEX_DEPTH} deep"),
+            ));
+        };
+        check_config_type(&manifest, name)?;
+        let config_bytes = l.read_small_blob(&manifest.config, "config")?;
+        let (config, plan) = plan_layers(&manifest, &desc.digest, &config_bytes, name)?;
 
         let mut layers = Vec::new();
         for (desc, diff_id, compression) in plan {
-            self.import_layer(&l, desc, diff_id, compression)?;
+            self.import_layer(&l, &desc, &diff_id, compression)?;
             layers.push(Layer {
                 digest: desc.digest.clone(),
-                diff_id: diff_id.clone(),
+                diff_id,
                 media_type: desc.media_type.clone(),
                 size: desc.size,
             });
@@ -272,11 +251,11 @@ impl ImageStore {
         // Config and manifest last: a manifest in the store means its
         // layers are there too.
         self.commit_bytes(&manifest.config.digest, &config_bytes)?;
-        self.commit_bytes(&manifest_desc.digest, &manifest_bytes)?;
+        self.commit_bytes(&desc.digest, &manifest_bytes)?;
 
         Ok(Image {
             reference: name.to_owned(),
-            manifest_digest: manifest_desc.digest.clone(),
+            manifest_digest: desc.digest.clone(),
             config: config.config.into(),
             layers,
         })
@@ -284,7 +263,13 @@ impl ImageStore {
 
     /// Copies one layer blob into the CAS and unpacks it, in one pass over
     /// the source, skipping whichever of the two is already done.
-    fn import_layer(&self, l: &Layout<'_>, desc: &Descriptor, diff_id: &str, compression: Compression) -> Result<()> {
+    pub(crate) fn import_layer(
+        &self,
+        l: &Layout<'_>,
+        desc: &Descriptor,
+        diff_id: &str,
+        compression: Compression,
+    ) -> Result<()> {
         let blob_dst = self.blob_path(&desc.digest);
         let layer_dst = self.layer_path(diff_id);
         let have_blob = match fs::metadata(&blob_dst) {
@@ -365,7 +350,7 @@ impl ImageStore {
     }
 
     /// Stores small verified content (config, manifest) under its digest.
-    fn commit_bytes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn commit_bytes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         let dst = self.blob_path(digest);
         if dst.exists() {
             return Ok(());
@@ -380,7 +365,7 @@ impl ImageStore {
     /// Renames a finished temporary into place, unless something already is
     /// there: then a concurrent import won, with identical content, and ours
     /// is dropped.
-    fn commit(&self, mut tmp: TmpPath, dst: &Path) -> Result<()> {
+    pub(crate) fn commit(&self, mut tmp: TmpPath, dst: &Path) -> Result<()> {
         match rfs::renameat_with(rfs::CWD, &tmp.path, rfs::CWD, dst, RenameFlags::NOREPLACE) {
             Ok(()) => tmp.keep = true,
             Err(Errno::EXIST | Errno::NOTEMPTY) => {}
@@ -396,6 +381,14 @@ impl ImageStore {
                 .context(|| format!("syncing {}", parent.display()))?;
         }
         Ok(())
+    }
+
+    /// The lock that serializes downloads of one blob.
+    pub(crate) fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.blob_locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget the locks nobody holds any more.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(digest.to_owned()).or_default().clone()
     }
 
     fn tmp_name(&self, kind: &str) -> PathBuf {
@@ -516,8 +509,8 @@ fn select_by_tag<'a>(index: &'a Index, tag: Option<&str>, name: &str) -> Result<
                     what: format!("tag {tag:?} in {name}"),
                     detail: format!("available tags: {}", tags()),
                 }),
-                (Some(_), Some(_)) => Err(ImageError::InvalidLayout {
-                    layout: name.to_owned(),
+                (Some(_), Some(_)) => Err(ImageError::Invalid {
+                    image: name.to_owned(),
                     reason: format!("index.json has several entries tagged {tag:?}"),
                 }),
             }
@@ -540,11 +533,21 @@ fn select_by_tag<'a>(index: &'a Index, tag: Option<&str>, name: &str) -> Result<
     }
 }
 
-/// A temporary file or directory under `tmp/`, removed on drop unless kept.
-struct TmpPath {
+/// A temporary file or directory, removed on drop unless kept.
+pub(crate) struct TmpPath {
     path: PathBuf,
     dir: bool,
     keep: bool,
+}
+
+impl TmpPath {
+    pub(crate) fn file(path: PathBuf) -> TmpPath {
+        TmpPath {
+            path,
+            dir: false,
+            keep: false,
+        }
+    }
 }
 
 impl Drop for TmpPath {
@@ -560,19 +563,16 @@ impl Drop for TmpPath {
     }
 }
 
-/// An OCI image layout being read.
-struct Layout<'a> {
-    dir: &'a Path,
+/// An OCI image layout being read (the store's own root is one too).
+pub(crate) struct Layout<'a> {
+    pub dir: &'a Path,
     /// The reference, for messages (the directory may be a temporary one).
-    name: &'a str,
+    pub name: &'a str,
 }
 
 impl Layout<'_> {
     fn invalid(&self, reason: String) -> ImageError {
-        ImageError::InvalidLayout {
-            layout: self.name.to_owned(),
-            reason,
-        }
+        invalid(self.name, reason)
     }
 
     fn hex<'d>(&self, digest: &'d str) -> Result<&'d str> {
@@ -652,56 +652,136 @@ impl Layout<'_> {
         }
         Ok(bytes)
     }
+}
 
-    /// Follows image indexes (picking linux/amd64) down to an image manifest.
-    fn resolve_manifest(&self, desc: &Descriptor) -> Result<(Descriptor, Vec<u8>, Manifest)> {
-        let mut desc = desc.clone();
-        for _ in 0..MAX_INDEX_DEPTH {
-            let bytes = self.read_small_blob(&desc, "manifest")?;
-            let media_type = if desc.media_type.is_empty() {
-                let probe: Probe = serde_json::from_slice(&bytes)
-                    .map_err(|e| self.invalid(format!("manifest {}: {e}", desc.digest)))?;
-                probe.media_type.unwrap_or_else(|| {
-                    if probe.manifests.is_some() {
-                        oci::OCI_INDEX.to_owned()
-                    } else {
-                        oci::OCI_MANIFEST.to_owned()
-                    }
-                })
+/// What one manifest document turned out to be.
+pub(crate) enum Resolved {
+    /// An index: follow this entry (the linux/amd64 one).
+    Index(Descriptor),
+    Manifest(Manifest),
+}
+
+/// Reads one document on the way from a tag to an image manifest.
+/// `desc.media_type` may be empty (then the document says what it is).
+pub(crate) fn resolve_step(desc: &Descriptor, bytes: &[u8], name: &str) -> Result<Resolved> {
+    let media_type = if desc.media_type.is_empty() {
+        let probe: Probe =
+            serde_json::from_slice(bytes).map_err(|e| invalid(name, format!("manifest {}: {e}", desc.digest)))?;
+        probe.media_type.unwrap_or_else(|| {
+            if probe.manifests.is_some() {
+                oci::OCI_INDEX.to_owned()
             } else {
-                desc.media_type.clone()
-            };
-            if oci::is_index(&media_type) {
-                let index: Index = serde_json::from_slice(&bytes)
-                    .map_err(|e| self.invalid(format!("image index {}: {e}", desc.digest)))?;
-                desc = pick_platform(&index, &desc.digest, self.name)?.clone();
-                continue;
+                oci::OCI_MANIFEST.to_owned()
             }
-            if !oci::is_manifest(&media_type) {
-                return Err(ImageError::UnsupportedMediaType {
-                    what: format!("manifest {} of {}", desc.digest, self.name),
-                    media_type,
-                });
-            }
-            let manifest: Manifest =
-                serde_json::from_slice(&bytes).map_err(|e| self.invalid(format!("manifest {}: {e}", desc.digest)))?;
-            if manifest.schema_version != 2 {
-                return Err(self.invalid(format!(
-                    "manifest {} has schemaVersion {}; only 2 is supported",
-                    desc.digest, manifest.schema_version
-                )));
-            }
-            if let Some(mt) = &manifest.media_type
-                && !oci::is_manifest(mt)
-            {
-                return Err(ImageError::UnsupportedMediaType {
-                    what: format!("manifest {} of {}", desc.digest, self.name),
-                    media_type: mt.clone(),
-                });
-            }
-            return Ok((desc, bytes, manifest));
+        })
+    } else {
+        desc.media_type.clone()
+    };
+    if oci::is_index(&media_type) {
+        let index: Index =
+            serde_json::from_slice(bytes).map_err(|e| invalid(name, format!("image index {}: {e}", desc.digest)))?;
+        return Ok(Resolved::Index(pick_platform(&index, &desc.digest, name)?.clone()));
+    }
+    if !oci::is_manifest(&media_type) {
+        return Err(ImageError::UnsupportedMediaType {
+            what: format!("manifest {} of {name}", desc.digest),
+            media_type,
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| invalid(name, format!("manifest {}: {e}", desc.digest)))?;
+    if manifest.schema_version != 2 {
+        return Err(invalid(
+            name,
+            format!(
+                "manifest {} has schemaVersion {}; only 2 is supported",
+                desc.digest, manifest.schema_version
+            ),
+        ));
+    }
+    if let Some(mt) = &manifest.media_type
+        && !oci::is_manifest(mt)
+    {
+        return Err(ImageError::UnsupportedMediaType {
+            what: format!("manifest {} of {name}", desc.digest),
+            media_type: mt.clone(),
+        });
+    }
+    Ok(Resolved::Manifest(manifest))
+}
+
+pub(crate) fn check_config_type(manifest: &Manifest, name: &str) -> Result<()> {
+    if oci::is_config(&manifest.config.media_type) {
+        Ok(())
+    } else {
+        Err(ImageError::UnsupportedMediaType {
+            what: format!("config {} of {name}", manifest.config.digest),
+            media_type: manifest.config.media_type.clone(),
+        })
+    }
+}
+
+/// One layer to fetch and unpack: its descriptor, diff_id and compression.
+pub(crate) type LayerPlan = (Descriptor, String, Compression);
+
+/// Checks the config against the manifest and this host, and every layer
+/// before any is fetched or unpacked, so an unsupported image fails fast.
+pub(crate) fn plan_layers(
+    manifest: &Manifest,
+    manifest_digest: &str,
+    config_bytes: &[u8],
+    name: &str,
+) -> Result<(ConfigFile, Vec<LayerPlan>)> {
+    let config: ConfigFile = serde_json::from_slice(config_bytes)
+        .map_err(|e| invalid(name, format!("config {}: {e}", manifest.config.digest)))?;
+    if !(config.os.is_empty() && config.architecture.is_empty())
+        && (config.os != "linux" || config.architecture != "amd64")
+    {
+        return Err(ImageError::UnsupportedPlatform {
+            what: format!("{name} (manifest {manifest_digest})"),
+            available: format!("{}/{}", config.os, config.architecture),
+        });
+    }
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(invalid(
+            name,
+            format!(
+                "manifest {manifest_digest} has {} layers but its config lists {} diff_ids",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            ),
+        ));
+    }
+    let mut plan = Vec::new();
+    for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+        let compression = oci::layer_compression(&desc.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
+            what: format!("layer {} of {name}", desc.digest),
+            media_type: desc.media_type.clone(),
+        })?;
+        if oci::sha256_hex(&desc.digest).is_none() {
+            return Err(invalid(
+                name,
+                format!(
+                    "layer digest {:?} is not a sha256 digest (sha256:<64 lowercase hex>)",
+                    desc.digest
+                ),
+            ));
         }
-        Err(self.invalid(format!("image indexes nest more than {MAX_INDEX_DEPTH} deep")))
+        if oci::sha256_hex(diff_id).is_none() {
+            return Err(invalid(
+                name,
+                format!("diff_id {diff_id:?} of layer {} is not a sha256 digest", desc.digest),
+            ));
+        }
+        plan.push((desc.clone(), diff_id.clone(), compression));
+    }
+    Ok((config, plan))
+}
+
+pub(crate) fn invalid(name: &str, reason: String) -> ImageError {
+    ImageError::Invalid {
+        image: name.to_owned(),
+        reason,
     }
 }
 

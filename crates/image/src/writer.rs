@@ -45,8 +45,8 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config:
     // overwrite.
     let index_path = layout_dir.join("index.json");
     let mut index = match fs::read(&index_path) {
-        Ok(bytes) => serde_json::from_slice::<Index>(&bytes).map_err(|e| ImageError::InvalidLayout {
-            layout: name.clone(),
+        Ok(bytes) => serde_json::from_slice::<Index>(&bytes).map_err(|e| ImageError::Invalid {
+            image: name.clone(),
             reason: format!("existing index.json: {e}"),
         })?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Index {

@@ -939,10 +939,10 @@ fn tag_selection() {
         other => panic!("expected NotFound, got {other:?}"),
     }
     match store.import(&parse("docker.io/library/busybox:latest")) {
-        Err(e @ ImageError::RegistryUnsupported { .. }) => {
-            assert!(e.to_string().contains("issue 3"));
+        Err(e @ ImageError::BadReference { .. }) => {
+            assert!(e.to_string().contains("pulled"), "{e}");
         }
-        other => panic!("expected RegistryUnsupported, got {other:?}"),
+        other => panic!("expected BadReference, got {other:?}"),
     }
 }
 

@@ -150,7 +150,10 @@ impl Daemon {
             url: String::new(),
             token: String::new(),
             child: None,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: {
+                hangar_image::install_crypto_provider();
+                reqwest::Client::builder().no_proxy().build().unwrap()
+            },
         };
         d.spawn();
         d

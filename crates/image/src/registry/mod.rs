@@ -1,0 +1,452 @@
+//! A client for the OCI distribution API: just what pulling needs
+//! (manifests and blobs, read-only), with anonymous, basic and bearer-token
+//! auth.
+//!
+//! Written on reqwest rather than taken from `oci-client`: that crate reads
+//! bodies without bounds and cannot resume a blob into a file, and the
+//! descriptor, index and platform logic is already in this crate.
+
+mod auth;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Response, StatusCode};
+use serde::Deserialize;
+
+use auth::Challenge;
+pub use auth::Credentials;
+
+use crate::error::{ImageError, Result};
+use crate::oci;
+use crate::reference::RegistryRef;
+
+/// Index and manifest documents are read into memory; anything bigger than
+/// this is not a plausible one.
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// Every manifest type we can read. Registries pick by `Accept`, and some
+/// (distribution 2.8) answer 404 or 400 for a type not listed here.
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
+     application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, \
+     application/vnd.docker.distribution.manifest.v2+json";
+
+/// How the daemon talks to registries.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// A docker/podman auth file (`{"auths": {"host": {"auth": …}}}`). When
+    /// unset, the usual places are searched: `$REGISTRY_AUTH_FILE`,
+    /// `$XDG_RUNTIME_DIR/containers/auth.json`,
+    /// `~/.config/containers/auth.json`, `~/.docker/config.json`.
+    pub auth_file: Option<PathBuf>,
+    /// PEM certificates trusted for HTTPS registries, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Registries (`host[:port]`) reached over plain HTTP. Loopback ones
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`) always are.
+    pub insecure: Vec<String>,
+}
+
+/// A registry client. Cheap to clone; one serves every registry.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    auth_files: Vec<PathBuf>,
+    insecure: Vec<String>,
+}
+
+impl RegistryClient {
+    pub fn new(config: &RegistryConfig) -> Result<RegistryClient> {
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("hangar/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            // Between two reads of a body, not for the whole body: a big
+            // layer on a slow link may take long, a stalled one may not.
+            .read_timeout(Duration::from_secs(60));
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| ImageError::Io {
+                context: format!("reading registry CA file {}", ca.display()),
+                source: e,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ImageError::Config {
+                what: format!("registry CA file {}", ca.display()),
+                reason: e.to_string(),
+            })?;
+            if certs.is_empty() {
+                return Err(ImageError::Config {
+                    what: format!("registry CA file {}", ca.display()),
+                    reason: "no PEM certificate in it".into(),
+                });
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| ImageError::Config {
+            what: "registry client settings".into(),
+            reason: error_chain(&e),
+        })?;
+        Ok(RegistryClient {
+            http,
+            auth_files: auth::default_auth_files(config.auth_file.as_deref()),
+            insecure: config.insecure.clone(),
+        })
+    }
+
+    /// A handle on one repository, with its credentials looked up.
+    pub(crate) fn repository(&self, r: &RegistryRef) -> Result<Repository> {
+        let host = r.api_host();
+        let scheme = if is_loopback(host) || self.insecure.iter().any(|i| i == host || *i == r.registry) {
+            "http"
+        } else {
+            "https"
+        };
+        Ok(Repository {
+            http: self.http.clone(),
+            base: format!("{scheme}://{host}/v2/{}", r.repository),
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            credentials: auth::lookup(&self.auth_files, &r.registry, &r.repository)?,
+            authorization: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// Makes ring the process's TLS crypto provider. Every process that builds
+/// a `reqwest::Client` must call this first: the workspace's reqwest has
+/// rustls without a built-in provider (the default one, aws-lc-rs, is a
+/// long C build), and building a client without one panics.
+pub fn install_crypto_provider() {
+    static PROVIDER: OnceLock<()> = OnceLock::new();
+    PROVIDER.get_or_init(|| {
+        // Fails only if another provider was installed first, which is as
+        // good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// One repository in one registry, and how we currently authenticate to it.
+#[derive(Debug)]
+pub(crate) struct Repository {
+    http: reqwest::Client,
+    /// `scheme://host/v2/<repository>`.
+    base: String,
+    registry: String,
+    repository: String,
+    credentials: Option<Credentials>,
+    /// The `Authorization` value that worked last (basic, or a bearer
+    /// token); `None` until a challenge asks for one.
+    authorization: tokio::sync::Mutex<Option<String>>,
+}
+
+/// A manifest or index as the registry served it, verified.
+#[derive(Debug)]
+pub(crate) struct FetchedManifest {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: String,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// The error body of the distribution API.
+#[derive(Deserialize)]
+struct ErrorsBody {
+    errors: Vec<ErrorEntry>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEntry {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl Repository {
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// Fetches a manifest or index by tag or digest, and checks it against
+    /// the digest it was asked by (or the one the registry claims).
+    pub async fn manifest(&self, reference: &str) -> Result<FetchedManifest> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_TYPES));
+        let url = format!("{}/manifests/{reference}", self.base);
+        let what = format!("{}/{}:{reference}", self.registry, self.repository);
+        let response = self.get(&url, headers, &what).await?;
+        let media_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
+            .unwrap_or_default();
+        let claimed = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = self.read_small(response, &what).await?;
+        let digest = oci::digest_of(&bytes);
+        let expected = if reference.starts_with("sha256:") {
+            Some(reference.to_owned())
+        } else {
+            claimed.filter(|c| c.starts_with("sha256:"))
+        };
+        if let Some(expected) = expected
+            && expected != digest
+        {
+            return Err(ImageError::DigestMismatch {
+                what: format!("manifest {what}"),
+                expected,
+                actual: digest,
+            });
+        }
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Starts downloading a blob, from byte `offset` on. The answer is
+    /// 200 (the whole blob) or 206 (the rest); the caller checks which.
+    pub async fn blob(&self, digest: &str, offset: u64) -> Result<Response> {
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            headers.insert(
+                RANGE,
+                HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii"),
+            );
+        }
+        let url = format!("{}/blobs/{digest}", self.base);
+        let what = format!("blob {digest} of {}/{}", self.registry, self.repository);
+        self.get(&url, headers, &what).await
+    }
+
+    /// Turns a transport failure into a registry error that says which.
+    pub fn transport_error(&self, e: &reqwest::Error) -> ImageError {
+        let detail = if e.is_connect() {
+            format!(
+                "cannot connect ({}); check the registry's address and that it is running",
+                error_chain(e)
+            )
+        } else if e.is_timeout() {
+            format!("timed out ({})", error_chain(e))
+        } else {
+            error_chain(e)
+        };
+        ImageError::Registry {
+            registry: self.registry.clone(),
+            detail,
+        }
+    }
+
+    /// A GET that answers a 401 challenge once (getting a token or sending
+    /// basic credentials), then maps error statuses to errors.
+    async fn get(&self, url: &str, headers: HeaderMap, what: &str) -> Result<Response> {
+        let mut fresh = false;
+        loop {
+            let mut request = self.http.get(url).headers(headers.clone());
+            if let Some(authorization) = self.authorization.lock().await.clone() {
+                request = request.header(AUTHORIZATION, authorization);
+            }
+            let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !fresh {
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(auth::parse_challenge);
+                self.authenticate(challenge).await?;
+                fresh = true;
+                continue;
+            }
+            if status.is_success() {
+                return Ok(response);
+            }
+            return Err(self.status_error(response, what).await);
+        }
+    }
+
+    async fn authenticate(&self, challenge: Option<Challenge>) -> Result<()> {
+        let value = match challenge {
+            None => {
+                return Err(self.unauthorized("it asked for credentials in a way we do not understand".into()));
+            }
+            Some(Challenge::Basic) => match &self.credentials {
+                Some(c) => c.basic_header(),
+                None => return Err(self.unauthorized(self.needs_credentials())),
+            },
+            Some(Challenge::Bearer { realm, service, .. }) => self.fetch_token(&realm, service.as_deref()).await?,
+        };
+        *self.authorization.lock().await = Some(value);
+        Ok(())
+    }
+
+    /// Gets a pull token from the registry's token server, with our
+    /// credentials if we have some (anonymous otherwise).
+    async fn fetch_token(&self, realm: &str, service: Option<&str>) -> Result<String> {
+        let url = reqwest::Url::parse(realm).map_err(|e| ImageError::Registry {
+            registry: self.registry.clone(),
+            detail: format!("its token server address {realm:?} is not a URL: {e}"),
+        })?;
+        let scope = format!("repository:{}:pull", self.repository);
+        let mut query = vec![("scope", scope.as_str())];
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        let mut request = self.http.get(url).query(&query);
+        if let Some(c) = &self.credentials {
+            request = request.header(AUTHORIZATION, c.basic_header());
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        match response.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                let detail = match &self.credentials {
+                    Some(c) => format!("its token server refused the credentials of user {:?}", c.username),
+                    None => self.needs_credentials(),
+                };
+                return Err(self.unauthorized(detail));
+            }
+            s => {
+                return Err(ImageError::Registry {
+                    registry: self.registry.clone(),
+                    detail: format!("its token server {realm} answered HTTP {s}"),
+                });
+            }
+        }
+        let body = self.read_small(response, "token").await?;
+        let token: TokenResponse = serde_json::from_slice(&body).map_err(|e| ImageError::Registry {
+            registry: self.registry.clone(),
+            detail: format!("its token server {realm} sent an unreadable answer: {e}"),
+        })?;
+        let token = token.token.or(token.access_token).ok_or_else(|| ImageError::Registry {
+            registry: self.registry.clone(),
+            detail: format!("its token server {realm} sent no token"),
+        })?;
+        Ok(format!("Bearer {token}"))
+    }
+
+    fn needs_credentials(&self) -> String {
+        format!(
+            "it needs credentials and none are configured for {}: add them to the registry auth file \
+             (hangar serve --registry-auth-file FILE, docker/podman auth.json format)",
+            self.registry
+        )
+    }
+
+    fn unauthorized(&self, detail: String) -> ImageError {
+        ImageError::Unauthorized {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            detail,
+        }
+    }
+
+    async fn status_error(&self, response: Response, what: &str) -> ImageError {
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        let errors: Vec<ErrorEntry> = serde_json::from_slice::<ErrorsBody>(&body)
+            .map(|b| b.errors)
+            .unwrap_or_default();
+        let said = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let said = if said.is_empty() {
+            String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned()
+        } else {
+            said
+        };
+        match status {
+            StatusCode::NOT_FOUND => ImageError::NotFound {
+                what: what.to_owned(),
+                detail: format!(
+                    "the registry answered 404 ({}); check the repository and tag",
+                    if said.is_empty() { "no details" } else { &said }
+                ),
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => self.unauthorized(match &self.credentials {
+                Some(c) => format!("HTTP {status} with the credentials of user {:?}: {said}", c.username),
+                None => format!("HTTP {status}: {said}; {}", self.needs_credentials()),
+            }),
+            _ => ImageError::Registry {
+                registry: self.registry.clone(),
+                detail: format!("HTTP {status} for {what}: {said}"),
+            },
+        }
+    }
+
+    /// Reads a small body (manifest, token) with a size cap.
+    async fn read_small(&self, mut response: Response, what: &str) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(&e))? {
+            if bytes.len() + chunk.len() > MAX_MANIFEST {
+                return Err(ImageError::Registry {
+                    registry: self.registry.clone(),
+                    detail: format!("{what} is larger than {} MiB", MAX_MANIFEST >> 20),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+}
+
+/// An error and its sources on one line (reqwest's own message is often
+/// just "error sending request").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.0.0.1:5000",
+            "127.1.2.3:80",
+            "[::1]:5000",
+            "[::1]",
+        ] {
+            assert!(super::is_loopback(h), "{h}");
+        }
+        for h in ["docker.io", "10.0.0.1:5000", "localhost.example:5000", "[::2]:5000"] {
+            assert!(!super::is_loopback(h), "{h}");
+        }
+    }
+}

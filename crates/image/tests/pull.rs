@@ -1,0 +1,608 @@
+//! Pulls from a real registry (Debian's `docker-registry`, distribution
+//! 2.8) on loopback, with images pushed by `skopeo` and, for the shapes
+//! skopeo cannot make, by hand over the registry API. Needs root (layers
+//! unpack with owners and xattrs) and the two programs; skips otherwise.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_image::{
+    ImageConfig, ImageError, ImageRef, ImageStore, LayerStatus, PullProgress, RegistryClient, RegistryConfig,
+    RegistryRef, write_oci_layout,
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+fn usable() -> bool {
+    hangar_image::install_crypto_provider();
+    let have = |p: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: pull tests need root");
+        return false;
+    }
+    for program in ["docker-registry", "skopeo"] {
+        if !have(program) {
+            eprintln!("skipping: {program} is not installed (scripts/install-deps.sh --test)");
+            return false;
+        }
+    }
+    true
+}
+
+macro_rules! require {
+    () => {
+        if !usable() {
+            return;
+        }
+    };
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A `docker-registry` on 127.0.0.1, stopped on drop.
+struct Registry {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    addr: String,
+    htpasswd: Option<(String, String)>,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// With basic auth for `user:password` (bcrypt htpasswd).
+    fn start_with(htpasswd: Option<(&str, &str)>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry {
+            dir,
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            htpasswd: htpasswd.map(|(u, p)| (u.to_owned(), p.to_owned())),
+        };
+        if let Some((user, password)) = &r.htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "htpasswd: {out:?}");
+            std::fs::write(r.dir.path().join("htpasswd"), out.stdout).unwrap();
+        }
+        r.run();
+        r
+    }
+
+    /// Starts the registry process (again, on the same port and storage).
+    fn run(&mut self) {
+        let auth = match self.htpasswd {
+            Some(_) => format!(
+                "auth: {{htpasswd: {{realm: hangar-test, path: {}}}}}\n",
+                self.dir.path().join("htpasswd").display()
+            ),
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog: {{level: info, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n\
+             http: {{addr: \"{}\", secret: hangar-test}}\n{auth}",
+            self.dir.path().join("store").display(),
+            self.addr
+        );
+        let config_path = self.dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = self.dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(i) = text.find("listening on 127.0.0.1:") {
+                let rest = &text[i + "listening on ".len()..];
+                self.addr = rest[..rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap()].to_owned();
+                break;
+            }
+            assert!(Instant::now() < deadline, "registry did not start: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Where the registry keeps a blob's bytes.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("store/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    fn reference(&self, repo_tag: &str) -> RegistryRef {
+        match format!("{}/{repo_tag}", self.addr).parse::<ImageRef>().unwrap() {
+            ImageRef::Registry(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `skopeo copy` of a local layout into this registry.
+    fn push(&self, layout: &str, repo_tag: &str, extra: &[&str]) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "-q", "--dest-tls-verify=false"]).args(extra);
+        if let Some((u, p)) = &self.htpasswd {
+            cmd.arg(format!("--dest-creds={u}:{p}"));
+        }
+        let out = cmd
+            .arg(layout)
+            .arg(format!("docker://{}/{repo_tag}", self.addr))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Uploads a blob over the registry API (monolithic POST + PUT).
+    async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let http = reqwest::Client::new();
+        let digest = sha(bytes);
+        let started = http
+            .post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 202, "{:?}", started.text().await);
+        let location = started.headers()["location"].to_str().unwrap().to_owned();
+        let url = if location.starts_with("http") {
+            location
+        } else {
+            format!("http://{}{location}", self.addr)
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let done = http
+            .put(format!("{url}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 201, "{:?}", done.text().await);
+        digest
+    }
+
+    async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &Value) -> (String, u64) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let r = reqwest::Client::new()
+            .put(format!("http://{}/v2/{repo}/manifests/{reference}", self.addr))
+            .header("content-type", media_type)
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+        (sha(&bytes), bytes.len() as u64)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A one-layer image of busybox (from the host's busybox-static) plus
+/// `extra` files, written as an OCI layout `oci:DIR:latest`.
+fn busybox_layout(dir: &Path, extra: &[(&str, &[u8])]) -> String {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    for (path, content) in extra {
+        let p = rootfs.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::File::create(p).unwrap().write_all(content).unwrap();
+    }
+    let layout = dir.join("layout");
+    let config = ImageConfig {
+        cmd: vec!["sh".into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    write_oci_layout(&layout, "latest", &rootfs, &config).unwrap();
+    format!("oci:{}:latest", layout.display())
+}
+
+struct Pulled {
+    store: Arc<ImageStore>,
+    _dir: tempfile::TempDir,
+}
+
+fn new_store() -> Pulled {
+    let dir = tempfile::tempdir().unwrap();
+    Pulled {
+        store: Arc::new(ImageStore::open(&dir.path().join("images")).unwrap()),
+        _dir: dir,
+    }
+}
+
+fn client() -> RegistryClient {
+    RegistryClient::new(&RegistryConfig::default()).unwrap()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_oci_docker_and_zstd_images_and_unpacks_them() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), &[("etc/hello", b"hi\n")]);
+    reg.push(&layout, "bb:latest", &[]);
+    reg.push(&layout, "bb-docker:latest", &["--format", "v2s2"]);
+    let zstd_layout = format!("oci:{}:latest", work.path().join("zstd").display());
+    let out = Command::new("skopeo")
+        .args(["copy", "-q", "--dest-compress-format", "zstd", &layout, &zstd_layout])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    reg.push(&zstd_layout, "bb-zstd:latest", &[]);
+
+    let p = new_store();
+    let client = client();
+    let seen: Arc<Mutex<Vec<PullProgress>>> = Arc::default();
+    let sink = {
+        let seen = seen.clone();
+        Arc::new(move |p: &PullProgress| seen.lock().unwrap().push(p.clone()))
+    };
+    let image = p
+        .store
+        .pull(&client, &reg.reference("bb:latest"), Some(sink))
+        .await
+        .unwrap();
+    assert_eq!(image.reference, format!("{}/bb:latest", reg.addr));
+    assert_eq!(image.config.cmd, ["sh"]);
+    assert_eq!(image.layers.len(), 1);
+    let layer_dir = p.store.layer_path(&image.layers[0].diff_id);
+    assert_eq!(std::fs::read(layer_dir.join("etc/hello")).unwrap(), b"hi\n");
+    assert!(layer_dir.join("bin/busybox").is_file());
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let last = seen.last().unwrap();
+    assert_eq!(last.layers[0].status, LayerStatus::Done);
+    assert_eq!(last.bytes(), (image.layers[0].size, image.layers[0].size));
+    assert!(
+        seen.iter()
+            .any(|p| p.layers.first().is_some_and(|l| l.status == LayerStatus::Downloading))
+    );
+    assert!(entries(&p.store.root().join("partial")).is_empty());
+
+    // The Docker v2s2 form of the same image: same layer content, so the
+    // unpacked layer is shared; a second pull of the first finds everything.
+    let docker = p
+        .store
+        .pull(&client, &reg.reference("bb-docker:latest"), None)
+        .await
+        .unwrap();
+    assert_eq!(docker.layers[0].diff_id, image.layers[0].diff_id);
+    assert_eq!(
+        docker.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    let again = p.store.pull(&client, &reg.reference("bb:latest"), None).await.unwrap();
+    assert_eq!(again, image);
+
+    let zstd = p
+        .store
+        .pull(&client, &reg.reference("bb-zstd:latest"), None)
+        .await
+        .unwrap();
+    assert_eq!(zstd.layers[0].media_type, "application/vnd.oci.image.layer.v1.tar+zstd");
+    assert_eq!(zstd.layers[0].diff_id, image.layers[0].diff_id);
+
+    // By digest, too.
+    let pinned = reg.reference(&format!("bb@{}", image.manifest_digest));
+    assert_eq!(
+        p.store.pull(&client, &pinned, None).await.unwrap().manifest_digest,
+        image.manifest_digest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_resolves_to_linux_amd64() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), &[]);
+    reg.push(&layout, "multi:amd64", &[]);
+    // The amd64 manifest as the registry has it.
+    let http = reqwest::Client::new();
+    let amd64 = http
+        .get(format!("http://{}/v2/multi/manifests/amd64", reg.addr))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // An arm64 image whose one layer says so.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "platform", &b"arm64\n"[..]).unwrap();
+    let layer = tar.into_inner().unwrap();
+    let layer_digest = reg.push_blob("multi", &layer).await;
+    let config = json!({"architecture": "arm64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}});
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = reg.push_blob("multi", &config_bytes).await;
+    let arm = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]});
+    let (arm_digest, arm_size) = reg
+        .push_manifest("multi", "arm64", "application/vnd.oci.image.manifest.v1+json", &arm)
+        .await;
+    let index = |platforms: &[(&str, &str, u64, &str)]| {
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": platforms.iter().map(|(digest, arch, size, variant)| json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+                "platform": {"os": "linux", "architecture": arch, "variant": variant}})).collect::<Vec<_>>()})
+    };
+    let amd64_digest = sha(&amd64);
+    reg.push_manifest(
+        "multi",
+        "latest",
+        "application/vnd.oci.image.index.v1+json",
+        &index(&[
+            (&arm_digest, "arm64", arm_size, "v8"),
+            (&amd64_digest, "amd64", amd64.len() as u64, ""),
+        ]),
+    )
+    .await;
+    reg.push_manifest(
+        "multi",
+        "arm-only",
+        "application/vnd.oci.image.index.v1+json",
+        &index(&[(&arm_digest, "arm64", arm_size, "v8")]),
+    )
+    .await;
+
+    let p = new_store();
+    let image = p
+        .store
+        .pull(&client(), &reg.reference("multi:latest"), None)
+        .await
+        .unwrap();
+    assert_eq!(image.manifest_digest, amd64_digest);
+    assert!(
+        p.store
+            .layer_path(&image.layers[0].diff_id)
+            .join("bin/busybox")
+            .exists()
+    );
+
+    match p.store.pull(&client(), &reg.reference("multi:arm-only"), None).await {
+        Err(e @ ImageError::UnsupportedPlatform { .. }) => {
+            assert!(e.to_string().contains("linux/arm64/v8"), "{e}");
+        }
+        other => panic!("expected UnsupportedPlatform, got {other:?}"),
+    }
+    // A lone arm64 manifest is refused by its config, after fetching only that.
+    match p.store.pull(&client(), &reg.reference("multi:arm64"), None).await {
+        Err(e @ ImageError::UnsupportedPlatform { .. }) => assert!(e.to_string().contains("linux/arm64"), "{e}"),
+        other => panic!("expected UnsupportedPlatform, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_uses_the_auth_file_and_says_when_credentials_are_missing_or_wrong() {
+    require!();
+    let reg = Registry::start_with(Some(("alice", "s3cret")));
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), &[]);
+    reg.push(&layout, "private/bb:latest", &[]);
+    let r = reg.reference("private/bb:latest");
+    let p = new_store();
+
+    let auth_file = work.path().join("auth.json");
+    let with = |user: &str, password: &str| {
+        let auth = base64_encode(&format!("{user}:{password}"));
+        std::fs::write(
+            &auth_file,
+            json!({"auths": {reg.addr.clone(): {"auth": auth}}}).to_string(),
+        )
+        .unwrap();
+        RegistryClient::new(&RegistryConfig {
+            auth_file: Some(auth_file.clone()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+
+    let anonymous = RegistryClient::new(&RegistryConfig {
+        auth_file: Some(work.path().join("no-such-auth.json")),
+        ..Default::default()
+    })
+    .unwrap();
+    match p.store.pull(&anonymous, &r, None).await {
+        Err(e @ ImageError::Unauthorized { .. }) => assert!(e.to_string().contains("needs credentials"), "{e}"),
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    match p.store.pull(&with("alice", "wrong"), &r, None).await {
+        Err(e @ ImageError::Unauthorized { .. }) => assert!(e.to_string().contains("\"alice\""), "{e}"),
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    assert!(entries(&p.store.root().join("blobs/sha256")).is_empty());
+    let image = p.store.pull(&with("alice", "s3cret"), &r, None).await.unwrap();
+    assert!(
+        p.store
+            .layer_path(&image.layers[0].diff_id)
+            .join("bin/busybox")
+            .exists()
+    );
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_names_and_unreachable_registries_are_clear_errors() {
+    require!();
+    let mut reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    reg.push(&busybox_layout(work.path(), &[]), "bb:latest", &[]);
+    let p = new_store();
+    for missing in ["bb:nope", "nobody/here:latest"] {
+        match p.store.pull(&client(), &reg.reference(missing), None).await {
+            Err(e @ ImageError::NotFound { .. }) => assert!(e.to_string().contains("404"), "{e}"),
+            other => panic!("{missing}: expected NotFound, got {other:?}"),
+        }
+    }
+    let r = reg.reference("bb:latest");
+    reg.kill();
+    match p.store.pull(&client(), &r, None).await {
+        Err(e @ ImageError::Registry { .. }) => assert!(e.to_string().contains("cannot connect"), "{e}"),
+        other => panic!("expected Registry, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_blob_is_refused_and_leaves_nothing_behind() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), &[("corrupt-me", b"x")]);
+    reg.push(&layout, "bad:latest", &[]);
+    let p = new_store();
+    // Find the layer through a first, good pull into another store.
+    let good = new_store();
+    let image = good
+        .store
+        .pull(&client(), &reg.reference("bad:latest"), None)
+        .await
+        .unwrap();
+    let blob = reg.blob_file(&image.layers[0].digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    match p.store.pull(&client(), &reg.reference("bad:latest"), None).await {
+        Err(e @ ImageError::DigestMismatch { .. }) => {
+            assert!(e.to_string().contains(&image.layers[0].digest), "{e}");
+        }
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
+    assert!(entries(&p.store.root().join("blobs/sha256")).is_empty());
+    assert!(entries(&p.store.root().join("layers")).is_empty());
+    assert!(entries(&p.store.root().join("partial")).is_empty());
+
+    // Truncated: the registry serves fewer bytes, with no error of its own.
+    std::fs::write(&blob, &bytes[..middle]).unwrap();
+    match p.store.pull(&client(), &reg.reference("bad:latest"), None).await {
+        Err(e @ ImageError::Registry { .. }) => assert!(e.to_string().contains("truncated"), "{e}"),
+        other => panic!("expected Registry, got {other:?}"),
+    }
+    assert!(entries(&p.store.root().join("layers")).is_empty());
+    assert!(entries(&p.store.root().join("partial")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_pull_resumes_where_it_stopped() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    // 48 MiB of random bytes: incompressible, so the layer blob is that big.
+    let mut noise = vec![0u8; 48 << 20];
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for chunk in noise.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    let layout = busybox_layout(work.path(), &[("noise", &noise)]);
+    reg.push(&layout, "big:latest", &[]);
+    let r = reg.reference("big:latest");
+    let p = new_store();
+
+    // Kill the registry once 8 MiB of the layer have arrived.
+    let registry = Arc::new(Mutex::new(reg));
+    let killed = Arc::new(AtomicBool::new(false));
+    let sink = {
+        let (registry, killed) = (registry.clone(), killed.clone());
+        Arc::new(move |p: &PullProgress| {
+            if p.layers.first().is_some_and(|l| l.downloaded > 8 << 20) && !killed.swap(true, Ordering::SeqCst) {
+                registry.lock().unwrap().kill();
+            }
+        })
+    };
+    let started = Instant::now();
+    let err = p.store.pull(&client(), &r, Some(sink)).await.unwrap_err();
+    assert!(killed.load(Ordering::SeqCst));
+    assert!(matches!(err, ImageError::Registry { .. }), "{err:?}");
+    let partial = entries(&p.store.root().join("partial"));
+    assert_eq!(partial.len(), 1, "{partial:?}");
+    let kept = std::fs::metadata(p.store.root().join("partial").join(&partial[0]))
+        .unwrap()
+        .len();
+    assert!(kept >= 8 << 20, "{kept}");
+    assert!(entries(&p.store.root().join("layers")).is_empty());
+    eprintln!("interrupted after {:?} with {kept} bytes kept", started.elapsed());
+
+    // Same port, same storage: the next pull asks only for the rest.
+    registry.lock().unwrap().run();
+    let first_seen: Arc<Mutex<Option<u64>>> = Arc::default();
+    let sink = {
+        let first_seen = first_seen.clone();
+        Arc::new(move |p: &PullProgress| {
+            if let Some(l) = p.layers.first()
+                && l.status == LayerStatus::Downloading
+                && l.downloaded > 0
+            {
+                first_seen.lock().unwrap().get_or_insert(l.downloaded);
+            }
+        })
+    };
+    let image = p.store.pull(&client(), &r, Some(sink)).await.unwrap();
+    let first = first_seen.lock().unwrap().unwrap();
+    assert!(first > kept, "resumed at {first}, had {kept}");
+    assert_eq!(
+        std::fs::read(p.store.layer_path(&image.layers[0].diff_id).join("noise")).unwrap(),
+        noise
+    );
+    assert!(entries(&p.store.root().join("partial")).is_empty());
+}

@@ -2,9 +2,11 @@
 //! where the concepts match, so clients written for it port with little change.
 //! Everything here is plain data: no I/O, no behaviour beyond validation.
 
+mod image;
 mod machine;
 mod state;
 
+pub use image::*;
 pub use machine::*;
 pub use state::*;
 

@@ -79,6 +79,17 @@ struct ServeArgs {
     /// memory each; 0 makes every start cold).
     #[arg(long, default_value_t = 32)]
     prepared_limit: usize,
+    /// Registry credentials, in the docker/podman auth file format
+    /// (default: $REGISTRY_AUTH_FILE, then podman's and docker's usual files).
+    #[arg(long, env = "HANGAR_REGISTRY_AUTH_FILE")]
+    registry_auth_file: Option<PathBuf>,
+    /// PEM certificates to trust for HTTPS registries, besides the system's.
+    #[arg(long)]
+    registry_ca_file: Option<PathBuf>,
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
+    /// Loopback registries always are.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -227,6 +238,12 @@ enum MachineCommand {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
+    /// Pull an image from its registry (`[registry/]repo[:tag][@sha256:…]`;
+    /// Docker Hub when no registry is named), or import a local
+    /// `oci:/layout[:tag]`. Shows progress on a terminal.
+    Pull { image: String },
+    /// List the images in the store.
+    Ls,
     /// Package a directory as a one-layer OCI image layout.
     FromDir {
         dir: PathBuf,
@@ -270,6 +287,12 @@ async fn run(cli: Cli) -> Result<i32> {
     let json = cli.json;
     match cli.command {
         Command::Serve(args) => serve(&cli.data_dir, args).await.map(|()| 0),
+        Command::Image(ImageCommand::Pull { image }) => pull(&client()?, json, &image).await,
+        Command::Image(ImageCommand::Ls) => {
+            let images: Vec<hangar_api::ImageInfo> = client()?.get("/v1/images").await?;
+            output::print(json, &images, || output::images(&images));
+            Ok(0)
+        }
         Command::Image(ImageCommand::FromDir { dir, output, cmd }) => {
             let (layout, tag) = match output.strip_prefix("oci:").and_then(|r| r.rsplit_once(':')) {
                 Some((l, t)) => (PathBuf::from(l), t.to_owned()),
@@ -325,6 +348,11 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
         pool_dir: args.pool_dir,
         pool_image_bytes: args.pool_size_gb << 30,
         prepared_limit: args.prepared_limit,
+        registry: hangar_image::RegistryConfig {
+            auth_file: args.registry_auth_file,
+            ca_file: args.registry_ca_file,
+            insecure: args.insecure_registries,
+        },
     };
     hangar_daemon::serve(args.listen, cfg).await.map_err(anyhow::Error::msg)
 }
@@ -355,6 +383,87 @@ async fn ensure_app(c: &Client, app: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pulls an image, following the daemon's progress lines: redrawn in place
+/// on a terminal, silent otherwise (and with `--json`, which prints only
+/// the image).
+async fn pull(c: &Client, json: bool, image: &str) -> Result<i32> {
+    use std::io::{IsTerminal, Write};
+    let request = c
+        .request(Method::POST, "/v1/images/pull")
+        .header(reqwest::header::ACCEPT, "application/x-ndjson")
+        .json(&hangar_api::PullImageRequest {
+            image: image.to_owned(),
+        });
+    let mut body = c.send(request).await?.bytes_stream();
+    let show = !json && std::io::stderr().is_terminal();
+    let mut pending = Vec::new();
+    while let Some(chunk) = body.next().await {
+        pending.extend_from_slice(&chunk.context("reading the pull's progress")?);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            match serde_json::from_slice::<hangar_api::PullEvent>(&line).context("reading the pull's progress")? {
+                hangar_api::PullEvent::Progress(p) if show => {
+                    let done = p
+                        .layers
+                        .iter()
+                        .filter(|l| matches!(l.status.as_str(), "done" | "present"))
+                        .count();
+                    let per_layer: Vec<String> = p
+                        .layers
+                        .iter()
+                        .filter(|l| l.status == "downloading")
+                        .map(|l| {
+                            format!(
+                                "{} {}/{}",
+                                short_digest(&l.digest),
+                                output::bytes(l.downloaded),
+                                output::bytes(l.size)
+                            )
+                        })
+                        .collect();
+                    eprint!(
+                        "\r\x1b[2K{}: {done}/{} layers, {} of {} {}",
+                        p.reference,
+                        p.layers.len(),
+                        output::bytes(p.downloaded),
+                        output::bytes(p.total),
+                        per_layer.join("  ")
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+                hangar_api::PullEvent::Progress(_) => {}
+                hangar_api::PullEvent::Image(info) => {
+                    if show {
+                        eprint!("\r\x1b[2K");
+                    }
+                    output::print(json, &info, || {
+                        println!(
+                            "{} {} ({}, {} layers)",
+                            info.reference,
+                            info.digest,
+                            output::bytes(info.size),
+                            info.layers.len()
+                        )
+                    });
+                    return Ok(0);
+                }
+                hangar_api::PullEvent::Error(e) => {
+                    if show {
+                        eprintln!();
+                    }
+                    bail!("{} ({})", e.error, e.code);
+                }
+            }
+        }
+    }
+    bail!("the daemon ended the pull without an answer")
+}
+
+fn short_digest(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
 }
 
 async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {

@@ -1,6 +1,6 @@
 //! Human-readable output. `--json` bypasses all of it.
 
-use hangar_api::{App, Machine, MachineEvent, ProcessInfo};
+use hangar_api::{App, ImageInfo, Machine, MachineEvent, ProcessInfo};
 use serde::Serialize;
 
 pub fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce()) {
@@ -27,6 +27,34 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// A byte count for people: 1.2 MB.
+pub fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} kB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn images(images: &[ImageInfo]) {
+    table(
+        &["REFERENCE", "DIGEST", "LAYERS", "SIZE"],
+        images
+            .iter()
+            .map(|i| {
+                let hex = i.digest.strip_prefix("sha256:").unwrap_or(&i.digest);
+                vec![
+                    i.reference.clone(),
+                    hex[..hex.len().min(12)].to_owned(),
+                    i.layers.len().to_string(),
+                    bytes(i.size),
+                ]
+            })
+            .collect(),
+    );
 }
 
 pub fn apps(apps: &[App]) {

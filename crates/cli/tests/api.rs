@@ -101,9 +101,9 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             "nosuchtag",
         ),
         (
-            json!({"config": {"image": "docker.io/library/busybox:latest"}}),
+            json!({"config": {"image": "Busy Box:latest"}}),
             StatusCode::BAD_REQUEST,
-            "registr",
+            "invalid image reference",
         ),
         (
             json!({"config": {"image": image, "guest": {"cpus": 0}}}),

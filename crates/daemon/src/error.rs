@@ -39,6 +39,9 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
             Error::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream"),
+            Error::UpstreamAuth(_) => (StatusCode::FORBIDDEN, "upstream_unauthorized"),
+            Error::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -35,7 +35,7 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Hangar", description = "Machines for AI coding agents: create once, start in milliseconds."),
-    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files")),
+    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -85,7 +85,7 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{apps, files, machines};
+    use routes::{apps, files, images, machines};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::delete_app))
@@ -106,6 +106,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(files::list_files))
         .routes(routes!(files::make_dir))
         .routes(routes!(files::remove_file))
+        .routes(routes!(images::pull_image))
+        .routes(routes!(images::list_images))
 }
 
 /// The OpenAPI document, as served and as committed.

@@ -3,7 +3,7 @@
 
 use hangar_api::MachineState;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request itself is wrong; retrying it unchanged will fail again.
     #[error("{0}")]
@@ -19,6 +19,16 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),
+    /// Something we depend on (an image registry) failed or answered
+    /// something unusable; retrying later may work.
+    #[error("{0}")]
+    Upstream(String),
+    /// Something we depend on (an image registry) refused our credentials.
+    #[error("{0}")]
+    UpstreamAuth(String),
+    /// The disk is full.
+    #[error("{0}")]
+    NoSpace(String),
     /// Something failed on our side; the message says what was being done.
     #[error("{0}")]
     Internal(String),
@@ -45,11 +55,36 @@ impl From<hangar_store::StoreError> for Error {
 
 impl From<hangar_image::ImageError> for Error {
     fn from(e: hangar_image::ImageError) -> Error {
+        Error::from(&e)
+    }
+}
+
+impl From<&hangar_image::ImageError> for Error {
+    fn from(e: &hangar_image::ImageError) -> Error {
+        use hangar_image::ImageError as I;
+        let message = e.to_string();
+        match e {
+            I::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Error::NoSpace(format!(
+                "{message}: no space left on the device; free some (hangar image prune)"
+            )),
+            I::Io { source, .. } => Error::Internal(format!("{message}: {source}")),
+            I::NotFound { .. } => Error::NotFound(message),
+            I::Unauthorized { .. } => Error::UpstreamAuth(message),
+            I::Registry { .. } => Error::Upstream(message),
+            _ => Error::BadRequest(message),
+        }
+    }
+}
+
+impl Error {
+    /// Like `From`, for errors of a pull: content that does not match its
+    /// digest, or a malformed manifest, is the registry's fault, not the
+    /// request's (a local layout's would be the request's).
+    pub(crate) fn from_pull(e: &hangar_image::ImageError) -> Error {
         use hangar_image::ImageError as I;
         match e {
-            I::Io { .. } => Error::Internal(format!("importing the image: {e}")),
-            I::NotFound { .. } => Error::NotFound(e.to_string()),
-            _ => Error::BadRequest(e.to_string()),
+            I::DigestMismatch { .. } | I::Invalid { .. } => Error::Upstream(e.to_string()),
+            other => Error::from(other),
         }
     }
 }

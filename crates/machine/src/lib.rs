@@ -14,6 +14,7 @@
 
 mod agent;
 mod error;
+mod images;
 pub mod launch;
 mod ops;
 mod paths;
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 
 pub use agent::{Exec, ExecOutput, FileReader};
 pub use error::{Error, Result};
+pub use images::Pull;
 pub use paths::MachinePaths;
 
 /// How the manager is set up: where it keeps things and what it runs with.
@@ -52,6 +54,8 @@ pub struct ManagerConfig {
     /// How many stopped machines may hold a prepared sandbox (a fast start
     /// for about 1 MB of memory each); 0 turns preparing off.
     pub prepared_limit: usize,
+    /// Credentials, CAs and plain-HTTP registries for pulls.
+    pub registry: hangar_image::RegistryConfig,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -73,6 +77,9 @@ struct Inner {
     cfg: ManagerConfig,
     store: Store,
     images: Arc<ImageStore>,
+    registry: hangar_image::RegistryClient,
+    /// Pulls in flight, by normalized reference.
+    pulls: Mutex<HashMap<String, Arc<images::PullJob>>>,
     pool: Arc<dyn Pool>,
     runtimes: HashMap<RuntimeKind, OciRuntime>,
     host: String,
@@ -140,6 +147,7 @@ impl Manager {
         let data = &cfg.data_dir;
         let store = Store::open(&data.join("state.db")).await?;
         let images = ImageStore::open(&data.join("images"))?;
+        let registry = hangar_image::RegistryClient::new(&cfg.registry)?;
         let pool: Arc<dyn Pool> = {
             let (pool_dir, data) = (cfg.pool_dir.clone(), data.clone());
             let size = cfg.pool_image_bytes;
@@ -181,6 +189,8 @@ impl Manager {
                 cfg,
                 store,
                 images: Arc::new(images),
+                registry,
+                pulls: Mutex::new(HashMap::new()),
                 pool,
                 runtimes,
                 host,

@@ -9,9 +9,8 @@ use hangar_api::{
     App, CreateMachineRequest, ExecRequest, ExecResponse, FileInfo, FileList, Machine, MachineEvent, MachineState,
     ProcessInfo, RestartPolicy, StopRequest, validate_name,
 };
-use hangar_image::{Image, ImageRef};
 use hangar_init_protocol::{FileStat, Reply, Request};
-use hangar_store::{ImageRecord, MachineRecord};
+use hangar_store::MachineRecord;
 
 use crate::paths::volume_name;
 use crate::{Error, Exec, ExecOutput, FileReader, Manager, Result, Slot, agent, event, now_ms, random_hex, rfc3339};
@@ -177,34 +176,6 @@ impl Manager {
 
     // ---- images ----
 
-    pub(crate) async fn load_image(&self, digest: &str) -> Result<Image> {
-        let rec = self
-            .inner
-            .store
-            .get_image_by_digest(digest)
-            .await?
-            .ok_or_else(|| Error::Internal(format!("image {digest} is missing from the state store")))?;
-        serde_json::from_str(&rec.image_json).map_err(|e| Error::internal(&format!("image {digest} record"), e))
-    }
-
-    /// Imports an image (the slow path: copy, verify and unpack) and records it.
-    pub async fn import_image(&self, reference: &str) -> Result<Image> {
-        let r: ImageRef = reference.parse()?;
-        let images = self.inner.images.clone();
-        let image = tokio::task::spawn_blocking(move || images.import(&r))
-            .await
-            .map_err(|e| Error::internal("importing the image", e))??;
-        self.inner
-            .store
-            .put_image(&ImageRecord {
-                reference: reference.to_owned(),
-                digest: image.manifest_digest.clone(),
-                image_json: serde_json::to_string(&image).expect("image serializes"),
-            })
-            .await?;
-        Ok(image)
-    }
-
     // ---- machines: reading ----
 
     /// The machine `id_or_name` of `app`.
@@ -302,7 +273,7 @@ impl Manager {
         }
         // The slow path happens before anything is recorded, so a bad or
         // missing image leaves no trace.
-        let image = self.import_image(&req.config.image).await?;
+        let image = self.image_for_create(&req.config.image).await?;
         crate::launch::plan(&id, app, &req.config, &image.config)?;
 
         let now = now_ms();

@@ -236,6 +236,33 @@ impl Store {
         .await
     }
 
+    /// The image a reference names, if it was pulled or imported.
+    pub async fn get_image(&self, reference: &str) -> Result<Option<ImageRecord>> {
+        let reference = reference.to_owned();
+        self.call(move |conn| {
+            conn.query_row(
+                "SELECT reference, digest, image_json FROM images WHERE reference = ?",
+                [reference],
+                image_from_row,
+            )
+            .optional()
+            .map_err(db("reading image"))
+        })
+        .await
+    }
+
+    /// Every image, by reference.
+    pub async fn list_images(&self) -> Result<Vec<ImageRecord>> {
+        self.call(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT reference, digest, image_json FROM images ORDER BY reference")
+                .map_err(db("listing images"))?;
+            let rows = statement.query_map([], image_from_row).map_err(db("listing images"))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db("reading image"))
+        })
+        .await
+    }
+
     /// The image with this manifest digest (any reference naming it).
     pub async fn get_image_by_digest(&self, digest: &str) -> Result<Option<ImageRecord>> {
         let digest = digest.to_owned();
@@ -243,13 +270,7 @@ impl Store {
             conn.query_row(
                 "SELECT reference, digest, image_json FROM images WHERE digest = ? LIMIT 1",
                 [digest],
-                |r| {
-                    Ok(ImageRecord {
-                        reference: r.get(0)?,
-                        digest: r.get(1)?,
-                        image_json: r.get(2)?,
-                    })
-                },
+                image_from_row,
             )
             .optional()
             .map_err(db("reading image"))
@@ -467,6 +488,14 @@ fn open_connection(path: &Path) -> Result<Connection> {
     .map_err(db(opening()))?;
     schema::migrate(&mut conn)?;
     Ok(conn)
+}
+
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        reference: r.get(0)?,
+        digest: r.get(1)?,
+        image_json: r.get(2)?,
+    })
 }
 
 fn list_apps(conn: &Connection) -> Result<Vec<AppRecord>> {

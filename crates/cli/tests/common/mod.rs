@@ -136,11 +136,17 @@ pub struct Daemon {
     pub url: String,
     pub token: String,
     child: Option<Child>,
+    serve_args: Vec<String>,
     pub http: reqwest::Client,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// With extra `hangar serve` arguments.
+    pub fn start_with(args: &[&str]) -> Daemon {
         require_root();
         let data_dir = tempfile::Builder::new().prefix("hangar-test").tempdir().unwrap();
         let pool_dir = test_pool_root().join(data_dir.path().file_name().unwrap());
@@ -150,6 +156,7 @@ impl Daemon {
             url: String::new(),
             token: String::new(),
             child: None,
+            serve_args: args.iter().map(|a| a.to_string()).collect(),
             http: {
                 hangar_image::install_crypto_provider();
                 reqwest::Client::builder().no_proxy().build().unwrap()
@@ -175,6 +182,7 @@ impl Daemon {
             .arg(&self.pool_dir)
             .arg("--init-binary")
             .arg(init_binary())
+            .args(&self.serve_args)
             .env("HANGAR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -4,4 +4,5 @@
 
 pub mod apps;
 pub mod files;
+pub mod images;
 pub mod machines;

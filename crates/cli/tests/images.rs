@@ -1,0 +1,191 @@
+//! Images through the daemon: pulls from a real registry on loopback over
+//! the API and the CLI, machines created from registry references,
+//! concurrent pulls sharing one download, and the errors a client sees.
+
+mod common;
+#[path = "../../image/tests/support/registry.rs"]
+mod registry;
+
+use std::process::Command;
+
+use common::{Daemon, HANGAR};
+use registry::{Registry, busybox_layout};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+macro_rules! require {
+    () => {
+        if !registry::usable() {
+            return;
+        }
+    };
+}
+
+fn hangar(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(HANGAR)
+        .args(args)
+        .env("HANGAR_DATA_DIR", d.data_dir.path())
+        .env_remove("HANGAR_URL")
+        .env_remove("HANGAR_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), &[("etc/hello", b"from the registry\n")]);
+    reg.push(&layout, "team/bb:v1", &[]);
+    let reference = format!("{}/team/bb:v1", reg.addr);
+    let d = Daemon::start();
+
+    // Two pulls at once: both get the image, the layer is fetched once.
+    let pull = || d.call(Method::POST, "/v1/images/pull", Some(json!({"image": reference})));
+    let ((s1, a), (s2, b)) = tokio::join!(pull(), pull());
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK), "{a} {b}");
+    assert_eq!(a, b);
+    assert_eq!(a["reference"], reference);
+    let layer = a["layers"][0]["digest"].as_str().unwrap();
+    assert_eq!(reg.blob_gets(layer), 1, "layer {layer} fetched more than once");
+
+    // A machine from the reference uses the pulled image: no new download.
+    d.create_app("reg").await;
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/reg/machines",
+            Some(json!({"config": {"image": reference, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
+        )
+        .await;
+    assert_eq!(m["state"], "started", "{m}");
+    assert_eq!(m["image_ref"]["digest"], a["digest"], "{m}");
+    let id = m["id"].as_str().unwrap();
+    assert_eq!(d.sh("reg", id, "busybox cat /etc/hello").await, "from the registry\n");
+    assert_eq!(reg.blob_gets(layer), 1);
+
+    let listed = d.ok(Method::GET, "/v1/images", None).await;
+    assert!(
+        listed.as_array().unwrap().iter().any(|i| i["reference"] == reference),
+        "{listed}"
+    );
+
+    // The CLI, quiet and machine-readable with --json.
+    let out = hangar(&d, &["--json", "image", "pull", &reference]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["digest"], a["digest"]);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hangar(&d, &["image", "ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&reference) && text.contains("REFERENCE"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_pulls_report_progress_then_the_image() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let noise: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    reg.push(&busybox_layout(work.path(), &[("noise", &noise)]), "bb:big", &[]);
+    let d = Daemon::start();
+    let reference = format!("{}/bb:big", reg.addr);
+    let body = d
+        .http
+        .post(format!("{}/v1/images/pull", d.url))
+        .bearer_auth(&d.token)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"image": reference}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["image"]["reference"], reference, "{body}");
+    assert!(events.len() >= 2, "no progress before the image: {body}");
+    for e in &events[..events.len() - 1] {
+        assert_eq!(e["progress"]["reference"], reference, "{e}");
+        assert_eq!(e["progress"]["layers"].as_array().unwrap().len(), 1, "{e}");
+    }
+    // Streamed errors come as a last line with the same body as a plain one.
+    let body = d
+        .http
+        .post(format!("{}/v1/images/pull", d.url))
+        .bearer_auth(&d.token)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"image": format!("{}/bb:missing", reg.addr)}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "not_found", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_errors_say_what_went_wrong() {
+    require!();
+    let reg = Registry::start_with(Some(("alice", "s3cret")));
+    let work = tempfile::tempdir().unwrap();
+    reg.push(&busybox_layout(work.path(), &[]), "private/bb:latest", &[]);
+    let auth_file = work.path().join("auth.json");
+    let d = Daemon::start_with(&["--registry-auth-file", auth_file.to_str().unwrap()]);
+    let d = &d;
+    let pull = |image: String| async move {
+        d.call(Method::POST, "/v1/images/pull", Some(json!({"image": image})))
+            .await
+    };
+
+    let (status, e) = pull(format!("{}/private/bb:latest", reg.addr)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{e}");
+    assert_eq!(e["code"], "upstream_unauthorized");
+    assert!(e["error"].as_str().unwrap().contains("needs credentials"), "{e}");
+
+    // Credentials are read at each pull: fixing the file fixes the pull.
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        &auth_file,
+        json!({"auths": {reg.addr.clone(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let (status, image) = pull(format!("{}/private/bb:latest", reg.addr)).await;
+    assert_eq!(status, StatusCode::OK, "{image}");
+
+    let (status, e) = pull(format!("{}/private/bb:nope", reg.addr)).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{e}"
+    );
+    let (status, e) = pull("127.0.0.1:9/x/y:z".into()).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("upstream")),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("cannot connect"), "{e}");
+    let (status, e) = pull("Not A Reference".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+
+    // A machine from an image that cannot be pulled leaves nothing behind.
+    d.create_app("e").await;
+    let (status, e) = d
+        .call(
+            Method::POST,
+            "/v1/apps/e/machines",
+            Some(json!({"config": {"image": format!("{}/private/bb:nope", reg.addr)}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+    let machines = d.ok(Method::GET, "/v1/apps/e/machines", None).await;
+    assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
+}

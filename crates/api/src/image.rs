@@ -25,8 +25,34 @@ pub struct ImageInfo {
     pub layers: Vec<ImageLayer>,
     /// Sum of the layer blobs' sizes (compressed, as downloaded).
     pub size: u64,
+    /// Bytes on disk for this image: its blobs and unpacked layers, layers
+    /// it shares with other images included.
+    pub disk_bytes: u64,
+    /// Of `disk_bytes`, what no other image shares: what removing this
+    /// image (and pruning) frees.
+    pub unique_bytes: u64,
+    /// Machines (not destroyed) created from this image. An image in use
+    /// cannot be removed.
+    pub machines: u64,
     /// How machines run by default.
     pub config: ImageRunConfig,
+}
+
+/// `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<ImageInfo>,
+    /// Everything the image store holds on disk, shared layers counted once.
+    pub total_disk_bytes: u64,
+}
+
+/// `POST /v1/images/prune`: what went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneReport {
+    /// References of the images removed (none of them used by a machine).
+    pub removed: Vec<String>,
+    /// Bytes freed, counting blobs, layers and abandoned partial downloads.
+    pub freed_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -37,6 +63,10 @@ pub struct ImageLayer {
     pub diff_id: String,
     pub media_type: String,
     pub size: u64,
+    /// Bytes on disk: the blob plus the unpacked layer.
+    pub disk_bytes: u64,
+    /// How many images (by digest) use this layer.
+    pub shared_by: u64,
 }
 
 /// The image config's runtime defaults.

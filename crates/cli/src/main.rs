@@ -242,8 +242,14 @@ enum ImageCommand {
     /// Docker Hub when no registry is named), or import a local
     /// `oci:/layout[:tag]`. Shows progress on a terminal.
     Pull { image: String },
-    /// List the images in the store.
+    /// List the images in the store, with their disk usage.
     Ls,
+    /// Show one image (by reference or digest), with per-layer disk usage.
+    Inspect { image: String },
+    /// Remove an image no machine uses, and whatever only it needed.
+    Rm { image: String },
+    /// Remove every image no machine uses.
+    Prune,
     /// Package a directory as a one-layer OCI image layout.
     FromDir {
         dir: PathBuf,
@@ -289,8 +295,31 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve(args) => serve(&cli.data_dir, args).await.map(|()| 0),
         Command::Image(ImageCommand::Pull { image }) => pull(&client()?, json, &image).await,
         Command::Image(ImageCommand::Ls) => {
-            let images: Vec<hangar_api::ImageInfo> = client()?.get("/v1/images").await?;
-            output::print(json, &images, || output::images(&images));
+            let list: hangar_api::ImageList = client()?.get("/v1/images").await?;
+            output::print(json, &list, || output::images(&list));
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Inspect { image }) => {
+            let info: hangar_api::ImageInfo = client()?.get(&image_path(&image)).await?;
+            output::print(json, &info, || output::image(&info));
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Rm { image }) => {
+            let c = client()?;
+            c.send(c.request(Method::DELETE, &image_path(&image))).await?;
+            if !json {
+                println!("removed {image}");
+            }
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Prune) => {
+            let report: hangar_api::PruneReport = client()?.post("/v1/images/prune", &serde_json::json!({})).await?;
+            output::print(json, &report, || {
+                for r in &report.removed {
+                    println!("removed {r}");
+                }
+                println!("freed {}", output::bytes(report.freed_bytes));
+            });
             Ok(0)
         }
         Command::Image(ImageCommand::FromDir { dir, output, cmd }) => {
@@ -417,7 +446,7 @@ async fn pull(c: &Client, json: bool, image: &str) -> Result<i32> {
                         .map(|l| {
                             format!(
                                 "{} {}/{}",
-                                short_digest(&l.digest),
+                                output::short(&l.digest),
                                 output::bytes(l.downloaded),
                                 output::bytes(l.size)
                             )
@@ -461,9 +490,16 @@ async fn pull(c: &Client, json: bool, image: &str) -> Result<i32> {
     bail!("the daemon ended the pull without an answer")
 }
 
-fn short_digest(digest: &str) -> &str {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
+/// `/v1/images/{image}`, the reference URL-encoded into one segment.
+fn image_path(image: &str) -> String {
+    let encoded: String = image
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    format!("/v1/images/{encoded}")
 }
 
 async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {

@@ -1,6 +1,6 @@
 //! Human-readable output. `--json` bypasses all of it.
 
-use hangar_api::{App, ImageInfo, Machine, MachineEvent, ProcessInfo};
+use hangar_api::{App, ImageInfo, ImageList, Machine, MachineEvent, ProcessInfo};
 use serde::Serialize;
 
 pub fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce()) {
@@ -39,22 +39,68 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-pub fn images(images: &[ImageInfo]) {
+pub fn images(list: &ImageList) {
     table(
-        &["REFERENCE", "DIGEST", "LAYERS", "SIZE"],
-        images
+        &["REFERENCE", "DIGEST", "LAYERS", "DISK", "UNIQUE", "MACHINES"],
+        list.images
             .iter()
             .map(|i| {
-                let hex = i.digest.strip_prefix("sha256:").unwrap_or(&i.digest);
                 vec![
                     i.reference.clone(),
-                    hex[..hex.len().min(12)].to_owned(),
+                    short(&i.digest),
                     i.layers.len().to_string(),
-                    bytes(i.size),
+                    bytes(i.disk_bytes),
+                    bytes(i.unique_bytes),
+                    i.machines.to_string(),
                 ]
             })
             .collect(),
     );
+    println!(
+        "total on disk: {} (shared layers counted once)",
+        bytes(list.total_disk_bytes)
+    );
+}
+
+pub fn image(i: &ImageInfo) {
+    println!("reference:   {}", i.reference);
+    println!("digest:      {}", i.digest);
+    println!("download:    {}", bytes(i.size));
+    println!(
+        "disk:        {} ({} not shared with other images)",
+        bytes(i.disk_bytes),
+        bytes(i.unique_bytes)
+    );
+    println!("machines:    {}", i.machines);
+    println!("entrypoint:  {:?}", i.config.entrypoint);
+    println!("cmd:         {:?}", i.config.cmd);
+    if let Some(dir) = &i.config.working_dir {
+        println!("working dir: {dir}");
+    }
+    if let Some(user) = &i.config.user {
+        println!("user:        {user}");
+    }
+    println!();
+    table(
+        &["LAYER", "MEDIA TYPE", "DOWNLOAD", "DISK", "SHARED BY"],
+        i.layers
+            .iter()
+            .map(|l| {
+                vec![
+                    short(&l.digest),
+                    l.media_type.clone(),
+                    bytes(l.size),
+                    bytes(l.disk_bytes),
+                    format!("{} image(s)", l.shared_by),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn short(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex[..hex.len().min(12)].to_owned()
 }
 
 pub fn apps(apps: &[App]) {

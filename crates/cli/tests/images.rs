@@ -67,7 +67,11 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
 
     let listed = d.ok(Method::GET, "/v1/images", None).await;
     assert!(
-        listed.as_array().unwrap().iter().any(|i| i["reference"] == reference),
+        listed["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["reference"] == reference),
         "{listed}"
     );
 
@@ -188,4 +192,119 @@ async fn pull_errors_say_what_went_wrong() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
     let machines = d.ok(Method::GET, "/v1/apps/e/machines", None).await;
     assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
+}
+
+/// `/v1/images/{image}` with the reference URL-encoded into one segment.
+fn image_path(reference: &str) -> String {
+    let encoded: String = reference
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    format!("/v1/images/{encoded}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_and_prune_free_exactly_what_no_machine_uses() {
+    require!();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let used = busybox_layout(&work.path().join("used"), &[("etc/which", b"used\n")]);
+    let spare = busybox_layout(&work.path().join("spare"), &[("etc/which", b"spare\n")]);
+    reg.push(&used, "used:v1", &[]);
+    reg.push(&used, "alias:v1", &[]);
+    reg.push(&spare, "spare:v1", &[]);
+    let [used, alias, spare] = ["used:v1", "alias:v1", "spare:v1"].map(|r| format!("{}/{r}", reg.addr));
+    let d = Daemon::start();
+    for r in [&used, &alias, &spare] {
+        d.ok(Method::POST, "/v1/images/pull", Some(json!({"image": r}))).await;
+    }
+    d.create_app("gc").await;
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/gc/machines",
+            Some(json!({"config": {"image": used, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+
+    // Usage: the alias shares everything with the image it names; the
+    // total counts their layer once.
+    let list = d.ok(Method::GET, "/v1/images", None).await;
+    let by_ref = |r: &str| {
+        list["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["reference"] == r)
+            .unwrap()
+            .clone()
+    };
+    let (u, a, s) = (by_ref(&used), by_ref(&alias), by_ref(&spare));
+    assert_eq!(u["digest"], a["digest"]);
+    assert_eq!(
+        (u["machines"].as_u64(), s["machines"].as_u64()),
+        (Some(1), Some(0)),
+        "{list}"
+    );
+    assert!(s["unique_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+    assert_eq!(s["unique_bytes"], s["disk_bytes"], "{s}");
+    assert_eq!(
+        list["total_disk_bytes"].as_u64().unwrap(),
+        u["disk_bytes"].as_u64().unwrap() + s["disk_bytes"].as_u64().unwrap(),
+        "{list}"
+    );
+    let inspected = d.ok(Method::GET, &image_path(&spare), None).await;
+    assert_eq!(inspected["layers"][0]["shared_by"], 1, "{inspected}");
+    let (status, e) = d
+        .call(Method::GET, &image_path(&format!("{}/nope:v1", reg.addr)), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+
+    // In use: refused, and nothing changes. The alias can go: the machine's
+    // image is still named by the other reference.
+    let (status, e) = d.call(Method::DELETE, &image_path(&alias), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{e}");
+    let (status, e) = d.call(Method::DELETE, &image_path(&used), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{e}");
+    assert!(e["error"].as_str().unwrap().contains(&id), "{e}");
+
+    let layers = d.data_dir.path().join("images/layers");
+    let count = || std::fs::read_dir(&layers).unwrap().count();
+    assert_eq!(count(), 2);
+    let pruned = d.ok(Method::POST, "/v1/images/prune", Some(json!({}))).await;
+    assert_eq!(pruned["removed"], json!([spare]), "{pruned}");
+    assert!(
+        pruned["freed_bytes"].as_u64().unwrap() >= s["disk_bytes"].as_u64().unwrap(),
+        "{pruned}"
+    );
+    assert_eq!(count(), 1);
+    // The machine never noticed, across a stop and start too.
+    assert_eq!(d.sh("gc", &id, "busybox cat /etc/which").await, "used\n");
+    d.ok(
+        Method::POST,
+        &format!("/v1/apps/gc/machines/{id}/stop"),
+        Some(json!({})),
+    )
+    .await;
+    d.ok(Method::POST, &format!("/v1/apps/gc/machines/{id}/start"), None)
+        .await;
+    assert_eq!(d.sh("gc", &id, "busybox cat /etc/which").await, "used\n");
+
+    d.ok(Method::DELETE, &format!("/v1/apps/gc/machines/{id}?force=true"), None)
+        .await;
+    let pruned = d.ok(Method::POST, "/v1/images/prune", Some(json!({}))).await;
+    assert_eq!(pruned["removed"], json!([used]), "{pruned}");
+    assert_eq!(count(), 0);
+    assert!(
+        std::fs::read_dir(d.data_dir.path().join("images/blobs/sha256"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    let list = d.ok(Method::GET, "/v1/images", None).await;
+    assert_eq!(list, json!({"images": [], "total_disk_bytes": 0}));
 }

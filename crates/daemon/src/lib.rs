@@ -107,7 +107,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(files::make_dir))
         .routes(routes!(files::remove_file))
         .routes(routes!(images::pull_image))
+        .routes(routes!(images::prune_images))
         .routes(routes!(images::list_images))
+        .routes(routes!(images::get_image, images::remove_image))
 }
 
 /// The OpenAPI document, as served and as committed.

@@ -12,6 +12,7 @@
 //! Importing needs root (owners, device nodes, `trusted.*` xattrs).
 
 mod error;
+mod gc;
 mod oci;
 mod pull;
 mod reference;
@@ -21,6 +22,7 @@ mod unpack;
 mod writer;
 
 pub use error::{ImageError, Result};
+pub use gc::GcReport;
 pub use pull::{LayerProgress, LayerStatus, ProgressSink, PullProgress};
 pub use reference::{ImageRef, RegistryRef};
 pub use registry::{RegistryClient, RegistryConfig, install_crypto_provider};

@@ -120,6 +120,8 @@ pub struct ImageStore {
     /// One lock per blob being downloaded, so concurrent pulls that share
     /// a layer fetch it once.
     blob_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Disk usage of unpacked layers, by diff_id (they never change).
+    layer_sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Held (shared) for the store's lifetime so a later `open` knows not to
     /// clear `tmp/` under us.
     _lock: File,
@@ -145,6 +147,7 @@ impl ImageStore {
         let store = ImageStore {
             root: root.to_owned(),
             blob_locks: Default::default(),
+            layer_sizes: Default::default(),
             _lock: lock,
         };
         match rfs::flock(&store._lock, FlockOperation::NonBlockingLockExclusive) {
@@ -391,7 +394,18 @@ impl ImageStore {
         locks.entry(digest.to_owned()).or_default().clone()
     }
 
-    fn tmp_name(&self, kind: &str) -> PathBuf {
+    /// Whether a download of this blob is under way.
+    pub(crate) fn downloading(&self, digest: &str) -> bool {
+        let locks = self.blob_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.get(digest).is_some_and(|lock| lock.try_lock().is_err())
+    }
+
+    pub(crate) fn layer_sizes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.layer_sizes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh name under `tmp/` (nothing is created).
+    pub(crate) fn tmp_name(&self, kind: &str) -> PathBuf {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{kind}-{}-{n}", std::process::id()))

@@ -1,12 +1,19 @@
-//! Image operations: pulling from registries, importing local layouts, and
-//! listing what the store holds. A pull runs as its own task, so it
-//! finishes (and serves everyone waiting for it) even if the request that
-//! started it goes away; a second request for the same image while it runs
-//! joins it instead of pulling again.
+//! Image operations: pulling from registries, importing local layouts,
+//! listing with disk usage, removing and pruning.
+//!
+//! A pull runs as its own task, so it finishes (and serves everyone waiting
+//! for it) even if the request that started it goes away; a second request
+//! for the same image while it runs joins it instead of pulling again.
+//!
+//! Removal and pruning delete layers, so they must never race with
+//! something about to use one: they take the `gc` lock for writing, while
+//! pulls hold it for reading until their image is recorded, and creates
+//! from the moment they have their image until their machine is recorded.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use hangar_api::{ImageInfo, ImageLayer, ImageRunConfig, LayerProgress, PullProgress};
+use hangar_api::{ImageInfo, ImageLayer, ImageList, ImageRunConfig, LayerProgress, PruneReport, PullProgress};
 use hangar_image::{Image, ImageRef};
 use hangar_store::ImageRecord;
 use tokio::sync::watch;
@@ -29,11 +36,7 @@ pub struct Pull {
 
 impl Pull {
     /// Waits for the pull to end.
-    pub async fn finish(self) -> Result<ImageInfo> {
-        self.image().await.map(|image| image_info(&image))
-    }
-
-    async fn image(mut self) -> Result<Image> {
+    pub async fn finish(mut self) -> Result<Image> {
         self.outcome
             .wait_for(Option::is_some)
             .await
@@ -83,6 +86,7 @@ impl Manager {
     }
 
     async fn fetch_and_record(&self, r: &ImageRef, job: &Arc<PullJob>) -> Result<Image> {
+        let _no_gc = self.inner.gc.read().await;
         let images = self.inner.images.clone();
         let image = match r {
             ImageRef::Registry(registry_ref) => {
@@ -115,20 +119,39 @@ impl Manager {
 
     /// The image a machine is created from: a registry image already pulled
     /// is used as it is (pull it again to update it); anything else is
-    /// pulled or imported now.
-    pub(crate) async fn image_for_create(&self, reference: &str) -> Result<Image> {
+    /// pulled or imported now. The guard keeps removal and pruning away
+    /// until the caller has recorded its machine.
+    pub(crate) async fn image_for_create(
+        &self,
+        reference: &str,
+    ) -> Result<(Image, tokio::sync::OwnedRwLockReadGuard<()>)> {
         let r: ImageRef = reference.parse()?;
-        if let ImageRef::Registry(_) = &r
-            && let Some(rec) = self.inner.store.get_image(&r.to_string()).await?
-            && let Ok(image) = serde_json::from_str::<Image>(&rec.image_json)
-            && image
-                .layers
-                .iter()
-                .all(|l| self.inner.images.layer_path(&l.diff_id).is_dir())
-        {
-            return Ok(image);
+        loop {
+            let image = match self.recorded_image(&r).await? {
+                Some(image) if matches!(r, ImageRef::Registry(_)) => image,
+                _ => self.pull_image(reference)?.finish().await?,
+            };
+            let guard = self.inner.gc.clone().read_owned().await;
+            // A prune may have run between the pull and the guard.
+            if self.recorded_image(&r).await?.as_ref() == Some(&image) {
+                return Ok((image, guard));
+            }
         }
-        self.pull_image(reference)?.image().await
+    }
+
+    /// The image recorded under this reference, if all its layers are
+    /// still unpacked.
+    async fn recorded_image(&self, r: &ImageRef) -> Result<Option<Image>> {
+        let Some(rec) = self.inner.store.get_image(&r.to_string()).await? else {
+            return Ok(None);
+        };
+        let image: Image = serde_json::from_str(&rec.image_json)
+            .map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))?;
+        let intact = image
+            .layers
+            .iter()
+            .all(|l| self.inner.images.layer_path(&l.diff_id).is_dir());
+        Ok(intact.then_some(image))
     }
 
     pub(crate) async fn load_image(&self, digest: &str) -> Result<Image> {
@@ -141,17 +164,171 @@ impl Manager {
         serde_json::from_str(&rec.image_json).map_err(|e| Error::internal(&format!("image {digest} record"), e))
     }
 
-    /// Every image in the store, by reference.
-    pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        let records = self.inner.store.list_images().await?;
-        records
+    /// Every image in the store, by reference, with its disk usage.
+    pub async fn list_images(&self) -> Result<ImageList> {
+        let images = self.recorded_images().await?;
+        let machines = self.machines_by_image().await?;
+        let store = self.inner.images.clone();
+        tokio::task::spawn_blocking(move || describe(&store, &images, &machines))
+            .await
+            .map_err(|e| Error::internal("measuring images", e))
+    }
+
+    /// One image, by reference or manifest digest.
+    pub async fn get_image(&self, image: &str) -> Result<ImageInfo> {
+        let key = image_key(image)?;
+        self.list_images()
+            .await?
+            .images
+            .into_iter()
+            .find(|i| i.reference == key || i.digest == key)
+            .ok_or_else(|| not_found(image))
+    }
+
+    /// Forgets an image reference and deletes whatever only it needed. An
+    /// image that machines use cannot be removed (unless another reference
+    /// names the same image).
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        let key = image_key(image)?;
+        let _gc = self.inner.gc.write().await;
+        let images = self.recorded_images().await?;
+        let Some(target) = images.iter().find(|i| i.reference == key || i.manifest_digest == key) else {
+            return Err(not_found(image));
+        };
+        let aliases = images
+            .iter()
+            .filter(|i| i.manifest_digest == target.manifest_digest && i.reference != target.reference)
+            .count();
+        if aliases == 0
+            && let Some(users) = self.machines_by_image().await?.get(&target.manifest_digest)
+        {
+            return Err(Error::Conflict(format!(
+                "image {} is used by machine(s) {}: destroy them first",
+                target.reference,
+                users.join(", ")
+            )));
+        }
+        self.inner.store.delete_image(&target.reference).await?;
+        let keep: Vec<Image> = images
+            .iter()
+            .filter(|i| i.reference != target.reference)
+            .cloned()
+            .collect();
+        self.collect_garbage(keep).await?;
+        Ok(())
+    }
+
+    /// Removes every image no machine uses, then everything only they needed
+    /// (and abandoned partial downloads).
+    pub async fn prune_images(&self) -> Result<PruneReport> {
+        let _gc = self.inner.gc.write().await;
+        let used = self.machines_by_image().await?;
+        let (keep, doomed): (Vec<Image>, Vec<Image>) = self
+            .recorded_images()
+            .await?
+            .into_iter()
+            .partition(|i| used.contains_key(&i.manifest_digest));
+        for image in &doomed {
+            self.inner.store.delete_image(&image.reference).await?;
+        }
+        let gc = self.collect_garbage(keep).await?;
+        Ok(PruneReport {
+            removed: doomed.into_iter().map(|i| i.reference).collect(),
+            freed_bytes: gc.freed_bytes,
+        })
+    }
+
+    async fn collect_garbage(&self, keep: Vec<Image>) -> Result<hangar_image::GcReport> {
+        let store = self.inner.images.clone();
+        let report = tokio::task::spawn_blocking(move || store.collect_garbage(&keep))
+            .await
+            .map_err(|e| Error::internal("removing unused layers", e))??;
+        tracing::info!("image garbage collection: {report:?}");
+        Ok(report)
+    }
+
+    async fn recorded_images(&self) -> Result<Vec<Image>> {
+        self.inner
+            .store
+            .list_images()
+            .await?
             .iter()
             .map(|rec| {
-                let image: Image = serde_json::from_str(&rec.image_json)
-                    .map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))?;
-                Ok(image_info(&image))
+                serde_json::from_str(&rec.image_json)
+                    .map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))
             })
             .collect()
+    }
+
+    /// Living machines, by the manifest digest of their image.
+    async fn machines_by_image(&self) -> Result<HashMap<String, Vec<String>>> {
+        let mut by_image: HashMap<String, Vec<String>> = HashMap::new();
+        for m in self.inner.store.list_machines(None).await? {
+            if m.state != hangar_api::MachineState::Destroyed {
+                by_image.entry(m.image_digest).or_default().push(m.id);
+            }
+        }
+        Ok(by_image)
+    }
+}
+
+/// The normalized reference (or the digest) a user's spelling names.
+fn image_key(image: &str) -> Result<String> {
+    if image.starts_with("sha256:") {
+        return Ok(image.to_owned());
+    }
+    Ok(image.parse::<ImageRef>()?.to_string())
+}
+
+fn not_found(image: &str) -> Error {
+    Error::NotFound(format!(
+        "image {image:?} is not in the store: pull it first (POST /v1/images/pull), or list images (GET /v1/images)"
+    ))
+}
+
+/// Disk usage of every image; shared layers count in full for each image
+/// but once in the total.
+fn describe(store: &hangar_image::ImageStore, images: &[Image], machines: &HashMap<String, Vec<String>>) -> ImageList {
+    // Images by digest: two references to one image share everything.
+    let mut users: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+    for image in images {
+        for layer in &image.layers {
+            users.entry(&layer.diff_id).or_default().insert(&image.manifest_digest);
+        }
+    }
+    let layer_bytes = |l: &hangar_image::Layer| store.layer_disk_bytes(&l.diff_id) + store.blob_disk_bytes(&l.digest);
+    let mut total = 0;
+    let mut counted = std::collections::HashSet::new();
+    let infos = images
+        .iter()
+        .map(|image| {
+            let own = store.blob_disk_bytes(&image.manifest_digest);
+            if counted.insert(image.manifest_digest.as_str()) {
+                total += own;
+            }
+            let mut info = image_info(image);
+            info.machines = machines.get(&image.manifest_digest).map_or(0, |m| m.len() as u64);
+            info.disk_bytes = own;
+            info.unique_bytes = own;
+            for (layer, out) in image.layers.iter().zip(&mut info.layers) {
+                let bytes = layer_bytes(layer);
+                let shared_by = users.get(layer.diff_id.as_str()).map_or(1, |u| u.len() as u64);
+                out.disk_bytes = bytes;
+                out.shared_by = shared_by;
+                info.disk_bytes += bytes;
+                if shared_by == 1 {
+                    info.unique_bytes += bytes;
+                }
+                if counted.insert(layer.diff_id.as_str()) {
+                    total += bytes;
+                }
+            }
+            info
+        })
+        .collect();
+    ImageList {
+        images: infos,
+        total_disk_bytes: total,
     }
 }
 
@@ -161,6 +338,9 @@ fn image_info(image: &Image) -> ImageInfo {
         reference: image.reference.clone(),
         digest: image.manifest_digest.clone(),
         size: image.layers.iter().map(|l| l.size).sum(),
+        disk_bytes: 0,
+        unique_bytes: 0,
+        machines: 0,
         layers: image
             .layers
             .iter()
@@ -169,6 +349,8 @@ fn image_info(image: &Image) -> ImageInfo {
                 diff_id: l.diff_id.clone(),
                 media_type: l.media_type.clone(),
                 size: l.size,
+                disk_bytes: 0,
+                shared_by: 0,
             })
             .collect(),
         config: ImageRunConfig {

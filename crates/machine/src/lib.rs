@@ -80,6 +80,8 @@ struct Inner {
     registry: hangar_image::RegistryClient,
     /// Pulls in flight, by normalized reference.
     pulls: Mutex<HashMap<String, Arc<images::PullJob>>>,
+    /// Held for writing while unused images are deleted (see `images`).
+    gc: Arc<tokio::sync::RwLock<()>>,
     pool: Arc<dyn Pool>,
     runtimes: HashMap<RuntimeKind, OciRuntime>,
     host: String,
@@ -191,6 +193,7 @@ impl Manager {
                 images: Arc::new(images),
                 registry,
                 pulls: Mutex::new(HashMap::new()),
+                gc: Arc::default(),
                 pool,
                 runtimes,
                 host,

@@ -273,7 +273,7 @@ impl Manager {
         }
         // The slow path happens before anything is recorded, so a bad or
         // missing image leaves no trace.
-        let image = self.image_for_create(&req.config.image).await?;
+        let (image, no_gc) = self.image_for_create(&req.config.image).await?;
         crate::launch::plan(&id, app, &req.config, &image.config)?;
 
         let now = now_ms();
@@ -298,6 +298,8 @@ impl Manager {
             .store
             .insert_machine(&rec, &event("create", "creating", "user", None))
             .await?;
+        // Recorded: from now on the image counts as used.
+        drop(no_gc);
         let slot = self.slot(&id, rec.state);
         let _op = slot.op.lock().await;
         if let Err(e) = self.lay_out(&rec).await {

@@ -251,6 +251,17 @@ impl Store {
         .await
     }
 
+    /// Forgets a reference (the blobs and layers are the image store's).
+    pub async fn delete_image(&self, reference: &str) -> Result<()> {
+        let reference = reference.to_owned();
+        self.call(move |conn| {
+            conn.execute("DELETE FROM images WHERE reference = ?", [reference])
+                .map_err(db("removing image"))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Every image, by reference.
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>> {
         self.call(|conn| {

@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use hangar_api::{ErrorBody, ImageInfo, PullEvent, PullImageRequest};
+use hangar_api::{ErrorBody, ImageInfo, ImageList, PruneReport, PullEvent, PullImageRequest};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::Json;
+use crate::extract::{Json, Path};
 
 /// How often a streamed pull reports progress, at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -37,10 +37,16 @@ pub async fn pull_image(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/x-ndjson"));
+    let progress = pull.progress.clone();
+    let mgr = s.mgr.clone();
+    let done = async move {
+        let image = pull.finish().await?;
+        mgr.get_image(&image.reference).await
+    };
     if !streamed {
-        return Ok(axum::Json(pull.finish().await?).into_response());
+        return Ok(axum::Json(done.await?).into_response());
     }
-    let state = (pull.progress.clone(), Box::pin(pull.finish()), None);
+    let state = (progress, Box::pin(done), None);
     let lines = futures_util::stream::unfold(Some(state), |state| async move {
         let (mut progress, mut finish, last_line) = state?;
         let next_progress = async {
@@ -78,8 +84,32 @@ fn line(event: &PullEvent) -> Result<Bytes, std::io::Error> {
     Ok(Bytes::from(line))
 }
 
-/// List the images in the store.
-#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = Vec<ImageInfo>)))]
-pub async fn list_images(State(s): State<AppState>) -> ApiResult<axum::Json<Vec<ImageInfo>>> {
+/// List the images in the store, with their disk usage.
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = ImageList)))]
+pub async fn list_images(State(s): State<AppState>) -> ApiResult<axum::Json<ImageList>> {
     Ok(axum::Json(s.mgr.list_images().await?))
+}
+
+/// One image, by reference (`registry/repo:tag`, as listed; URL-encoded,
+/// `/` as `%2F`) or manifest digest, with per-layer disk usage.
+#[utoipa::path(get, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path)),
+    responses((status = 200, body = ImageInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_image(State(s): State<AppState>, Path(image): Path<String>) -> ApiResult<axum::Json<ImageInfo>> {
+    Ok(axum::Json(s.mgr.get_image(&image).await?))
+}
+
+/// Remove an image reference (URL-encoded), and the blobs and layers only
+/// it needed. Refused (409) while machines use the image.
+#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove_image(State(s): State<AppState>, Path(image): Path<String>) -> ApiResult<StatusCode> {
+    s.mgr.remove_image(&image).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove every image no machine uses, with the blobs and layers only they
+/// needed, and abandoned partial downloads.
+#[utoipa::path(post, path = "/v1/images/prune", tag = "images", responses((status = 200, body = PruneReport)))]
+pub async fn prune_images(State(s): State<AppState>) -> ApiResult<axum::Json<PruneReport>> {
+    Ok(axum::Json(s.mgr.prune_images().await?))
 }

@@ -3,8 +3,9 @@
 # Usage: scripts/install-deps.sh [--test]   (--test adds what the tests use)
 set -euo pipefail
 need=(runc btrfs-progs busybox-static)
-# docker-registry, skopeo and htpasswd (apache2-utils): a real registry for the pull tests.
-[[ "${1:-}" == "--test" ]] && need+=(gcc runsc docker-registry skopeo apache2-utils)
+# docker-registry, skopeo, htpasswd (apache2-utils) and openssl: a real
+# registry for the pull tests, with basic auth, tokens and TLS.
+[[ "${1:-}" == "--test" ]] && need+=(gcc runsc docker-registry skopeo apache2-utils openssl)
 missing=()
 for pkg in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,5 +1,6 @@
 //! Hangar's lifecycle through its REST API, on a daemon this benchmark
-//! spawns with its own data dir and its own directory in a btrfs pool.
+//! spawns with its own data dir and its own directory in a btrfs pool (the
+//! pull benchmark uses the same daemon).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,25 +19,23 @@ use crate::{Op, Section};
 
 const APP: &str = "bench";
 
-/// What the Hangar section needs.
+/// What the bench's daemon needs.
 #[derive(Debug)]
 pub struct Config {
     pub hangar: PathBuf,
     pub init_binary: PathBuf,
     /// A directory on btrfs; the daemon gets a fresh subdirectory of it.
     pub pool_root: PathBuf,
-    /// `oci:/layout:latest`.
-    pub image: String,
 }
 
-/// Measures create, start, exec and stop; one uncounted warm-up cycle first
-/// (it also imports the image). `settle` is the idle time before the
-/// "settled" start.
-pub fn bench(cfg: &Config, iterations: usize, settle: Duration) -> Result<Section> {
+/// Measures create, start, exec and stop of machines from `image`
+/// (`oci:/layout:latest`); one uncounted warm-up cycle first (it also
+/// imports the image). `settle` is the idle time before the "settled" start.
+pub fn bench(cfg: &Config, image: &str, iterations: usize, settle: Duration) -> Result<Section> {
     let daemon = Daemon::start(cfg)?;
-    let result = measure(&daemon, &cfg.image, iterations, settle);
+    let result = measure(&daemon, image, iterations, settle);
     if result.is_err() && check_interrupt().is_ok() {
-        eprintln!("hangar daemon log (tail):\n{}", daemon.log_tail(40));
+        daemon.print_log_tail();
     }
     result
 }
@@ -190,7 +189,7 @@ fn expect_state(m: &Value, want: &str, what: &str) -> Result<()> {
 /// A `hangar serve` child with its own data dir and pool directory. Dropping
 /// it destroys every machine of the bench app, stops the daemon, and removes
 /// both directories.
-struct Daemon {
+pub struct Daemon {
     data_dir: tempfile::TempDir,
     pool_dir: PathBuf,
     child: Option<Child>,
@@ -201,7 +200,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(cfg: &Config) -> Result<Daemon> {
+    pub fn start(cfg: &Config) -> Result<Daemon> {
         let data_dir = tempfile::Builder::new()
             .prefix("hangar-bench-daemon")
             .tempdir()
@@ -283,8 +282,13 @@ impl Daemon {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// For a run that failed: what the daemon said last.
+    pub fn print_log_tail(&self) {
+        eprintln!("hangar daemon log (tail):\n{}", self.log_tail(40));
+    }
+
     /// One API call; a non-2xx answer is an error carrying the body.
-    fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+    pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.url))

@@ -1,6 +1,8 @@
 //! `hangar-bench`: Hangar's machine lifecycle (create, start, exec, stop)
 //! measured beside podman with runc on the same busybox image, and beside
 //! the floor (bare namespaces + chroot, one runc invocation), in one run.
+//! `hangar-bench pull`: an image pull from a registry on loopback, Hangar's
+//! beside skopeo's.
 //!
 //! Runs as root. Everything it makes (daemon, machines, containers, images,
 //! directories) is removed when it ends, also on error or Ctrl-C.
@@ -10,6 +12,7 @@ mod hangar;
 mod image;
 mod podman;
 mod process;
+mod pull;
 mod report;
 mod stats;
 
@@ -19,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Every operation timed, by any system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -46,6 +49,13 @@ pub enum Op {
     RuncRun,
     RuncDelete,
     RuncVersion,
+    /// Hangar's pull of an image none of whose layers it has.
+    Pull,
+    /// `skopeo copy` of the same image from the registry to a directory
+    /// (`dir:`: a file per blob).
+    SkopeoCopyDir,
+    /// The same, to an OCI layout.
+    SkopeoCopyOci,
 }
 
 impl Op {
@@ -63,6 +73,9 @@ impl Op {
             Op::RuncRun => "runc run `true` (one sandbox)",
             Op::RuncDelete => "runc delete --force (absent id)",
             Op::RuncVersion => "runc --version (Go process start)",
+            Op::Pull => "hangar: POST /v1/images/pull (download + unpack)",
+            Op::SkopeoCopyDir => "skopeo copy docker:// → dir: (download only)",
+            Op::SkopeoCopyOci => "skopeo copy docker:// → oci: (download only)",
         }
     }
 }
@@ -105,9 +118,13 @@ pub enum Outcome {
 #[derive(Debug, Parser)]
 #[command(
     name = "hangar-bench",
-    about = "Times Hangar's machine lifecycle beside podman (runc) and the bare sandbox floor. Run as root."
+    about = "Times Hangar's machine lifecycle beside podman (runc) and the bare sandbox floor; `pull` times an \
+             image pull beside skopeo. Run as root.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Timed iterations per operation (after one uncounted warm-up).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     iterations: u32,
@@ -116,12 +133,37 @@ struct Cli {
     /// next start then) to finish, as for a machine stopped a while ago.
     #[arg(long, default_value_t = 300)]
     settle_ms: u64,
-    /// Print JSON (with every sample) instead of the table.
-    #[arg(long)]
-    json: bool,
     /// Measure only this system.
     #[arg(long, value_enum)]
     only: Option<System>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Times pulls of one image of several layers from a registry on
+    /// loopback (Debian's docker-registry): Hangar's pull beside `skopeo
+    /// copy` of the same image to a directory (`dir:` and `oci:`). Run as
+    /// root.
+    Pull {
+        /// Timed pulls by each tool (after one uncounted warm-up).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        iterations: u32,
+        /// The image's random bytes in MiB, split evenly over its 3 layers.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(3..))]
+        size_mb: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// What both modes take.
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Print JSON (with every sample) instead of the table.
+    #[arg(long)]
+    json: bool,
     /// The `hangar` binary (default: next to this one).
     #[arg(long)]
     hangar: Option<PathBuf>,
@@ -134,6 +176,25 @@ struct Cli {
     /// mounted, as the integration tests leave it).
     #[arg(long, default_value = "/var/tmp/hangar-test-pool/mnt")]
     pool_root: PathBuf,
+}
+
+impl Common {
+    /// The directory of this binary, and the `hangar` binary to run.
+    fn binaries(&self) -> Result<(PathBuf, PathBuf)> {
+        let exe = std::env::current_exe()?;
+        let bin_dir = exe.parent().context("locating this binary")?.to_owned();
+        let hangar = self.hangar.clone().unwrap_or_else(|| bin_dir.join("hangar"));
+        Ok((bin_dir, hangar))
+    }
+
+    fn print<T: serde::Serialize>(&self, report: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            print!("{}", table(report));
+        }
+        Ok(())
+    }
 }
 
 fn main() {
@@ -152,6 +213,17 @@ fn run(cli: Cli) -> Result<i32> {
         bail!("hangar-bench starts sandboxes and needs root");
     }
     process::install_interrupt_handler();
+    match cli.mode {
+        Some(Mode::Pull {
+            iterations,
+            size_mb,
+            common,
+        }) => pull(&common, iterations as usize, size_mb),
+        None => lifecycle(&cli),
+    }
+}
+
+fn lifecycle(cli: &Cli) -> Result<i32> {
     let iterations = cli.iterations as usize;
     let settle = Duration::from_millis(cli.settle_ms);
     let selected = |s: System| cli.only.is_none_or(|o| o == s);
@@ -162,16 +234,9 @@ fn run(cli: Cli) -> Result<i32> {
     let rootfs = work.path().join("rootfs");
     image::make_rootfs(&rootfs)?;
 
-    let exe = std::env::current_exe()?;
-    let bin_dir = exe.parent().context("locating this binary")?.to_owned();
-    let hangar_bin = cli.hangar.clone().unwrap_or_else(|| bin_dir.join("hangar"));
+    let (bin_dir, hangar_bin) = cli.common.binaries()?;
     let layout = if selected(System::Hangar) || selected(System::Podman) {
-        if !hangar_bin.is_file() {
-            bail!(
-                "{} missing: build it with scripts/build.sh, or pass --hangar",
-                hangar_bin.display()
-            );
-        }
+        check_hangar(&hangar_bin)?;
         Some(image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?)
     } else {
         None
@@ -181,15 +246,15 @@ fn run(cli: Cli) -> Result<i32> {
     let mut outcomes: BTreeMap<System, Outcome> = BTreeMap::new();
     if let (true, Some(layout)) = (selected(System::Hangar), &layout) {
         eprintln!("hangar: {iterations} lifecycle cycles + {iterations} execs (after a warm-up)…");
-        let outcome = match init_binary(cli.init_binary.as_deref(), &bin_dir) {
+        let outcome = match init_binary(cli.common.init_binary.as_deref(), &bin_dir) {
             Ok(init_binary) => {
                 let cfg = hangar::Config {
                     hangar: hangar_bin.clone(),
                     init_binary,
-                    pool_root: cli.pool_root.clone(),
-                    image: format!("oci:{}:latest", layout.display()),
+                    pool_root: cli.common.pool_root.clone(),
                 };
-                outcome(hangar::bench(&cfg, iterations, settle))
+                let image = format!("oci:{}:latest", layout.display());
+                outcome(hangar::bench(&cfg, &image, iterations, settle))
             }
             Err(e) => Outcome::Failed(format!("{e:#}")),
         };
@@ -210,13 +275,32 @@ fn run(cli: Cli) -> Result<i32> {
     process::check_interrupt()?;
 
     let report = report::Report::new(std::env::args().collect(), host, iterations, cli.settle_ms, &outcomes);
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.table());
-    }
+    cli.common.print(&report, report::Report::table)?;
     let failed = outcomes.values().any(|o| matches!(o, Outcome::Failed(_)));
     Ok(if failed { 1 } else { 0 })
+}
+
+fn pull(common: &Common, iterations: usize, size_mb: u64) -> Result<i32> {
+    let (bin_dir, hangar_bin) = common.binaries()?;
+    check_hangar(&hangar_bin)?;
+    let host = report::Host::collect();
+    let cfg = hangar::Config {
+        hangar: hangar_bin.clone(),
+        init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
+        pool_root: common.pool_root.clone(),
+    };
+    let (section, image) = pull::bench(&cfg, size_mb << 20, iterations)?;
+    process::check_interrupt()?;
+    let report = report::PullReport::new(
+        std::env::args().collect(),
+        host,
+        &hangar_bin,
+        iterations,
+        image,
+        section,
+    );
+    common.print(&report, report::PullReport::table)?;
+    Ok(0)
 }
 
 /// A section's result, its error printed as it happens so the rest goes on.
@@ -229,6 +313,16 @@ fn outcome(result: Result<Section>) -> Outcome {
             Outcome::Failed(msg)
         }
     }
+}
+
+fn check_hangar(hangar: &Path) -> Result<()> {
+    if !hangar.is_file() {
+        bail!(
+            "{} missing: build it with scripts/build.sh, or pass --hangar",
+            hangar.display()
+        );
+    }
+    Ok(())
 }
 
 /// hangar-init is built static for an explicit target (scripts/build.sh), so

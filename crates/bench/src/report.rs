@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::stats::{Summary, ms};
-use crate::{Op, Outcome, System, version_of};
+use crate::pull::PulledImage;
+use crate::stats::{Summary, mib, ms};
+use crate::{Op, Outcome, Section, System, version_of};
 
 /// Lifecycle rows: the operation, the floor shown beside it, and the p50
 /// target from the issue.
@@ -24,21 +26,18 @@ const ROWS: &[(Op, Option<Op>, Option<f64>)] = &[
 /// Floor rows of their own: what single runc invocations cost.
 const FLOOR_ROWS: &[Op] = &[Op::RuncRun, Op::RuncDelete, Op::RuncVersion];
 
-/// Where the numbers were measured.
+/// The machine the numbers were measured on.
 #[derive(Debug, Serialize)]
-pub struct HostInfo {
+pub struct Host {
     pub kernel: String,
     pub cpus: usize,
     pub cpu_model: String,
     /// /proc/loadavg when the run began: other work on the host shows here.
     pub load_average: String,
-    pub hangar_binary: String,
-    pub runc: String,
-    pub podman: String,
 }
 
-impl HostInfo {
-    pub fn collect(hangar: &Path) -> HostInfo {
+impl Host {
+    pub fn collect() -> Host {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let cpu_model = cpuinfo
@@ -46,7 +45,7 @@ impl HostInfo {
             .find_map(|l| l.strip_prefix("model name"))
             .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
             .unwrap_or_default();
-        HostInfo {
+        Host {
             kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu_model,
@@ -55,6 +54,31 @@ impl HostInfo {
                 .take(3)
                 .collect::<Vec<_>>()
                 .join(" "),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "host: Linux {}, {} CPUs ({}), load average at start {}",
+            self.kernel, self.cpus, self.cpu_model, self.load_average
+        )
+    }
+}
+
+/// Where the lifecycle numbers were measured, and with what.
+#[derive(Debug, Serialize)]
+pub struct HostInfo {
+    #[serde(flatten)]
+    pub host: Host,
+    pub hangar_binary: String,
+    pub runc: String,
+    pub podman: String,
+}
+
+impl HostInfo {
+    pub fn collect(hangar: &Path) -> HostInfo {
+        HostInfo {
+            host: Host::collect(),
             hangar_binary: hangar.display().to_string(),
             runc: version_of(Path::new("runc")),
             podman: version_of(Path::new("podman")),
@@ -62,16 +86,40 @@ impl HostInfo {
     }
 }
 
-/// One operation of one system.
+/// One operation's summary and samples.
 #[derive(Debug, Serialize)]
-pub struct Row {
-    pub system: System,
+pub struct Timing {
     pub operation: Op,
     pub label: &'static str,
     #[serde(flatten)]
     pub summary: Summary,
     /// Every timed sample, in the order taken.
     pub samples_ms: Vec<f64>,
+}
+
+impl Timing {
+    /// `None` for no samples.
+    fn of(op: Op, samples: &[Duration]) -> Option<Timing> {
+        Some(Timing {
+            operation: op,
+            label: op.label(),
+            summary: Summary::of(samples)?,
+            samples_ms: samples.iter().map(|&d| ms(d)).collect(),
+        })
+    }
+
+    fn cell(&self) -> String {
+        let s = self.summary;
+        format!("{:.2} / {:.2} ({})", s.p50_ms, s.p99_ms, s.n)
+    }
+}
+
+/// One operation of one system.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub system: System,
+    #[serde(flatten)]
+    pub timing: Timing,
 }
 
 /// A section's status in the JSON document.
@@ -109,14 +157,8 @@ impl Report {
             let status = match outcome {
                 Outcome::Ran(section) => {
                     for (&op, s) in &section.samples {
-                        if let Some(summary) = Summary::of(s) {
-                            results.push(Row {
-                                system,
-                                operation: op,
-                                label: op.label(),
-                                summary,
-                                samples_ms: s.iter().map(|&d| ms(d)).collect(),
-                            });
+                        if let Some(timing) = Timing::of(op, s) {
+                            results.push(Row { system, timing });
                         }
                     }
                     SectionStatus::Ran {
@@ -138,16 +180,20 @@ impl Report {
         }
     }
 
-    fn get(&self, system: System, op: Op) -> Option<Summary> {
+    fn find(&self, system: System, op: Op) -> Option<&Timing> {
         self.results
             .iter()
-            .find(|r| r.system == system && r.operation == op)
-            .map(|r| r.summary)
+            .find(|r| r.system == system && r.timing.operation == op)
+            .map(|r| &r.timing)
+    }
+
+    fn get(&self, system: System, op: Op) -> Option<Summary> {
+        self.find(system, op).map(|t| t.summary)
     }
 
     fn cell(&self, system: System, op: Option<Op>) -> String {
-        match op.and_then(|op| self.get(system, op)) {
-            Some(s) => format!("{:.2} / {:.2} ({})", s.p50_ms, s.p99_ms, s.n),
+        match op.and_then(|op| self.find(system, op)) {
+            Some(t) => t.cell(),
             None => "—".into(),
         }
     }
@@ -156,11 +202,7 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let h = &self.host;
-        let _ = writeln!(
-            out,
-            "host: Linux {}, {} CPUs ({}), load average at start {}",
-            h.kernel, h.cpus, h.cpu_model, h.load_average
-        );
+        let _ = writeln!(out, "{}", h.host.line());
         let _ = writeln!(out, "hangar: {}; {}; {}", h.hangar_binary, h.runc, h.podman);
         let _ = writeln!(
             out,
@@ -206,21 +248,7 @@ impl Report {
                 ]);
             }
         }
-        let widths: Vec<usize> = (0..5)
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        for (i, r) in rows.iter().enumerate() {
-            let cells: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(c, &w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
-                .collect();
-            let _ = writeln!(out, "| {} |", cells.join(" | "));
-            if i == 0 {
-                let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-                let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
-            }
-        }
+        out.push_str(&markdown(&rows));
         let _ = writeln!(
             out,
             "\n¹ floor: `unshare --fork --pid --mount --uts --ipc --net chroot ROOTFS true` on the busybox rootfs"
@@ -245,6 +273,100 @@ impl Report {
     }
 }
 
+/// The pull benchmark's run.
+#[derive(Debug, Serialize)]
+pub struct PullReport {
+    pub command: Vec<String>,
+    pub iterations: usize,
+    pub host: Host,
+    pub hangar_binary: String,
+    pub skopeo: String,
+    pub registry: String,
+    pub image: PulledImage,
+    pub results: Vec<Timing>,
+    pub notes: Vec<String>,
+}
+
+impl PullReport {
+    pub fn new(
+        command: Vec<String>,
+        host: Host,
+        hangar: &Path,
+        iterations: usize,
+        image: PulledImage,
+        section: Section,
+    ) -> PullReport {
+        PullReport {
+            command,
+            iterations,
+            host,
+            hangar_binary: hangar.display().to_string(),
+            skopeo: version_of(Path::new("skopeo")),
+            registry: version_of(Path::new("docker-registry")),
+            image,
+            results: section
+                .samples
+                .iter()
+                .filter_map(|(&op, s)| Timing::of(op, s))
+                .collect(),
+            notes: section.notes,
+        }
+    }
+
+    /// The readable table (Markdown), with the host, the image and notes.
+    pub fn table(&self) -> String {
+        let i = &self.image;
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.host.line());
+        let _ = writeln!(
+            out,
+            "hangar: {}; {}; {}",
+            self.hangar_binary, self.skopeo, self.registry
+        );
+        let _ = writeln!(
+            out,
+            "image: {}, {} layers of {:.1} MiB of random bytes each ({:.1} MiB gzip'd in all)",
+            i.reference,
+            i.layers,
+            mib(i.layer_bytes),
+            mib(i.compressed_bytes)
+        );
+        let _ = writeln!(
+            out,
+            "times in ms: p50 / p99 (n), p99 by nearest rank, one uncounted warm-up each; hangar and skopeo take turns\n"
+        );
+        let mut rows = vec![["operation".to_owned(), "time".to_owned()]];
+        rows.extend(self.results.iter().map(|t| [t.label.to_owned(), t.cell()]));
+        out.push_str(&markdown(&rows));
+        out.push('\n');
+        for n in &self.notes {
+            let _ = writeln!(out, "{n}");
+        }
+        out
+    }
+}
+
+/// `rows` as a Markdown table, the first row as its header, columns padded.
+fn markdown<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+            let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -252,26 +374,36 @@ mod tests {
     use super::*;
     use crate::Section;
 
-    fn host() -> HostInfo {
-        HostInfo {
+    fn machine() -> Host {
+        Host {
             kernel: "6.1".into(),
             cpus: 2,
             cpu_model: "cpu".into(),
             load_average: "0.00 0.00 0.00".into(),
+        }
+    }
+
+    fn host() -> HostInfo {
+        HostInfo {
+            host: machine(),
             hangar_binary: "hangar".into(),
             runc: "runc version 1".into(),
             podman: "podman version 4".into(),
         }
     }
 
-    fn section(ops: &[(Op, &[u64])]) -> Outcome {
+    fn samples(ops: &[(Op, &[u64])]) -> Section {
         let mut s = Section::default();
         for (op, ms) in ops {
             for &m in *ms {
                 s.push(*op, Duration::from_millis(m));
             }
         }
-        Outcome::Ran(s)
+        s
+    }
+
+    fn section(ops: &[(Op, &[u64])]) -> Outcome {
+        Outcome::Ran(samples(ops))
     }
 
     #[test]
@@ -315,5 +447,38 @@ mod tests {
         assert_eq!(v["results"][0]["samples_ms"], serde_json::json!([3.0, 1.0, 2.0]));
         assert_eq!(v["sections"]["podman"]["status"], "failed");
         assert_eq!(v["sections"]["hangar"]["status"], "ran");
+    }
+
+    #[test]
+    fn the_pull_table_shows_both_tools_the_image_and_the_notes() {
+        let mut section = samples(&[
+            (Op::Pull, &[4000, 3000, 5000]),
+            (Op::SkopeoCopyDir, &[1000, 2000, 1500]),
+        ]);
+        section.notes.push("hangar also unpacks".into());
+        let image = PulledImage {
+            reference: "127.0.0.1:5000/big:latest".into(),
+            layers: 3,
+            layer_bytes: 100 << 20,
+            compressed_bytes: 300 << 20,
+        };
+        let report = PullReport::new(vec![], machine(), Path::new("hangar"), 3, image, section);
+        let table = report.table();
+        let row = |label: &str| table.lines().find(|l| l.contains(label)).unwrap().to_owned();
+        assert!(row("POST /v1/images/pull").contains("4000.00 / 5000.00 (3)"), "{table}");
+        assert!(row("skopeo copy").contains("1500.00 / 2000.00 (3)"), "{table}");
+        assert!(
+            table.contains(
+                "127.0.0.1:5000/big:latest, 3 layers of 100.0 MiB of random bytes each (300.0 MiB gzip'd in all)"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("hangar also unpacks"));
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["results"][0]["operation"], "pull");
+        assert_eq!(
+            v["results"][1]["samples_ms"],
+            serde_json::json!([1000.0, 2000.0, 1500.0])
+        );
     }
 }

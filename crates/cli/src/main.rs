@@ -86,8 +86,8 @@ struct ServeArgs {
     /// PEM certificates to trust for HTTPS registries, besides the system's.
     #[arg(long)]
     registry_ca_file: Option<PathBuf>,
-    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
-    /// Loopback registries always are.
+    /// A registry (host[:port]) that may be reached over plain HTTP when it
+    /// does not speak HTTPS; repeatable. Loopback registries always may.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
 }

@@ -13,14 +13,6 @@ use registry::{Registry, busybox_layout};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-macro_rules! require {
-    () => {
-        if !registry::usable() {
-            return;
-        }
-    };
-}
-
 fn hangar(d: &Daemon, args: &[&str]) -> std::process::Output {
     Command::new(HANGAR)
         .args(args)
@@ -33,7 +25,7 @@ fn hangar(d: &Daemon, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), &[("etc/hello", b"from the registry\n")]);
@@ -88,7 +80,7 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_pulls_report_progress_then_the_image() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let noise: Vec<u8> = (0..(8u32 << 20))
@@ -136,8 +128,11 @@ async fn streamed_pulls_report_progress_then_the_image() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_errors_say_what_went_wrong() {
-    require!();
-    let reg = Registry::start_with(Some(("alice", "s3cret")));
+    registry::require();
+    let reg = Registry::start_with(registry::Options {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    });
     let work = tempfile::tempdir().unwrap();
     reg.push(&busybox_layout(work.path(), &[]), "private/bb:latest", &[]);
     let auth_file = work.path().join("auth.json");
@@ -208,7 +203,7 @@ fn image_path(reference: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn remove_and_prune_free_exactly_what_no_machine_uses() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let used = busybox_layout(&work.path().join("used"), &[("etc/which", b"used\n")]);

@@ -117,7 +117,7 @@ impl ImageStore {
         r: &RegistryRef,
         progress: Option<ProgressSink>,
     ) -> Result<Image> {
-        let repo = Arc::new(client.repository(r)?);
+        let repo = Arc::new(client.repository(r).await?);
         let name = r.to_string();
         let tracker = Arc::new(Tracker {
             state: Mutex::new(PullProgress {

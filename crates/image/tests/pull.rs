@@ -13,16 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hangar_image::{ImageError, ImageStore, LayerStatus, PullProgress, RegistryClient, RegistryConfig};
-use registry::{Registry, busybox_layout, sha};
+use registry::{Options, Registry, busybox_layout, sha};
 use serde_json::json;
-
-macro_rules! require {
-    () => {
-        if !registry::usable() {
-            return;
-        }
-    };
-}
 
 struct Pulled {
     store: Arc<ImageStore>,
@@ -52,7 +44,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pulls_oci_docker_and_zstd_images_and_unpacks_them() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), &[("etc/hello", b"hi\n")]);
@@ -127,7 +119,7 @@ async fn pulls_oci_docker_and_zstd_images_and_unpacks_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_index_resolves_to_linux_amd64() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), &[]);
@@ -216,8 +208,11 @@ async fn an_index_resolves_to_linux_amd64() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn basic_auth_uses_the_auth_file_and_says_when_credentials_are_missing_or_wrong() {
-    require!();
-    let reg = Registry::start_with(Some(("alice", "s3cret")));
+    registry::require();
+    let reg = Registry::start_with(Options {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    });
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), &[]);
     reg.push(&layout, "private/bb:latest", &[]);
@@ -269,7 +264,7 @@ fn base64_encode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_names_and_unreachable_registries_are_clear_errors() {
-    require!();
+    registry::require();
     let mut reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     reg.push(&busybox_layout(work.path(), &[]), "bb:latest", &[]);
@@ -290,7 +285,7 @@ async fn unknown_names_and_unreachable_registries_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_blob_is_refused_and_leaves_nothing_behind() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), &[("corrupt-me", b"x")]);
@@ -331,7 +326,7 @@ async fn a_corrupt_blob_is_refused_and_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_pull_resumes_where_it_stopped() {
-    require!();
+    registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     // 48 MiB of random bytes: incompressible, so the layer blob is that big.
@@ -394,4 +389,157 @@ async fn an_interrupted_pull_resumes_where_it_stopped() {
         noise
     );
     assert!(entries(&p.store.root().join("partial")).is_empty());
+}
+
+/// A token server that hands out one pre-minted token to `alice:s3cret`,
+/// and counts the requests it gets.
+struct TokenServer {
+    url: String,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenServer {
+    async fn start(token: String) -> TokenServer {
+        use base64::Engine as _;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let want = format!(
+            "authorization: basic {}",
+            base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+        )
+        .to_lowercase();
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (token, want, counter) = (token.clone(), want.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let answer = if head.lines().any(|l| l.trim() == want) {
+                        let body = json!({"token": token, "expires_in": 3600}).to_string();
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+                    };
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        TokenServer { url, requests }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_tokens_come_from_the_registrys_token_server() {
+    registry::require();
+    let work = tempfile::tempdir().unwrap();
+    let (token, cert) = registry::mint_token(work.path(), "private/bb");
+    let server = TokenServer::start(token).await;
+    let reg = Registry::start_with(Options {
+        token: Some((server.url.clone(), cert)),
+        ..Default::default()
+    });
+    reg.push(
+        &busybox_layout(&work.path().join("image"), &[]),
+        "private/bb:latest",
+        &["--dest-creds=alice:s3cret"],
+    );
+    let r = reg.reference("private/bb:latest");
+    let p = new_store();
+
+    let anonymous = RegistryClient::new(&RegistryConfig {
+        auth_file: Some(work.path().join("none.json")),
+        ..Default::default()
+    })
+    .unwrap();
+    match p.store.pull(&anonymous, &r, None).await {
+        Err(e @ ImageError::Unauthorized { .. }) => assert!(e.to_string().contains("needs credentials"), "{e}"),
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+
+    let auth_file = work.path().join("auth.json");
+    let auth = base64_encode("alice:s3cret");
+    std::fs::write(
+        &auth_file,
+        json!({"auths": {reg.addr.clone(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let client = RegistryClient::new(&RegistryConfig {
+        auth_file: Some(auth_file),
+        ..Default::default()
+    })
+    .unwrap();
+    let before = server.requests.load(Ordering::SeqCst);
+    let image = p.store.pull(&client, &r, None).await.unwrap();
+    assert!(
+        p.store
+            .layer_path(&image.layers[0].diff_id)
+            .join("bin/busybox")
+            .exists()
+    );
+    // One token served the manifest, the config and the layer.
+    assert_eq!(server.requests.load(Ordering::SeqCst) - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_registries_are_trusted_through_a_configured_ca() {
+    registry::require();
+    let work = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = registry::tls_fixtures(work.path());
+    let reg = Registry::start_with(Options {
+        tls: Some((cert, key)),
+        ..Default::default()
+    });
+    reg.push(&busybox_layout(&work.path().join("image"), &[]), "bb:latest", &[]);
+    let r = reg.reference("bb:latest");
+    let p = new_store();
+
+    match p.store.pull(&client(), &r, None).await {
+        Err(e @ ImageError::Registry { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("not trusted") && msg.contains("--registry-ca-file"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected Registry, got {other:?}"),
+    }
+    let trusting = RegistryClient::new(&RegistryConfig {
+        ca_file: Some(ca),
+        ..Default::default()
+    })
+    .unwrap();
+    let image = p.store.pull(&trusting, &r, None).await.unwrap();
+    assert!(
+        p.store
+            .layer_path(&image.layers[0].diff_id)
+            .join("bin/busybox")
+            .exists()
+    );
+
+    // A CA file that holds no certificate is refused when the client is made.
+    let junk = work.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let e = RegistryClient::new(&RegistryConfig {
+        ca_file: Some(junk),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(e, ImageError::Config { .. }), "{e:?}");
 }

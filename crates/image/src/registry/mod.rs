@@ -44,8 +44,9 @@ pub struct RegistryConfig {
     pub auth_file: Option<PathBuf>,
     /// PEM certificates trusted for HTTPS registries, besides the system's.
     pub ca_file: Option<PathBuf>,
-    /// Registries (`host[:port]`) reached over plain HTTP. Loopback ones
-    /// (`localhost`, `127.0.0.0/8`, `[::1]`) always are.
+    /// Registries (`host[:port]`) that may be reached over plain HTTP when
+    /// they do not speak HTTPS. Loopback ones (`localhost`, `127.0.0.0/8`,
+    /// `[::1]`) always may.
     pub insecure: Vec<String>,
 }
 
@@ -95,13 +96,9 @@ impl RegistryClient {
     }
 
     /// A handle on one repository, with its credentials looked up.
-    pub(crate) fn repository(&self, r: &RegistryRef) -> Result<Repository> {
+    pub(crate) async fn repository(&self, r: &RegistryRef) -> Result<Repository> {
         let host = r.api_host();
-        let scheme = if is_loopback(host) || self.insecure.iter().any(|i| i == host || *i == r.registry) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = self.scheme(host, &r.registry).await;
         Ok(Repository {
             http: self.http.clone(),
             base: format!("{scheme}://{host}/v2/{}", r.repository),
@@ -110,6 +107,25 @@ impl RegistryClient {
             credentials: auth::lookup(&self.auth_files, &r.registry, &r.repository)?,
             authorization: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// HTTPS, except for loopback and `insecure` registries that do not
+    /// speak it: those are tried over HTTPS first (certificates verified
+    /// as usual) and reached over plain HTTP if the TLS connection fails,
+    /// as docker and podman do.
+    async fn scheme(&self, host: &str, registry: &str) -> &'static str {
+        let insecure = is_loopback(host) || self.insecure.iter().any(|i| i == host || i == registry);
+        if !insecure {
+            return "https";
+        }
+        match self.http.get(format!("https://{host}/v2/")).send().await {
+            // Any answer over TLS (401 included) means it speaks TLS, and
+            // so does a certificate we do not trust: that error is the one
+            // to report, not whatever plain HTTP would say.
+            Ok(_) => "https",
+            Err(e) if is_certificate_error(&e) => "https",
+            Err(_) => "http",
+        }
     }
 }
 
@@ -243,7 +259,13 @@ impl Repository {
 
     /// Turns a transport failure into a registry error that says which.
     pub fn transport_error(&self, e: &reqwest::Error) -> ImageError {
-        let detail = if e.is_connect() {
+        let detail = if is_certificate_error(e) {
+            format!(
+                "its TLS certificate is not trusted ({}); if it is signed by a private CA, \
+                 pass that CA with hangar serve --registry-ca-file",
+                error_chain(e)
+            )
+        } else if e.is_connect() {
             format!(
                 "cannot connect ({}); check the registry's address and that it is running",
                 error_chain(e)
@@ -412,6 +434,31 @@ impl Repository {
         }
         Ok(bytes)
     }
+}
+
+/// Whether TLS failed on the server's certificate (untrusted, expired,
+/// wrong name) rather than on the connection.
+fn is_certificate_error(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        // io::Error::source skips the error it wraps (and connectors nest
+        // io::Errors): unwrap those by hand.
+        let mut candidate = s;
+        loop {
+            if matches!(
+                candidate.downcast_ref::<rustls::Error>(),
+                Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+            ) {
+                return true;
+            }
+            match candidate.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                Some(inner) => candidate = inner,
+                None => break,
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// An error and its sources on one line (reqwest's own message is often

@@ -11,26 +11,22 @@ use std::time::{Duration, Instant};
 use hangar_image::{ImageConfig, ImageRef, RegistryRef, write_oci_layout};
 use serde_json::Value;
 
-/// Root, `docker-registry` and `skopeo` are all there (else says why not).
-pub fn usable() -> bool {
+/// Fails the test, saying what to do, unless it runs as root with the
+/// registry tools installed: a pull test that quietly skipped would pass
+/// without testing anything.
+pub fn require() {
     hangar_image::install_crypto_provider();
-    let have = |p: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "pull tests unpack layers with owners and xattrs and need root: run scripts/test.sh as root"
+    );
+    for program in ["docker-registry", "skopeo", "htpasswd", "openssl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
             .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: pull tests need root");
-        return false;
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "{program} is not installed: run scripts/install-deps.sh --test");
     }
-    for program in ["docker-registry", "skopeo"] {
-        if !have(program) {
-            eprintln!("skipping: {program} is not installed (scripts/install-deps.sh --test)");
-            return false;
-        }
-    }
-    true
 }
 
 pub fn sha(bytes: &[u8]) -> String {
@@ -43,47 +39,67 @@ pub struct Registry {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pub addr: String,
-    htpasswd: Option<(String, String)>,
+    options: Options,
+}
+
+/// How a registry is set up. The default is anonymous plain HTTP.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Basic auth for `user:password` (bcrypt htpasswd).
+    pub htpasswd: Option<(String, String)>,
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Token auth: the token server's URL and the certificate whose key
+    /// signs its tokens.
+    pub token: Option<(String, PathBuf)>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
-        Registry::start_with(None)
+        Registry::start_with(Options::default())
     }
 
-    /// With basic auth for `user:password` (bcrypt htpasswd).
-    pub fn start_with(htpasswd: Option<(&str, &str)>) -> Registry {
+    pub fn start_with(options: Options) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Registry {
-            dir,
-            child: None,
-            addr: "127.0.0.1:0".into(),
-            htpasswd: htpasswd.map(|(u, p)| (u.to_owned(), p.to_owned())),
-        };
-        if let Some((user, password)) = &r.htpasswd {
+        if let Some((user, password)) = &options.htpasswd {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "htpasswd: {out:?}");
-            std::fs::write(r.dir.path().join("htpasswd"), out.stdout).unwrap();
+            std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
         }
+        let mut r = Registry {
+            dir,
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            options,
+        };
         r.run();
         r
     }
 
     /// Starts the registry process (again, on the same port and storage).
     pub fn run(&mut self) {
-        let auth = match self.htpasswd {
-            Some(_) => format!(
+        let auth = match (&self.options.htpasswd, &self.options.token) {
+            (Some(_), _) => format!(
                 "auth: {{htpasswd: {{realm: hangar-test, path: {}}}}}\n",
                 self.dir.path().join("htpasswd").display()
             ),
+            (None, Some((realm, cert))) => format!(
+                "auth: {{token: {{realm: \"{realm}\", service: hangar-test-registry, issuer: hangar-test-issuer, \
+                 rootcertbundle: {}}}}}\n",
+                cert.display()
+            ),
+            (None, None) => String::new(),
+        };
+        let tls = match &self.options.tls {
+            Some((cert, key)) => format!(", tls: {{certificate: {}, key: {}}}", cert.display(), key.display()),
             None => String::new(),
         };
         let config = format!(
             "version: 0.1\nlog: {{level: info, accesslog: {{disabled: false}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n\
-             http: {{addr: \"{}\", secret: hangar-test}}\n{auth}",
+             http: {{addr: \"{}\", secret: hangar-test{tls}}}\n{auth}",
             self.dir.path().join("store").display(),
             self.addr
         );
@@ -104,7 +120,10 @@ impl Registry {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             if let Some(i) = text.find("listening on 127.0.0.1:") {
                 let rest = &text[i + "listening on ".len()..];
-                self.addr = rest[..rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap()].to_owned();
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                    .unwrap();
+                self.addr = rest[..end].to_owned();
                 break;
             }
             assert!(Instant::now() < deadline, "registry did not start: {text}");
@@ -149,7 +168,7 @@ impl Registry {
     pub fn push(&self, layout: &str, repo_tag: &str, extra: &[&str]) {
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "-q", "--dest-tls-verify=false"]).args(extra);
-        if let Some((u, p)) = &self.htpasswd {
+        if let Some((u, p)) = &self.options.htpasswd {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
         let out = cmd
@@ -229,4 +248,149 @@ pub fn busybox_layout(dir: &Path, extra: &[(&str, &[u8])]) -> String {
     };
     write_oci_layout(&layout, "latest", &rootfs, &config).unwrap();
     format!("oci:{}:latest", layout.display())
+}
+
+/// Runs openssl, failing the test on error.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA and a server certificate it signed for 127.0.0.1 and
+/// localhost, in `dir`: returns (ca.crt, server.crt, server.key).
+pub fn tls_fixtures(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hangar-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A registry token (RS256 JWT) granting pull and push on `repository`,
+/// signed by a fresh key whose self-signed certificate the registry must
+/// trust: returns (token, cert.pem).
+pub fn mint_token(dir: &Path, repository: &str) -> (String, PathBuf) {
+    use base64::Engine as _;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "token.key",
+            "-out",
+            "token.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hangar-test-token",
+        ],
+    );
+    let pem = std::fs::read_to_string(dir.join("token.crt")).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(&b64).unwrap();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [base64::engine::general_purpose::STANDARD.encode(der)]});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": "hangar-test-issuer", "sub": "alice", "aud": "hangar-test-registry",
+        "exp": now + 86400, "nbf": now - 60, "iat": now, "jti": "t1",
+        "access": [{"type": "repository", "name": repository, "actions": ["pull", "push"]}],
+    });
+    let signing_input = format!(
+        "{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes())
+    );
+    std::fs::write(dir.join("signing-input"), &signing_input).unwrap();
+    openssl(
+        dir,
+        &[
+            "dgst",
+            "-sha256",
+            "-sign",
+            "token.key",
+            "-out",
+            "signature",
+            "signing-input",
+        ],
+    );
+    let signature = std::fs::read(dir.join("signature")).unwrap();
+    (
+        format!("{signing_input}.{}", base64url(&signature)),
+        dir.join("token.crt"),
+    )
 }

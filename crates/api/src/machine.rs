@@ -299,7 +299,9 @@ pub struct DestroyQuery {
 /// A lifecycle event, oldest first in listings.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvent {
-    /// e.g. `create`, `start`, `stop`, `exit`, `restart`, `destroy`.
+    /// e.g. `create`, `pull` (the image's download while creating: detail
+    /// has `phase` `pulling`, `pulled` or `failed`, bytes and layers),
+    /// `start`, `stop`, `exit`, `restart`, `destroy`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The state the machine reached, or `error`.

@@ -57,6 +57,29 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
     assert_eq!(d.sh("reg", id, "busybox cat /etc/hello").await, "from the registry\n");
     assert_eq!(reg.blob_gets(layer), 1);
 
+    // A machine from a reference not pulled yet pulls it, and reports the
+    // pull as its events.
+    reg.push(&layout, "team/bb:v2", &[]);
+    let v2 = format!("{}/team/bb:v2", reg.addr);
+    let m2 = d
+        .ok(
+            Method::POST,
+            "/v1/apps/reg/machines",
+            Some(json!({"name": "second", "config": {"image": v2, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
+        )
+        .await;
+    assert_eq!(m2["state"], "started", "{m2}");
+    let events = d.ok(Method::GET, "/v1/apps/reg/machines/second/events", None).await;
+    let pulled = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "pull" && e["detail"]["phase"] == "pulled")
+        .unwrap_or_else(|| panic!("no pull event: {events}"));
+    assert_eq!(pulled["status"], "creating", "{pulled}");
+    assert_eq!(pulled["detail"]["reference"], v2, "{pulled}");
+    assert_eq!(pulled["detail"]["layers"].as_array().unwrap().len(), 1, "{pulled}");
+
     let listed = d.ok(Method::GET, "/v1/images", None).await;
     assert!(
         listed["images"]

@@ -108,6 +108,7 @@ async fn create_start_stop_and_illegal_transitions() {
         kinds,
         [
             "create:creating",
+            "pull:creating",
             "create:created",
             "start:starting",
             "start:started",

@@ -18,7 +18,7 @@ use hangar_image::{Image, ImageRef};
 use hangar_store::ImageRecord;
 use tokio::sync::watch;
 
-use crate::{Error, Manager, Result};
+use crate::{Error, Manager, Result, event};
 
 /// A pull in flight.
 #[derive(Debug)]
@@ -50,7 +50,10 @@ impl Manager {
     /// Starts pulling (or importing) `reference`, or joins the pull of it
     /// already under way.
     pub fn pull_image(&self, reference: &str) -> Result<Pull> {
-        let r: ImageRef = reference.parse()?;
+        self.pull(reference.parse()?)
+    }
+
+    fn pull(&self, r: ImageRef) -> Result<Pull> {
         let key = r.to_string();
         let mut pulls = self.inner.pulls.lock().expect("pulls lock");
         if let Some(job) = pulls.get(&key) {
@@ -117,24 +120,57 @@ impl Manager {
         Ok(image)
     }
 
-    /// The image a machine is created from: a registry image already pulled
-    /// is used as it is (pull it again to update it); anything else is
-    /// pulled or imported now. The guard keeps removal and pruning away
-    /// until the caller has recorded its machine.
+    /// The image machine `machine_id` is created from: a registry image
+    /// already pulled is used as it is (pull it again to update it);
+    /// anything else is pulled or imported now, its progress recorded as
+    /// the machine's `pull` events. The guard keeps removal and pruning
+    /// away until the caller has recorded the machine's image.
     pub(crate) async fn image_for_create(
         &self,
-        reference: &str,
+        r: &ImageRef,
+        machine_id: &str,
     ) -> Result<(Image, tokio::sync::OwnedRwLockReadGuard<()>)> {
-        let r: ImageRef = reference.parse()?;
         loop {
-            let image = match self.recorded_image(&r).await? {
+            let image = match self.recorded_image(r).await? {
                 Some(image) if matches!(r, ImageRef::Registry(_)) => image,
-                _ => self.pull_image(reference)?.finish().await?,
+                _ => self.pull_reporting(r, machine_id).await?,
             };
             let guard = self.inner.gc.clone().read_owned().await;
             // A prune may have run between the pull and the guard.
-            if self.recorded_image(&r).await?.as_ref() == Some(&image) {
+            if self.recorded_image(r).await?.as_ref() == Some(&image) {
                 return Ok((image, guard));
+            }
+        }
+    }
+
+    /// Pulls `r`, recording its progress as events of the machine: at most
+    /// one a second while it runs, and one when it is done.
+    async fn pull_reporting(&self, r: &ImageRef, machine_id: &str) -> Result<Image> {
+        let pull = self.pull(r.clone())?;
+        let mut progress = pull.progress.clone();
+        let mut finish = Box::pin(pull.finish());
+        let mut reported: Option<std::time::Instant> = None;
+        let report = |p: &PullProgress, phase: &str| {
+            let mut detail = serde_json::to_value(p).expect("progress serializes");
+            detail["phase"] = phase.into();
+            event("pull", "creating", "user", Some(detail))
+        };
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut finish => {
+                    let last = progress.borrow().clone();
+                    let phase = if outcome.is_ok() { "pulled" } else { "failed" };
+                    self.inner.store.add_event(machine_id, &report(&last, phase)).await?;
+                    return outcome;
+                }
+                Ok(()) = progress.changed() => {
+                    if reported.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+                        let p = progress.borrow_and_update().clone();
+                        self.inner.store.add_event(machine_id, &report(&p, "pulling")).await?;
+                        reported = Some(std::time::Instant::now());
+                    }
+                }
             }
         }
     }

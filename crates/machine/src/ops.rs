@@ -271,11 +271,11 @@ impl Manager {
                 "config.image is required, e.g. \"oci:/path/to/layout:tag\"".into(),
             ));
         }
-        // The slow path happens before anything is recorded, so a bad or
-        // missing image leaves no trace.
-        let (image, no_gc) = self.image_for_create(&req.config.image).await?;
-        crate::launch::plan(&id, app, &req.config, &image.config)?;
+        let image_ref: hangar_image::ImageRef = req.config.image.parse()?;
 
+        // Recorded before the slow path (the pull), so that its progress
+        // shows as the machine's events; undone, leaving no trace, if the
+        // image cannot be had.
         let now = now_ms();
         let mut rec = MachineRecord {
             id: id.clone(),
@@ -283,8 +283,9 @@ impl Manager {
             name,
             state: MachineState::Creating,
             config: req.config,
-            image_reference: image.reference.clone(),
-            image_digest: image.manifest_digest.clone(),
+            image_reference: image_ref.to_string(),
+            // Known once the image is.
+            image_digest: String::new(),
             instance_id: random_hex(10),
             host: self.inner.host.clone(),
             created_at_ms: now,
@@ -298,10 +299,30 @@ impl Manager {
             .store
             .insert_machine(&rec, &event("create", "creating", "user", None))
             .await?;
-        // Recorded: from now on the image counts as used.
-        drop(no_gc);
+        // Held through the pull: anything else asked of this machine waits
+        // for its create to finish.
         let slot = self.slot(&id, rec.state);
         let _op = slot.op.lock().await;
+        let image = match self.image_for_create(&image_ref, &id).await {
+            Ok((image, no_gc)) => {
+                let planned = crate::launch::plan(&id, app, &rec.config, &image.config);
+                rec.image_reference = image.reference.clone();
+                rec.image_digest = image.manifest_digest.clone();
+                let recorded = match planned {
+                    Ok(_) => self.inner.store.update_machine(&rec, None).await.map_err(Error::from),
+                    Err(e) => Err(e),
+                };
+                // Recorded (or about to be forgotten): from now on the image
+                // counts as used, or not at all.
+                drop(no_gc);
+                recorded.map(|()| image)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = image {
+            self.undo_create(&rec).await;
+            return Err(e);
+        }
         if let Err(e) = self.lay_out(&rec).await {
             self.undo_create(&rec).await;
             return Err(e);

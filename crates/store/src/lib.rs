@@ -343,13 +343,16 @@ impl Store {
             let m = &row.record;
             let updated = tx
                 .prepare_cached(
-                    "UPDATE machines SET state = ?, config_json = ?, instance_id = ?, updated_at_ms = ?, \
-                       run_ms = ?, started_at_ms = ?, restart_count = ?, last_exit_json = ? WHERE id = ?",
+                    "UPDATE machines SET state = ?, config_json = ?, image_reference = ?, image_digest = ?, \
+                       instance_id = ?, updated_at_ms = ?, run_ms = ?, started_at_ms = ?, restart_count = ?, \
+                       last_exit_json = ? WHERE id = ?",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
                         m.state.as_str(),
                         row.config_json,
+                        m.image_reference,
+                        m.image_digest,
                         m.instance_id,
                         m.updated_at_ms,
                         m.run_ms,

@@ -316,14 +316,14 @@ impl ImageStore {
                 }));
             }
             hasher.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(io(format!("writing {}", partial.display())))?;
+            if let Err(e) = out.write_all(&chunk).await {
+                return Err(write_failed(e, partial));
+            }
             on_bytes(have);
         }
-        out.flush()
-            .await
-            .map_err(io(format!("writing {}", partial.display())))?;
+        if let Err(e) = out.flush().await {
+            return Err(write_failed(e, partial));
+        }
         let file = out.into_inner();
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if have < desc.size || actual != desc.digest {
@@ -354,6 +354,19 @@ impl ImageStore {
         let tmp = TmpPath::file(partial.to_owned());
         self.commit(tmp, &self.blob_path(&desc.digest)).map_err(fail)
     }
+}
+
+/// A write to a partial download failed. On a full disk the partial is
+/// deleted (it would only hold on to the space); otherwise it stays, to be
+/// resumed.
+fn write_failed(e: std::io::Error, partial: &Path) -> Attempt {
+    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+        let _ = std::fs::remove_file(partial);
+    }
+    Attempt::Fail(ImageError::Io {
+        context: format!("writing {}", partial.display()),
+        source: e,
+    })
 }
 
 /// Hashes the first bytes of a partial download (all of it, unless it is

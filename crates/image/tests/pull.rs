@@ -329,15 +329,8 @@ async fn an_interrupted_pull_resumes_where_it_stopped() {
     registry::require();
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    // 48 MiB of random bytes: incompressible, so the layer blob is that big.
-    let mut noise = vec![0u8; 48 << 20];
-    let mut state = 0x9e3779b97f4a7c15u64;
-    for chunk in noise.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
+    // Incompressible, so the layer blob is that big.
+    let noise = noise(48 << 20);
     let layout = busybox_layout(work.path(), &[("noise", &noise)]);
     reg.push(&layout, "big:latest", &[]);
     let r = reg.reference("big:latest");
@@ -542,4 +535,60 @@ async fn https_registries_are_trusted_through_a_configured_ca() {
     })
     .unwrap_err();
     assert!(matches!(e, ImageError::Config { .. }), "{e:?}");
+}
+
+/// `len` pseudo-random bytes (xorshift): incompressible.
+fn noise(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for chunk in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    bytes
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {out:?}");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_a_clear_error_and_leaves_nothing_behind() {
+    registry::require();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    reg.push(
+        &busybox_layout(work.path(), &[("noise", &noise(8 << 20))]),
+        "big:latest",
+        &[],
+    );
+    let disk = SmallDisk::new("4m");
+    let store = Arc::new(ImageStore::open(&disk.0.path().join("images")).unwrap());
+    match store.pull(&client(), &reg.reference("big:latest"), None).await {
+        Err(ImageError::Io { source, .. }) if source.raw_os_error() == Some(28) => {}
+        other => panic!("expected ENOSPC, got {other:?}"),
+    }
+    for dir in ["partial", "blobs/sha256", "layers", "tmp"] {
+        assert!(entries(&store.root().join(dir)).is_empty(), "{dir} is not empty");
+    }
 }

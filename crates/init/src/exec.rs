@@ -82,14 +82,18 @@ impl ExitWatcher for Ctl {
     }
 }
 
-/// Handles one exec request on `stream`. Returns an error only when the
-/// client could not be written to.
-pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
+/// Handles one exec request on `stream`. `Ok(true)`: the exit status was
+/// sent; `Ok(false)`: the exec could not start (an error was sent) or the
+/// client went away. Returns an error only when the client could not be
+/// written to.
+pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<bool> {
     // Everything that can fail without the child's help is set up before
     // it is spawned, so an early error cannot leave it running unwatched.
     let (wake_r, wake_w) = match io::pipe() {
         Ok(pipe) => pipe,
-        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &ErrorReply::from_io(&e, "exec: pipe")),
+        Err(e) => {
+            return write_json(&mut &*stream, FrameKind::Error, &ErrorReply::from_io(&e, "exec: pipe")).map(|()| false);
+        }
     };
     let ctl = Arc::new(Ctl {
         pgid: AtomicI32::new(0),
@@ -101,7 +105,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
     });
     let mut child = match spawn(init, &spec, ctl.clone()) {
         Ok(child) => child,
-        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e),
+        Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e).map(|()| false),
     };
     ctl.pgid.store(child.id() as i32, Ordering::SeqCst);
     let deadline = spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
@@ -134,7 +138,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<()> {
         ctl.kill_group();
     }
     ctl.done.store(true, Ordering::SeqCst);
-    result.map(drop)
+    result
 }
 
 fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process::Child, ErrorReply> {

@@ -1,4 +1,5 @@
-//! The daemon-facing socket: one thread and one request per connection.
+//! The daemon-facing socket: one thread per connection, serving one request
+//! at a time. The daemon keeps a few connections open between requests.
 
 use std::io;
 use std::net::Shutdown;
@@ -12,8 +13,10 @@ use crate::exec::{self, ExecSpec};
 use crate::state::{Init, kill};
 use crate::{files, ps};
 
-/// How long a client may take to send its request frame. After that the
-/// connection only carries data the request asked for, which may be slow.
+/// How long a new connection may take to send its first request frame.
+/// After that the connection only carries data the request asked for,
+/// which may be slow, and then waits (untimed) for the next request: only
+/// the daemon keeps connections open, and it closes them when done.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections forever (or until the listener breaks).
@@ -48,31 +51,38 @@ pub fn serve(init: &'static Init, listener: UnixListener) {
     }
 }
 
-/// Serves one connection: read the request, answer it, close.
+/// Serves one connection: requests one after the other, until the client
+/// closes it or a request leaves it in no state for another.
 pub fn handle(init: &Init, stream: UnixStream) {
-    let _ = serve_one(init, &stream);
+    let mut timeout = Some(REQUEST_TIMEOUT);
+    while let Ok(true) = serve_one(init, &stream, timeout) {
+        timeout = None;
+    }
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
+/// Serves one request. `Ok(true)`: it was answered in full and the
+/// connection can carry another.
+fn serve_one(init: &Init, stream: &UnixStream, timeout: Option<Duration>) -> io::Result<bool> {
     let mut w = stream;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_read_timeout(timeout)?;
     let request = match read_frame(&mut w) {
         Ok(Some((FrameKind::Request, payload))) => match decode_json::<Request>(&payload) {
             Ok(r) => r,
-            Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad request: {e}"))),
+            Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad request: {e}"))).map(|()| false),
         },
         Ok(Some((kind, _))) => {
             return send_error(
                 stream,
                 ErrorReply::invalid(format!("expected a Request frame, got {kind:?}")),
-            );
+            )
+            .map(|()| false);
         }
-        Ok(None) => return Ok(()),
-        Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad frame: {e}"))),
+        Ok(None) => return Ok(false),
+        Err(e) => return send_error(stream, ErrorReply::invalid(format!("bad frame: {e}"))).map(|()| false),
     };
     stream.set_read_timeout(None)?;
-    match request {
+    let answered = match request {
         Request::Exec {
             argv,
             env,
@@ -80,18 +90,23 @@ fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
             user,
             timeout_ms,
             stdin,
-        } => exec::run(
-            init,
-            stream,
-            ExecSpec {
-                argv,
-                env,
-                cwd,
-                user,
-                timeout_ms,
-                stdin,
-            },
-        ),
+        } => {
+            // With stdin, a feeder thread may still be reading this
+            // connection: it can't carry another request.
+            let finished = exec::run(
+                init,
+                stream,
+                ExecSpec {
+                    argv,
+                    env,
+                    cwd,
+                    user,
+                    timeout_ms,
+                    stdin,
+                },
+            )?;
+            return Ok(finished && !stdin);
+        }
         Request::ReadFile { path } => files::read_file(&path, &mut w),
         Request::WriteFile {
             path,
@@ -123,7 +138,8 @@ fn serve_one(init: &Init, stream: &UnixStream) -> io::Result<()> {
             }
             answered
         }
-    }
+    };
+    answered.map(|()| true)
 }
 
 fn signal_main(init: &Init, signal: i32) -> Result<Reply, ErrorReply> {

@@ -165,15 +165,48 @@ fn collect_exec(s: &mut UnixStream) -> ExecResult {
                 } else {
                     Err(decode_json(&payload).unwrap())
                 };
-                assert!(
-                    read_frame(s).unwrap().is_none(),
-                    "connection closed after the last frame"
-                );
                 return ExecResult { stdout, stderr, exit };
             }
             other => panic!("unexpected frame {other:?}"),
         }
     }
+}
+
+#[test]
+fn one_connection_serves_requests_in_turn() {
+    let init = Init::start(&["sleep", "30"]);
+    let mut s = init.send(&exec_req(&["sh", "-c", "echo one"], None, false));
+    let first = collect_exec(&mut s);
+    assert_eq!(first.stdout, b"one\n");
+    write_json(&mut s, FrameKind::Request, &Request::Stat { path: "/".into() }).unwrap();
+    assert!(matches!(read_answer(&mut s), Ok(Reply::FileStat(_))));
+    write_json(
+        &mut s,
+        FrameKind::Request,
+        &exec_req(&["sh", "-c", "exit 3"], None, false),
+    )
+    .unwrap();
+    assert_eq!(collect_exec(&mut s).exit.unwrap().code, Some(3));
+    // An exec that failed to start, or that took stdin, ends the connection.
+    write_json(
+        &mut s,
+        FrameKind::Request,
+        &exec_req(&["/no/such/program"], None, false),
+    )
+    .unwrap();
+    assert!(collect_exec(&mut s).exit.is_err());
+    assert!(
+        read_frame(&mut s).unwrap().is_none(),
+        "connection kept after a failed exec"
+    );
+    let mut s = init.send(&exec_req(&["cat"], None, true));
+    write_frame(&mut s, FrameKind::Stdin, b"in").unwrap();
+    write_frame(&mut s, FrameKind::StdinEof, &[]).unwrap();
+    assert_eq!(collect_exec(&mut s).stdout, b"in");
+    assert!(
+        read_frame(&mut s).unwrap().is_none(),
+        "connection kept after an exec with stdin"
+    );
 }
 
 fn text(b: &[u8]) -> &str {

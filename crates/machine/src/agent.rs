@@ -1,8 +1,11 @@
-//! The daemon's side of the hangar-init protocol: one connection per request
-//! to the init's socket, which the daemon bound itself (outside the machine)
-//! before handing the listening descriptor to the sandbox.
+//! The daemon's side of the hangar-init protocol, over the init's socket
+//! (which the daemon bound itself, outside the machine, for runc). A
+//! connection carries one request at a time; once one is answered in full,
+//! the connection goes back to a small pool for the next request, which
+//! then skips connect, accept and the init's thread start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use hangar_init_protocol::{
@@ -11,7 +14,6 @@ use hangar_init_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::{Error, Result};
 
@@ -21,6 +23,47 @@ pub enum ExecOutput {
     Stdout(Bytes),
     Stderr(Bytes),
     Exit(ExitStatus),
+}
+
+/// Idle connections kept per machine.
+const IDLE_KEPT: usize = 4;
+
+/// The daemon's line to one machine's init.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    socket: PathBuf,
+    idle: Mutex<Vec<UnixStream>>,
+}
+
+impl Agent {
+    pub fn new(socket: PathBuf) -> Arc<Agent> {
+        Arc::new(Agent {
+            socket,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle connection, or a new one.
+    async fn take(&self) -> Result<UnixStream> {
+        loop {
+            let Some(conn) = self.idle.lock().expect("idle lock").pop() else {
+                return connect(&self.socket).await;
+            };
+            // An idle connection has nothing to read. EOF (or stray data)
+            // means the init is gone or out of step: drop it.
+            if matches!(conn.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                return Ok(conn);
+            }
+        }
+    }
+
+    /// Returns a connection whose request was answered in full.
+    fn put(&self, conn: UnixStream) {
+        let mut idle = self.idle.lock().expect("idle lock");
+        if idle.len() < IDLE_KEPT {
+            idle.push(conn);
+        }
+    }
 }
 
 /// Connects to an init's socket. The socket may sit in a directory the
@@ -75,37 +118,47 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, req: &Request) -> Result<()> {
 }
 
 /// Sends a request that is answered by one reply.
-pub(crate) async fn call(socket: &Path, req: &Request) -> Result<Reply> {
-    let mut conn = connect(socket).await?;
+pub(crate) async fn call(agent: &Agent, req: &Request) -> Result<Reply> {
+    let mut conn = agent.take().await?;
     send(&mut conn, req).await?;
-    read_reply(&mut conn).await
+    let reply = read_reply(&mut conn).await;
+    // An error reply is a complete answer too; a broken connection is not.
+    if !matches!(&reply, Err(Error::Internal(_))) {
+        agent.put(conn);
+    }
+    reply
 }
 
 /// A running command: read its output with [`Exec::next`]. Dropping it
-/// closes the connection, and init kills the command's process group.
+/// before the end closes the connection, and init kills the command's
+/// process group.
 #[derive(Debug)]
 pub struct Exec {
-    reader: OwnedReadHalf,
-    _writer: OwnedWriteHalf,
-    done: bool,
+    conn: Option<UnixStream>,
+    /// Where the connection goes back once the exit status is in (not with
+    /// stdin: init ends such connections itself).
+    reuse: Option<Arc<Agent>>,
 }
 
 impl Exec {
     /// The next piece of output, or `None` after the exit status.
     pub async fn next(&mut self) -> Result<Option<ExecOutput>> {
-        if self.done {
+        let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
-        }
-        let frame = read_frame_async(&mut self.reader).await.map_err(lost)?;
+        };
+        let frame = read_frame_async(conn).await.map_err(lost)?;
         Ok(Some(match frame {
             Some((FrameKind::Stdout, data)) => ExecOutput::Stdout(data.into()),
             Some((FrameKind::Stderr, data)) => ExecOutput::Stderr(data.into()),
             Some((FrameKind::Exit, payload)) => {
-                self.done = true;
-                ExecOutput::Exit(decode_json(&payload).map_err(lost)?)
+                let status = decode_json(&payload).map_err(lost)?;
+                if let (Some(conn), Some(agent)) = (self.conn.take(), self.reuse.take()) {
+                    agent.put(conn);
+                }
+                ExecOutput::Exit(status)
             }
             Some((FrameKind::Error, payload)) => {
-                self.done = true;
+                self.conn = None;
                 return Err(from_reply(decode_json(&payload).map_err(lost)?));
             }
             Some((kind, _)) => {
@@ -123,68 +176,84 @@ impl Exec {
 }
 
 /// Starts a command; `stdin`, if given, is written and closed first.
-pub(crate) async fn exec(socket: &Path, req: Request, stdin: Option<Bytes>) -> Result<Exec> {
-    let conn = connect(socket).await?;
-    let (reader, mut writer) = conn.into_split();
-    send(&mut writer, &req).await?;
-    if let Some(data) = stdin {
-        for chunk in data.chunks(hangar_init_protocol::CHUNK) {
-            write_frame_async(&mut writer, FrameKind::Stdin, chunk)
+pub(crate) async fn exec(agent: &Arc<Agent>, req: Request, stdin: Option<Bytes>) -> Result<Exec> {
+    let mut conn = agent.take().await?;
+    send(&mut conn, &req).await?;
+    let reuse = match stdin {
+        None => Some(agent.clone()),
+        Some(data) => {
+            for chunk in data.chunks(hangar_init_protocol::CHUNK) {
+                write_frame_async(&mut conn, FrameKind::Stdin, chunk)
+                    .await
+                    .map_err(lost)?;
+            }
+            write_frame_async(&mut conn, FrameKind::StdinEof, &[])
                 .await
                 .map_err(lost)?;
+            None
         }
-        write_frame_async(&mut writer, FrameKind::StdinEof, &[])
-            .await
-            .map_err(lost)?;
-    }
+    };
     Ok(Exec {
-        reader,
-        _writer: writer,
-        done: false,
+        conn: Some(conn),
+        reuse,
     })
 }
 
 /// Reads a file: its metadata, then its content chunk by chunk.
 #[derive(Debug)]
 pub struct FileReader {
-    conn: UnixStream,
-    done: bool,
+    conn: Option<UnixStream>,
+    agent: Arc<Agent>,
 }
 
 impl FileReader {
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
-        if self.done {
+        let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
-        }
-        match read_frame_async(&mut self.conn).await.map_err(lost)? {
+        };
+        match read_frame_async(conn).await.map_err(lost)? {
             Some((FrameKind::Data, data)) => Ok(Some(data.into())),
             Some((FrameKind::End, _)) => {
-                self.done = true;
+                if let Some(conn) = self.conn.take() {
+                    self.agent.put(conn);
+                }
                 Ok(None)
             }
-            Some((FrameKind::Error, payload)) => Err(from_reply(decode_json(&payload).map_err(lost)?)),
-            _ => Err(Error::Internal("machine init ended a file read early".into())),
+            Some((FrameKind::Error, payload)) => {
+                self.conn = None;
+                Err(from_reply(decode_json(&payload).map_err(lost)?))
+            }
+            _ => {
+                self.conn = None;
+                Err(Error::Internal("machine init ended a file read early".into()))
+            }
         }
     }
 }
 
-pub(crate) async fn read_file(socket: &Path, path: &str) -> Result<(hangar_init_protocol::FileStat, FileReader)> {
-    let mut conn = connect(socket).await?;
+pub(crate) async fn read_file(agent: &Arc<Agent>, path: &str) -> Result<(hangar_init_protocol::FileStat, FileReader)> {
+    let mut conn = agent.take().await?;
     send(&mut conn, &Request::ReadFile { path: path.to_owned() }).await?;
     match read_reply(&mut conn).await? {
-        Reply::FileStat(stat) => Ok((stat, FileReader { conn, done: false })),
+        Reply::FileStat(stat) => Ok((
+            stat,
+            FileReader {
+                conn: Some(conn),
+                agent: agent.clone(),
+            },
+        )),
         other => Err(Error::Internal(format!("machine init answered a read with {other:?}"))),
     }
 }
 
 /// Writes a file from a stream of chunks. Init installs it atomically only
 /// after the last chunk, so an aborted upload changes nothing.
-pub(crate) async fn write_file<S>(socket: &Path, req: Request, mut body: S) -> Result<hangar_init_protocol::FileStat>
+pub(crate) async fn write_file<S>(agent: &Agent, req: Request, mut body: S) -> Result<hangar_init_protocol::FileStat>
 where
     S: futures_util::Stream<Item = Result<Bytes>> + Unpin,
 {
     use futures_util::StreamExt;
-    let mut conn = connect(socket).await?;
+    let mut conn = agent.take().await?;
     send(&mut conn, &req).await?;
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
@@ -195,7 +264,9 @@ where
         }
     }
     write_frame_async(&mut conn, FrameKind::End, &[]).await.map_err(lost)?;
-    match read_reply(&mut conn).await? {
+    let reply = read_reply(&mut conn).await?;
+    agent.put(conn);
+    match reply {
         Reply::FileStat(stat) => Ok(stat),
         other => Err(Error::Internal(format!("machine init answered a write with {other:?}"))),
     }

@@ -50,8 +50,8 @@ pub(crate) struct Running {
     pub exited: watch::Receiver<Option<ExitStatus>>,
     /// The machine's environment, the base of every exec's.
     pub env: Vec<String>,
-    /// Where the init serves requests.
-    pub agent: std::path::PathBuf,
+    /// The init's request socket, and idle connections to it.
+    pub agent: Arc<crate::agent::Agent>,
     /// The app the machine belongs to, so requests can be checked against
     /// it without a database read.
     pub app: String,
@@ -285,7 +285,7 @@ impl Manager {
                 .map_err(|e| Error::internal("duplicating a pidfd", e))?,
             exited: rx,
             env,
-            agent: self.agent_socket(rec),
+            agent: crate::agent::Agent::new(self.agent_socket(rec)),
             app: rec.app.clone(),
         });
         let run_dir = self.paths(&rec.id).run;

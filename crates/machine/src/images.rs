@@ -50,17 +50,17 @@ impl Manager {
     /// Starts pulling (or importing) `reference`, or joins the pull of it
     /// already under way.
     pub fn pull_image(&self, reference: &str) -> Result<Pull> {
-        self.pull(reference.parse()?)
+        Ok(self.pull(reference.parse()?))
     }
 
-    fn pull(&self, r: ImageRef) -> Result<Pull> {
+    fn pull(&self, r: ImageRef) -> Pull {
         let key = r.to_string();
         let mut pulls = self.inner.pulls.lock().expect("pulls lock");
         if let Some(job) = pulls.get(&key) {
-            return Ok(Pull {
+            return Pull {
                 progress: job.progress.subscribe(),
                 outcome: job.outcome.subscribe(),
-            });
+            };
         }
         let job = Arc::new(PullJob {
             progress: watch::Sender::new(PullProgress {
@@ -85,7 +85,7 @@ impl Manager {
             mgr.inner.pulls.lock().expect("pulls lock").remove(&key);
             job.outcome.send_replace(Some(outcome));
         });
-        Ok(handle)
+        handle
     }
 
     async fn fetch_and_record(&self, r: &ImageRef, job: &Arc<PullJob>) -> Result<Image> {
@@ -146,7 +146,7 @@ impl Manager {
     /// Pulls `r`, recording its progress as events of the machine: at most
     /// one a second while it runs, and one when it is done.
     async fn pull_reporting(&self, r: &ImageRef, machine_id: &str) -> Result<Image> {
-        let pull = self.pull(r.clone())?;
+        let pull = self.pull(r.clone());
         let mut progress = pull.progress.clone();
         let mut finish = Box::pin(pull.finish());
         let mut reported: Option<std::time::Instant> = None;

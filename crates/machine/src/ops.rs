@@ -303,23 +303,7 @@ impl Manager {
         // for its create to finish.
         let slot = self.slot(&id, rec.state);
         let _op = slot.op.lock().await;
-        let image = match self.image_for_create(&image_ref, &id).await {
-            Ok((image, no_gc)) => {
-                let planned = crate::launch::plan(&id, app, &rec.config, &image.config);
-                rec.image_reference = image.reference.clone();
-                rec.image_digest = image.manifest_digest.clone();
-                let recorded = match planned {
-                    Ok(_) => self.inner.store.update_machine(&rec, None).await.map_err(Error::from),
-                    Err(e) => Err(e),
-                };
-                // Recorded (or about to be forgotten): from now on the image
-                // counts as used, or not at all.
-                drop(no_gc);
-                recorded.map(|()| image)
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = image {
+        if let Err(e) = self.attach_image(&mut rec, &image_ref).await {
             self.undo_create(&rec).await;
             return Err(e);
         }
@@ -337,6 +321,18 @@ impl Manager {
             self.start_locked(&slot, &mut rec, "user").await?;
         }
         Ok(machine_view(&rec))
+    }
+
+    /// Gets the image of a machine being created (the slow path: a pull or
+    /// an import, reported as its events), checks the config against it,
+    /// and records which image it is.
+    async fn attach_image(&self, rec: &mut MachineRecord, image_ref: &hangar_image::ImageRef) -> Result<()> {
+        let (image, _no_gc) = self.image_for_create(image_ref, &rec.id).await?;
+        crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+        rec.image_reference = image.reference;
+        rec.image_digest = image.manifest_digest;
+        // Recorded under the guard: from now on the image counts as used.
+        Ok(self.inner.store.update_machine(rec, None).await?)
     }
 
     /// Creates the machine's volume and directories.

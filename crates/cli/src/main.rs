@@ -468,12 +468,13 @@ async fn pull(c: &Client, json: bool, image: &str) -> Result<i32> {
                         eprint!("\r\x1b[2K");
                     }
                     output::print(json, &info, || {
+                        let n = info.layers.len();
+                        let layers = if n == 1 { "layer" } else { "layers" };
                         println!(
-                            "{} {} ({}, {} layers)",
+                            "{} {} ({}, {n} {layers})",
                             info.reference,
                             info.digest,
-                            output::bytes(info.size),
-                            info.layers.len()
+                            output::bytes(info.size)
                         )
                     });
                     return Ok(0);

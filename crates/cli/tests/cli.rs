@@ -3,23 +3,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::{Daemon, HANGAR};
 use serde_json::Value;
 
-fn hangar(d: &Daemon, args: &[&str]) -> Output {
-    Command::new(HANGAR)
-        .args(args)
-        .env("HANGAR_DATA_DIR", d.data_dir.path())
-        .env_remove("HANGAR_URL")
-        .env_remove("HANGAR_TOKEN")
-        .output()
-        .unwrap()
-}
-
 fn ok(d: &Daemon, args: &[&str]) -> String {
-    let out = hangar(d, args);
+    let out = d.cli(args);
     assert!(
         out.status.success(),
         "hangar {args:?}: {}{}",
@@ -48,18 +38,15 @@ async fn a_session_with_the_cli() {
     );
 
     // exec streams output and exits with the command's code.
-    let out = hangar(
-        &d,
-        &[
-            "machine",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "echo $GREETING; echo oops >&2; exit 5",
-        ],
-    );
+    let out = d.cli(&[
+        "machine",
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; echo oops >&2; exit 5",
+    ]);
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
@@ -100,13 +87,13 @@ async fn a_session_with_the_cli() {
     assert!(events.contains("stopping"), "{events}");
 
     // Errors say what is wrong, on stderr, with a non-zero exit.
-    let out = hangar(&d, &["machine", "rm", "box"]);
+    let out = d.cli(&["machine", "rm", "box"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("force"), "{err}");
-    let out = hangar(&d, &["machine", "status", "ghost"]);
+    let out = d.cli(&["machine", "status", "ghost"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-    let out = hangar(&d, &["machine", "cp", "a", "b"]);
+    let out = d.cli(&["machine", "cp", "a", "b"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("MACHINE:/absolute/path"));
     ok(&d, &["machine", "rm", "--force", "box"]);
 

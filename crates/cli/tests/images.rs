@@ -6,20 +6,29 @@ mod common;
 #[path = "../../image/tests/support/registry.rs"]
 mod registry;
 
-use std::process::Command;
-
-use common::{Daemon, HANGAR};
+use common::Daemon;
 use registry::{Registry, busybox_layout};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-fn hangar(d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(HANGAR)
-        .args(args)
-        .env("HANGAR_DATA_DIR", d.data_dir.path())
-        .env_remove("HANGAR_URL")
-        .env_remove("HANGAR_TOKEN")
-        .output()
+/// Machine config for the registry test image (busybox alone, no applet
+/// links), running `busybox sleep`.
+fn sleeping(image: &str) -> Value {
+    json!({"image": image, "init": {"cmd": ["busybox", "sleep", "1000"]}})
+}
+
+/// The NDJSON answer of a pull, whole.
+async fn streamed_pull(d: &Daemon, image: &str) -> String {
+    d.http
+        .post(format!("{}/v1/images/pull", d.url))
+        .bearer_auth(&d.token)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"image": image}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
         .unwrap()
 }
 
@@ -44,13 +53,7 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
 
     // A machine from the reference uses the pulled image: no new download.
     d.create_app("reg").await;
-    let m = d
-        .ok(
-            Method::POST,
-            "/v1/apps/reg/machines",
-            Some(json!({"config": {"image": reference, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
-        )
-        .await;
+    let m = d.machine("reg", sleeping(&reference)).await;
     assert_eq!(m["state"], "started", "{m}");
     assert_eq!(m["image_ref"]["digest"], a["digest"], "{m}");
     let id = m["id"].as_str().unwrap();
@@ -61,15 +64,15 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
     // pull as its events.
     reg.push(&layout, "team/bb:v2", &[]);
     let v2 = format!("{}/team/bb:v2", reg.addr);
-    let m2 = d
+    let m2 = d.machine("reg", sleeping(&v2)).await;
+    assert_eq!(m2["state"], "started", "{m2}");
+    let events = d
         .ok(
-            Method::POST,
-            "/v1/apps/reg/machines",
-            Some(json!({"name": "second", "config": {"image": v2, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
+            Method::GET,
+            &format!("/v1/apps/reg/machines/{}/events", m2["id"].as_str().unwrap()),
+            None,
         )
         .await;
-    assert_eq!(m2["state"], "started", "{m2}");
-    let events = d.ok(Method::GET, "/v1/apps/reg/machines/second/events", None).await;
     let pulled = events
         .as_array()
         .unwrap()
@@ -91,12 +94,12 @@ async fn machines_run_registry_images_and_concurrent_pulls_share_one_download() 
     );
 
     // The CLI, quiet and machine-readable with --json.
-    let out = hangar(&d, &["--json", "image", "pull", &reference]);
+    let out = d.cli(&["--json", "image", "pull", &reference]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["digest"], a["digest"]);
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = hangar(&d, &["image", "ls"]);
+    let out = d.cli(&["image", "ls"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&reference) && text.contains("REFERENCE"), "{text}");
 }
@@ -112,18 +115,7 @@ async fn streamed_pulls_report_progress_then_the_image() {
     reg.push(&busybox_layout(work.path(), &[("noise", &noise)]), "bb:big", &[]);
     let d = Daemon::start();
     let reference = format!("{}/bb:big", reg.addr);
-    let body = d
-        .http
-        .post(format!("{}/v1/images/pull", d.url))
-        .bearer_auth(&d.token)
-        .header("accept", "application/x-ndjson")
-        .json(&json!({"image": reference}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = streamed_pull(&d, &reference).await;
     let events: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let last = events.last().unwrap();
     assert_eq!(last["image"]["reference"], reference, "{body}");
@@ -133,18 +125,7 @@ async fn streamed_pulls_report_progress_then_the_image() {
         assert_eq!(e["progress"]["layers"].as_array().unwrap().len(), 1, "{e}");
     }
     // Streamed errors come as a last line with the same body as a plain one.
-    let body = d
-        .http
-        .post(format!("{}/v1/images/pull", d.url))
-        .bearer_auth(&d.token)
-        .header("accept", "application/x-ndjson")
-        .json(&json!({"image": format!("{}/bb:missing", reg.addr)}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = streamed_pull(&d, &format!("{}/bb:missing", reg.addr)).await;
     let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "not_found", "{body}");
 }
@@ -240,13 +221,7 @@ async fn remove_and_prune_free_exactly_what_no_machine_uses() {
         d.ok(Method::POST, "/v1/images/pull", Some(json!({"image": r}))).await;
     }
     d.create_app("gc").await;
-    let m = d
-        .ok(
-            Method::POST,
-            "/v1/apps/gc/machines",
-            Some(json!({"config": {"image": used, "init": {"cmd": ["busybox", "sleep", "1000"]}}})),
-        )
-        .await;
+    let m = d.machine("gc", sleeping(&used)).await;
     let id = m["id"].as_str().unwrap().to_owned();
 
     // Usage: the alias shares everything with the image it names; the

@@ -438,14 +438,7 @@ impl ImageStore {
             let path = self.tmp_name(kind);
             match File::options().write(true).create_new(true).open(&path) {
                 Ok(f) => {
-                    return Ok((
-                        TmpPath {
-                            path,
-                            dir: false,
-                            keep: false,
-                        },
-                        f,
-                    ));
+                    return Ok((TmpPath::file(path), f));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).context(|| format!("creating {}", path.display())),

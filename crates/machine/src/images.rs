@@ -181,8 +181,7 @@ impl Manager {
         let Some(rec) = self.inner.store.get_image(&r.to_string()).await? else {
             return Ok(None);
         };
-        let image: Image = serde_json::from_str(&rec.image_json)
-            .map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))?;
+        let image = image_from_record(&rec)?;
         let intact = image
             .layers
             .iter()
@@ -197,7 +196,7 @@ impl Manager {
             .get_image_by_digest(digest)
             .await?
             .ok_or_else(|| Error::Internal(format!("image {digest} is missing from the state store")))?;
-        serde_json::from_str(&rec.image_json).map_err(|e| Error::internal(&format!("image {digest} record"), e))
+        image_from_record(&rec)
     }
 
     /// Every image in the store, by reference, with its disk usage.
@@ -289,10 +288,7 @@ impl Manager {
             .list_images()
             .await?
             .iter()
-            .map(|rec| {
-                serde_json::from_str(&rec.image_json)
-                    .map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))
-            })
+            .map(image_from_record)
             .collect()
     }
 
@@ -306,6 +302,10 @@ impl Manager {
         }
         Ok(by_image)
     }
+}
+
+fn image_from_record(rec: &ImageRecord) -> Result<Image> {
+    serde_json::from_str(&rec.image_json).map_err(|e| Error::internal(&format!("image {} record", rec.reference), e))
 }
 
 /// The normalized reference (or the digest) a user's spelling names.

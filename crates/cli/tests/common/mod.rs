@@ -260,6 +260,18 @@ impl Daemon {
         v
     }
 
+    /// Runs the `hangar` CLI against this daemon, found through its data
+    /// dir (not `HANGAR_URL`/`HANGAR_TOKEN` from the environment).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(HANGAR)
+            .args(args)
+            .env("HANGAR_DATA_DIR", self.data_dir.path())
+            .env_remove("HANGAR_URL")
+            .env_remove("HANGAR_TOKEN")
+            .output()
+            .unwrap()
+    }
+
     pub async fn create_app(&self, name: &str) {
         self.ok(Method::POST, "/v1/apps", Some(json!({ "app_name": name })))
             .await;

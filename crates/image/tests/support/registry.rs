@@ -260,25 +260,25 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A fresh RSA key and a self-signed certificate for it, valid two days:
+/// `NAME.key` and `NAME.crt` in `dir`.
+fn self_signed(dir: &Path, name: &str, subject: &str, extra: &[&str]) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    let mut args = vec![
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &crt, "-days", "2", "-subj", subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+}
+
 /// A private CA and a server certificate it signed for 127.0.0.1 and
 /// localhost, in `dir`: returns (ca.crt, server.crt, server.key).
 pub fn tls_fixtures(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    openssl(
+    self_signed(
         dir,
+        "ca",
+        "/CN=hangar-test-ca",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=hangar-test-ca",
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -339,24 +339,7 @@ fn base64url(bytes: &[u8]) -> String {
 /// trust: returns (token, cert.pem).
 pub fn mint_token(dir: &Path, repository: &str) -> (String, PathBuf) {
     use base64::Engine as _;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "token.key",
-            "-out",
-            "token.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=hangar-test-token",
-        ],
-    );
+    self_signed(dir, "token", "/CN=hangar-test-token", &[]);
     let pem = std::fs::read_to_string(dir.join("token.crt")).unwrap();
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let der = base64::engine::general_purpose::STANDARD.decode(&b64).unwrap();

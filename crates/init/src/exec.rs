@@ -8,12 +8,11 @@
 //!   `waitpid`) records the exit status and writes the wake pipe;
 //! - with `stdin`, a feeder copies `Stdin` frames into the child's stdin.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -23,7 +22,8 @@ use hangar_init_protocol::{
     CHUNK, ErrorKind, ErrorReply, ExitStatus, FrameKind, io_message, read_frame, write_frame, write_json,
 };
 
-use crate::state::{ExitWatcher, Init, configure_child, kill, lock};
+use crate::spawn::{Child, ChildSpec};
+use crate::state::{ExitWatcher, Init, kill, lock};
 use crate::users;
 
 /// How long output may keep flowing after the child has exited.
@@ -107,7 +107,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<bool>
         Ok(child) => child,
         Err(e) => return write_json(&mut &*stream, FrameKind::Error, &e).map(|()| false),
     };
-    ctl.pgid.store(child.id() as i32, Ordering::SeqCst);
+    ctl.pgid.store(child.pid as i32, Ordering::SeqCst);
     let deadline = spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     if let Some(stdin) = child.stdin.take() {
         let feeder = stream.try_clone().and_then(|sock| {
@@ -122,14 +122,8 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<bool>
         }
     }
     let outputs = [
-        child
-            .stdout
-            .take()
-            .map(|p| (FrameKind::Stdout, File::from(std::os::fd::OwnedFd::from(p)))),
-        child
-            .stderr
-            .take()
-            .map(|p| (FrameKind::Stderr, File::from(std::os::fd::OwnedFd::from(p)))),
+        Some((FrameKind::Stdout, child.stdout)),
+        Some((FrameKind::Stderr, child.stderr)),
     ];
     let result = pump(stream, outputs, wake_r, deadline, &ctl);
     // Whatever happened, make sure nothing of this exec outlives a failed
@@ -141,7 +135,7 @@ pub fn run(init: &Init, stream: &UnixStream, spec: ExecSpec) -> io::Result<bool>
     result
 }
 
-fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process::Child, ErrorReply> {
+fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<Child, ErrorReply> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorReply::invalid("exec: argv is empty"));
     };
@@ -151,24 +145,20 @@ fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process
         .map(users::resolve_system)
         .transpose()
         .map_err(ErrorReply::invalid)?;
-    let mut cmd = Command::new(resolve_program(program, &spec.env));
-    cmd.arg0(program).args(&spec.argv[1..]).env_clear();
-    let mut has_home = false;
-    for entry in &spec.env {
-        match entry.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                has_home |= k == "HOME";
-                cmd.env(k, v);
-            }
-            _ => {
-                return Err(ErrorReply::invalid(format!(
-                    "exec: environment entry {entry:?} is not KEY=VALUE"
-                )));
-            }
-        }
+    if let Some(entry) = spec
+        .env
+        .iter()
+        .find(|e| !matches!(e.split_once('='), Some((k, _)) if !k.is_empty()))
+    {
+        return Err(ErrorReply::invalid(format!(
+            "exec: environment entry {entry:?} is not KEY=VALUE"
+        )));
     }
-    if let (false, Some(home)) = (has_home, creds.as_ref().and_then(|c| c.home.as_ref())) {
-        cmd.env("HOME", home);
+    let mut env = Cow::Borrowed(&spec.env);
+    if let Some(home) = creds.as_ref().and_then(|c| c.home.as_ref())
+        && !spec.env.iter().any(|e| e.starts_with("HOME="))
+    {
+        env.to_mut().push(format!("HOME={home}"));
     }
     if let Some(cwd) = &spec.cwd {
         // Checked here because a failing chdir in the child is reported
@@ -188,13 +178,19 @@ fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process
                 ));
             }
         }
-        cmd.current_dir(cwd);
     }
-    cmd.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    configure_child(&mut cmd, creds.as_ref(), true);
-    init.spawn_tracked(&mut cmd, watcher).map_err(|e| {
+    let spawned = resolve_program(program, &spec.env).and_then(|path| {
+        let child = ChildSpec {
+            program: &path,
+            argv: &spec.argv,
+            env: &env,
+            cwd: spec.cwd.as_deref(),
+            stdin: spec.stdin,
+            creds: creds.as_ref(),
+        };
+        init.spawn_tracked(&child, watcher)
+    });
+    spawned.map_err(|e| {
         let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
             "; is the machine at its process limit?"
         } else {
@@ -209,12 +205,11 @@ fn spawn(init: &Init, spec: &ExecSpec, watcher: Arc<Ctl>) -> Result<std::process
 
 /// Finds a bare program name in the exec's `PATH` with a few `stat`s, so
 /// the child makes one `execve` instead of one per `PATH` entry before it
-/// (each a failed exec in the child). Anything not found is returned as is,
-/// for the exec to fail with the usual error.
-fn resolve_program(program: &str, env: &[String]) -> std::path::PathBuf {
+/// (each a failed exec in the child).
+fn resolve_program(program: &str, env: &[String]) -> io::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
-        return program.into();
+        return Ok(program.into());
     }
     let path = env
         .iter()
@@ -224,12 +219,12 @@ fn resolve_program(program: &str, env: &[String]) -> std::path::PathBuf {
         .filter(|dir| !dir.is_empty())
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-        .unwrap_or_else(|| program.into())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
 /// Copies `Stdin` frames to the child until `StdinEof` or the end of the
 /// client's stream.
-fn feed_stdin(mut sock: UnixStream, stdin: ChildStdin, ctl: &Ctl) {
+fn feed_stdin(mut sock: UnixStream, stdin: File, ctl: &Ctl) {
     let mut stdin = Some(stdin);
     if let Some(s) = &stdin {
         // Non-blocking so a child that never reads cannot pin this thread
@@ -261,7 +256,7 @@ fn feed_stdin(mut sock: UnixStream, stdin: ChildStdin, ctl: &Ctl) {
     }
 }
 
-fn write_child(stdin: &mut ChildStdin, mut data: &[u8], ctl: &Ctl) -> io::Result<()> {
+fn write_child(stdin: &mut File, mut data: &[u8], ctl: &Ctl) -> io::Result<()> {
     while !data.is_empty() {
         if ctl.done.load(Ordering::SeqCst) {
             return Err(io::ErrorKind::BrokenPipe.into());

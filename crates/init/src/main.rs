@@ -13,6 +13,7 @@ mod exec;
 mod files;
 mod ps;
 mod server;
+mod spawn;
 mod state;
 mod users;
 

@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use hangar_init_protocol::ExitStatus;
 
+use crate::spawn::{self, Child, ChildSpec};
 use crate::users::Credentials;
 
 /// Locks a mutex, ignoring poisoning: a panicking connection thread must not
@@ -38,9 +39,9 @@ pub struct Init {
     /// reaper can never collect an exec child before its waiter is
     /// registered (no early-exit bookkeeping needed), and any pid it reaps
     /// that has no waiter is an orphan that nobody will ever ask about.
-    /// It also protects std: when exec fails, `Command::spawn` reaps the
-    /// failed child itself with `waitpid(pid)` and panics if someone else
-    /// already did.
+    /// It also protects the spawners: when exec fails, both glibc's
+    /// `posix_spawn` and std's `Command::spawn` reap the failed child
+    /// themselves with `waitpid(pid)` (std panics if someone else did).
     spawn_lock: RwLock<()>,
     waiters: Mutex<HashMap<u32, Arc<dyn ExitWatcher>>>,
 }
@@ -93,12 +94,12 @@ impl Init {
         *lock(&self.main_exit)
     }
 
-    /// Spawns `cmd`; the reaper tells `watcher` how it ended. Never call
-    /// `wait` on the returned child: the reaper owns all waiting.
-    pub fn spawn_tracked(&self, cmd: &mut Command, watcher: Arc<dyn ExitWatcher>) -> io::Result<Child> {
+    /// Spawns `spec`; the reaper tells `watcher` how it ended. Never wait
+    /// for the returned child: the reaper owns all waiting.
+    pub fn spawn_tracked(&self, spec: &ChildSpec<'_>, watcher: Arc<dyn ExitWatcher>) -> io::Result<Child> {
         let _guard = self.spawn_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let child = cmd.spawn()?;
-        lock(&self.waiters).insert(child.id(), watcher);
+        let child = spawn::spawn(spec)?;
+        lock(&self.waiters).insert(child.pid, watcher);
         Ok(child)
     }
 

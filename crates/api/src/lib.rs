@@ -2,10 +2,12 @@
 //! where the concepts match, so clients written for it port with little change.
 //! Everything here is plain data: no I/O, no behaviour beyond validation.
 
+mod checkpoint;
 mod image;
 mod machine;
 mod state;
 
+pub use checkpoint::*;
 pub use image::*;
 pub use machine::*;
 pub use state::*;

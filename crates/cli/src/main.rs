@@ -55,6 +55,37 @@ enum Command {
     /// Local image tools.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Seal a machine's filesystem, list its checkpoints, roll back.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointCommand {
+    /// Checkpoint a machine's filesystem (O(1); a running machine pauses
+    /// for milliseconds).
+    Create {
+        #[command(flatten)]
+        m: MachineArg,
+        /// What this step was.
+        #[arg(long, short)]
+        comment: Option<String>,
+    },
+    #[command(alias = "list")]
+    Ls(MachineArg),
+    /// Roll the machine's filesystem back to a checkpoint (a running
+    /// machine is restarted).
+    Restore {
+        #[command(flatten)]
+        m: MachineArg,
+        checkpoint: String,
+    },
+    #[command(alias = "delete")]
+    Rm {
+        #[command(flatten)]
+        m: MachineArg,
+        checkpoint: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +257,19 @@ enum MachineCommand {
         src: String,
         dst: String,
     },
+    /// A new machine with a copy of this one's filesystem (now, or at a
+    /// checkpoint), made in milliseconds.
+    Fork {
+        #[command(flatten)]
+        m: MachineArg,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Leave the fork stopped.
+        #[arg(long)]
+        stopped: bool,
+    },
     #[command(alias = "destroy")]
     Rm {
         #[command(flatten)]
@@ -357,7 +401,43 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Machine(cmd) => machine(client()?, json, cmd).await,
+        Command::Checkpoint(cmd) => checkpoint(client()?, json, cmd).await,
     }
+}
+
+async fn checkpoint(c: Client, json: bool, cmd: CheckpointCommand) -> Result<i32> {
+    let base = |m: &MachineArg| format!("{}/checkpoints", machine_path(&m.app.app, &m.machine));
+    match cmd {
+        CheckpointCommand::Create { m, comment } => {
+            let req = hangar_api::CreateCheckpointRequest { comment };
+            let cp: hangar_api::Checkpoint = c.post(&base(&m), &req).await?;
+            output::print(json, &cp, || {
+                let took = cp
+                    .timing
+                    .map(|t| format!(" ({:.1} ms, paused {:.1} ms)", t.total_ms, t.paused_ms))
+                    .unwrap_or_default();
+                println!("{}{took}", cp.id)
+            });
+        }
+        CheckpointCommand::Ls(m) => {
+            let list: hangar_api::CheckpointList = c.get(&base(&m)).await?;
+            output::print(json, &list, || output::checkpoints(&list.checkpoints));
+        }
+        CheckpointCommand::Restore { m, checkpoint } => {
+            let machine: Machine = c.post(&format!("{}/{checkpoint}/restore", base(&m)), &()).await?;
+            output::print(json, &machine, || {
+                println!("{} restored to {checkpoint}, {}", machine.id, machine.state)
+            });
+        }
+        CheckpointCommand::Rm { m, checkpoint } => {
+            c.send(c.request(Method::DELETE, &format!("{}/{checkpoint}", base(&m))))
+                .await?;
+            if !json {
+                println!("deleted checkpoint {checkpoint}");
+            }
+        }
+    }
+    Ok(0)
 }
 
 async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
@@ -505,6 +585,23 @@ fn image_path(image: &str) -> String {
 
 async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
     match cmd {
+        MachineCommand::Fork {
+            m,
+            name,
+            checkpoint,
+            stopped,
+        } => {
+            let req = hangar_api::ForkMachineRequest {
+                name,
+                checkpoint,
+                skip_launch: stopped,
+            };
+            let fork: Machine = c
+                .post(&format!("{}/fork", machine_path(&m.app.app, &m.machine)), &req)
+                .await?;
+            output::print(json, &fork, || println!("{} {}", fork.id, fork.state));
+            Ok(0)
+        }
         MachineCommand::Run(args) => create(&c, json, args, false).await,
         MachineCommand::Create(args) => create(&c, json, args, true).await,
         MachineCommand::Start(m) => {

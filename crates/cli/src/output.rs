@@ -183,3 +183,19 @@ pub fn events(ev: &[MachineEvent]) {
             .collect(),
     );
 }
+
+pub fn checkpoints(cps: &[hangar_api::Checkpoint]) {
+    table(
+        &["ID", "PARENT", "CREATED", "COMMENT"],
+        cps.iter()
+            .map(|c| {
+                vec![
+                    c.id.clone(),
+                    c.parent_id.clone().unwrap_or_else(|| "-".into()),
+                    c.created_at.clone(),
+                    c.comment.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+}

@@ -155,3 +155,50 @@ async fn kill_9_during_an_image_import_leaves_nothing_half_done() {
     let sum = d.sh("imp", id, "wc -c < /data/big").await;
     assert_eq!(sum.trim(), (192 << 20).to_string());
 }
+
+/// A crash in the middle of a rollback's layer swap, or of a checkpoint
+/// (with the machine frozen, or the snapshot made but not recorded): the
+/// next daemon puts the machine's layer back, thaws it, and deletes
+/// snapshots that no record names.
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_checkpoints_and_rollbacks_are_cleaned_up() {
+    let mut d = Daemon::start();
+    d.create_app("swap").await;
+    let m = d.machine("swap", json!({})).await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    d.sh("swap", &id, "echo precious > /root/data").await;
+    d.stop_daemon(libc::SIGKILL);
+
+    let pool = d.pool_dir.clone();
+    let live = pool.join(format!("machine-{id}"));
+    // Crashed between the rollback's two renames: the live layer is moved
+    // aside and the checkpoint's copy is not yet in place.
+    std::fs::rename(&live, pool.join(format!("machine-{id}.outgoing"))).unwrap();
+    let btrfs = |args: &[&str]| {
+        let ok = std::process::Command::new("btrfs")
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "btrfs {args:?}");
+    };
+    let incoming = pool.join(format!("machine-{id}.incoming"));
+    btrfs(&["-q", "subvolume", "create", incoming.to_str().unwrap()]);
+    // A snapshot whose record was never written.
+    let orphan = pool.join("checkpoint-0123456789abcd");
+    btrfs(&["-q", "subvolume", "create", orphan.to_str().unwrap()]);
+    // Frozen for a checkpoint that never finished.
+    hangar_runtime::cgroup::set_frozen(&id, true).unwrap();
+
+    d.start_daemon();
+    assert!(live.exists() && !incoming.exists() && !orphan.exists());
+    assert!(!pool.join(format!("machine-{id}.outgoing")).exists());
+    let m = d.ok(Method::GET, &format!("/v1/apps/swap/machines/{id}"), None).await;
+    assert_eq!(m["state"], "started");
+    assert_eq!(d.sh("swap", &id, "cat /root/data").await, "precious\n");
+    d.ok(Method::POST, &format!("/v1/apps/swap/machines/{id}/stop"), None)
+        .await;
+    d.ok(Method::POST, &format!("/v1/apps/swap/machines/{id}/start"), None)
+        .await;
+    assert_eq!(d.sh("swap", &id, "cat /root/data").await, "precious\n");
+}

@@ -35,7 +35,7 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Hangar", description = "Machines for AI coding agents: create once, start in milliseconds."),
-    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images")),
+    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images"), (name = "checkpoints")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -85,7 +85,7 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{apps, files, images, machines};
+    use routes::{apps, checkpoints, files, images, machines};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::delete_app))
@@ -110,6 +110,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(images::prune_images))
         .routes(routes!(images::list_images))
         .routes(routes!(images::get_image, images::remove_image))
+        .routes(routes!(checkpoints::create_checkpoint, checkpoints::list_checkpoints))
+        .routes(routes!(checkpoints::get_checkpoint, checkpoints::delete_checkpoint))
+        .routes(routes!(checkpoints::restore_checkpoint))
+        .routes(routes!(checkpoints::fork_machine))
 }
 
 /// The OpenAPI document, as served and as committed.

@@ -13,6 +13,7 @@
 //! slot lock; operations on different machines run in parallel.
 
 mod agent;
+mod checkpoints;
 mod error;
 mod images;
 pub mod launch;

@@ -15,13 +15,13 @@ use hangar_store::MachineRecord;
 use crate::paths::volume_name;
 use crate::{Error, Exec, ExecOutput, FileReader, Manager, Result, Slot, agent, event, now_ms, random_hex, rfc3339};
 
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const ON_FAILURE_MAX_RETRIES: u32 = 10;
 /// Buffered exec keeps at most this much of each stream; use the streaming
 /// exec for more.
 const EXEC_OUTPUT_CAP: usize = 16 << 20;
 
-fn machine_view(rec: &MachineRecord) -> Machine {
+pub(crate) fn machine_view(rec: &MachineRecord) -> Machine {
     let running_ms = rec.started_at_ms.map(|s| (now_ms() - s).max(0)).unwrap_or(0);
     Machine {
         id: rec.id.clone(),
@@ -70,7 +70,7 @@ pub fn parse_signal(s: &str) -> Result<i32> {
     })
 }
 
-fn wrong_state(rec: &MachineRecord, what: &str, hint: &str) -> Error {
+pub(crate) fn wrong_state(rec: &MachineRecord, what: &str, hint: &str) -> Error {
     Error::WrongState {
         message: format!("cannot {what} machine {}: it is {}; {hint}", rec.id, rec.state),
         state: rec.state,
@@ -179,7 +179,7 @@ impl Manager {
     // ---- machines: reading ----
 
     /// The machine `id_or_name` of `app`.
-    async fn record(&self, app: &str, id_or_name: &str) -> Result<MachineRecord> {
+    pub(crate) async fn record(&self, app: &str, id_or_name: &str) -> Result<MachineRecord> {
         if let Some(rec) = self.inner.store.get_machine(id_or_name).await?
             && rec.app == app
         {
@@ -294,6 +294,7 @@ impl Manager {
             started_at_ms: None,
             restart_count: 0,
             last_exit: None,
+            base_checkpoint: None,
         };
         self.inner
             .store
@@ -365,7 +366,7 @@ impl Manager {
 
     /// Takes a machine's operation lock and reads its record afresh (by id:
     /// a name could meanwhile belong to another machine).
-    async fn lock_machine(
+    pub(crate) async fn lock_machine(
         &self,
         app: &str,
         id_or_name: &str,
@@ -530,6 +531,7 @@ impl Manager {
     /// destroyed. Safe to repeat (recovery does, after a crash).
     pub(crate) async fn finish_destroy(&self, rec: &mut MachineRecord, source: &str) -> Result<()> {
         self.teardown(&self.slot(&rec.id, rec.state), rec).await;
+        self.delete_checkpoints_of(&rec.id).await?;
         let pool = self.inner.pool.clone();
         let name = volume_name(&rec.id);
         tokio::task::spawn_blocking(move || pool.delete(&name))

@@ -29,6 +29,7 @@ impl Manager {
     /// before serving requests.
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
+        self.sweep_pool().await?;
         for mut rec in self.inner.store.list_machines(None).await? {
             if rec.host != self.inner.host || rec.state == MachineState::Destroyed {
                 continue;
@@ -45,6 +46,9 @@ impl Manager {
                     report.finished_destroys += 1;
                 }
                 MachineState::Starting | MachineState::Started | MachineState::Stopping => {
+                    // A crash during a checkpoint can leave it frozen (and
+                    // the runtime would then call it paused, not running).
+                    let _ = hangar_runtime::cgroup::set_frozen(&rec.id, false);
                     if self.reattach(&mut rec).await? {
                         report.reattached += 1;
                     } else {

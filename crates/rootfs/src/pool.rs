@@ -53,6 +53,10 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn snapshot(&self, src: &str, dst: &str, readonly: bool) -> Result<PathBuf>;
     /// Deletes a volume and everything in it. Deleting a missing one is fine.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Renames a volume (atomically; `dst` must not exist).
+    fn rename(&self, src: &str, dst: &str) -> Result<()>;
+    /// The names of every volume.
+    fn list(&self) -> Result<Vec<String>>;
     /// Where a volume lives (whether or not it exists).
     fn path(&self, name: &str) -> PathBuf;
 }
@@ -185,6 +189,33 @@ impl Pool for BtrfsPool {
             return Err(io_err(format!("deleting subvolume {name}"))(err));
         }
         Ok(())
+    }
+
+    fn rename(&self, src: &str, dst: &str) -> Result<()> {
+        name_arg::<256>(src)?;
+        name_arg::<256>(dst)?;
+        // RENAME_NOREPLACE: never drop a volume that happens to have the
+        // target name.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            self.path(src),
+            rustix::fs::CWD,
+            self.path(dst),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(io_err(format!("renaming volume {src} to {dst}")))
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        let entries = fs::read_dir(&self.root).map_err(io_err(format!("listing pool {}", self.root.display())))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("listing pool {}", self.root.display())))?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
     }
 
     fn path(&self, name: &str) -> PathBuf {

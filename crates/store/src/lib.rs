@@ -95,6 +95,20 @@ pub struct MachineRecord {
     /// Restarts by the restart policy since the last user start.
     pub restart_count: u32,
     pub last_exit: Option<hangar_api::ExitInfo>,
+    /// The checkpoint the machine's writable layer descends from: the last
+    /// one taken, restored or forked from. `None` for a fresh layer.
+    pub base_checkpoint: Option<String>,
+}
+
+/// A checkpoint: a read-only snapshot of a machine's writable layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    pub id: String,
+    pub machine_id: String,
+    pub comment: Option<String>,
+    /// The checkpoint the layer descended from when this one was taken.
+    pub parent_id: Option<String>,
+    pub created_at_ms: i64,
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -297,8 +311,9 @@ impl Store {
         self.write("creating machine", move |tx| {
             tx.prepare_cached(
                 "INSERT INTO machines (id, app, name, state, config_json, image_reference, image_digest, \
-                   instance_id, host, created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   instance_id, host, created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json, \
+                   base_checkpoint) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .and_then(|mut s| {
                 let m = &row.record;
@@ -318,6 +333,7 @@ impl Store {
                     m.started_at_ms,
                     m.restart_count,
                     row.last_exit_json,
+                    m.base_checkpoint,
                 ])
             })
             .map_err(|e| {
@@ -345,7 +361,7 @@ impl Store {
                 .prepare_cached(
                     "UPDATE machines SET state = ?, config_json = ?, image_reference = ?, image_digest = ?, \
                        instance_id = ?, updated_at_ms = ?, run_ms = ?, started_at_ms = ?, restart_count = ?, \
-                       last_exit_json = ? WHERE id = ?",
+                       last_exit_json = ?, base_checkpoint = ? WHERE id = ?",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -359,6 +375,7 @@ impl Store {
                         m.started_at_ms,
                         m.restart_count,
                         row.last_exit_json,
+                        m.base_checkpoint,
                         m.id,
                     ])
                 })
@@ -486,6 +503,82 @@ impl Store {
         })
         .await
     }
+
+    /// Records a checkpoint whose snapshot exists, and makes it its
+    /// machine's base, atomically.
+    pub async fn insert_checkpoint(&self, c: &CheckpointRecord) -> Result<()> {
+        let c = c.clone();
+        self.write("recording checkpoint", move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (id, machine_id, comment, parent_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+            )
+            .and_then(|mut s| s.execute(params![c.id, c.machine_id, c.comment, c.parent_id, c.created_at_ms]))
+            .map_err(db(format!("recording checkpoint {}", c.id)))?;
+            tx.execute(
+                "UPDATE machines SET base_checkpoint = ? WHERE id = ?",
+                params![c.id, c.machine_id],
+            )
+            .map_err(db("recording checkpoint"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>> {
+        let id = id.to_owned();
+        self.call(move |conn| query_checkpoints(conn, &format!("{CHECKPOINT_SELECT} WHERE id = ?"), [id]).map(first))
+            .await
+    }
+
+    /// A machine's checkpoints, oldest first.
+    pub async fn list_checkpoints(&self, machine_id: &str) -> Result<Vec<CheckpointRecord>> {
+        let id = machine_id.to_owned();
+        self.call(move |conn| {
+            let sql = format!("{CHECKPOINT_SELECT} WHERE machine_id = ? ORDER BY created_at_ms, id");
+            query_checkpoints(conn, &sql, [id])
+        })
+        .await
+    }
+
+    /// Every checkpoint id (for recovery's sweep of the pool).
+    pub async fn all_checkpoint_ids(&self) -> Result<Vec<String>> {
+        self.call(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id FROM checkpoints")
+                .map_err(db("listing checkpoints"))?;
+            let rows = statement
+                .query_map([], |r| r.get(0))
+                .map_err(db("listing checkpoints"))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db("listing checkpoints"))
+        })
+        .await
+    }
+
+    /// Forgets a checkpoint. Checkpoints that named it as their parent, and
+    /// machines based on it, take its parent instead, so chains stay whole.
+    pub async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.write("removing checkpoint", move |tx| {
+            let parent: Option<Option<String>> = tx
+                .query_row("SELECT parent_id FROM checkpoints WHERE id = ?", [&id], |r| r.get(0))
+                .optional()
+                .map_err(db("removing checkpoint"))?;
+            let Some(parent) = parent else {
+                return Ok(());
+            };
+            for sql in [
+                "UPDATE checkpoints SET parent_id = ?1 WHERE parent_id = ?2",
+                "UPDATE machines SET base_checkpoint = ?1 WHERE base_checkpoint = ?2",
+            ] {
+                tx.execute(sql, params![parent, id])
+                    .map_err(db("removing checkpoint"))?;
+            }
+            tx.execute("DELETE FROM checkpoints WHERE id = ?", [&id])
+                .map_err(db("removing checkpoint"))?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
@@ -554,7 +647,26 @@ impl From<&MachineRecord> for MachineRow {
 }
 
 const MACHINE_SELECT: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, \
-     host, created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json FROM machines";
+     host, created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json, base_checkpoint \
+     FROM machines";
+
+const CHECKPOINT_SELECT: &str = "SELECT id, machine_id, comment, parent_id, created_at_ms FROM checkpoints";
+
+fn query_checkpoints(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<CheckpointRecord>> {
+    let mut statement = conn.prepare_cached(sql).map_err(db("reading checkpoints"))?;
+    let rows = statement
+        .query_map(params, |r| {
+            Ok(CheckpointRecord {
+                id: r.get(0)?,
+                machine_id: r.get(1)?,
+                comment: r.get(2)?,
+                parent_id: r.get(3)?,
+                created_at_ms: r.get(4)?,
+            })
+        })
+        .map_err(db("reading checkpoints"))?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db("reading checkpoints"))
+}
 
 fn first<T>(items: Vec<T>) -> Option<T> {
     items.into_iter().next()
@@ -613,6 +725,7 @@ fn machine_from_row(r: &Row<'_>) -> Result<MachineRecord> {
         run_ms: r.get("run_ms").map_err(get)?,
         started_at_ms: r.get("started_at_ms").map_err(get)?,
         restart_count: r.get("restart_count").map_err(get)?,
+        base_checkpoint: r.get("base_checkpoint").map_err(get)?,
         id,
     })
 }

@@ -7,7 +7,8 @@ use rusqlite::Connection;
 use crate::{Result, db};
 
 /// Each entry is one migration; never edit a released one, append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE apps (
     name TEXT PRIMARY KEY,
     created_at_ms BIGINT NOT NULL
@@ -51,7 +52,24 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- A checkpoint is a read-only snapshot of a machine's writable layer.
+-- parent_id: the checkpoint the machine's layer descended from when this
+-- one was taken (its previous checkpoint, or the one it was restored or
+-- forked from). exec_seq: the last recorded command it includes.
+CREATE TABLE checkpoints (
+    id TEXT PRIMARY KEY,
+    machine_id TEXT NOT NULL,
+    comment TEXT,
+    parent_id TEXT,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE INDEX checkpoints_machine ON checkpoints (machine_id, created_at_ms);
+-- The checkpoint the machine's current layer descends from.
+ALTER TABLE machines ADD COLUMN base_checkpoint TEXT;
+"#,
+];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")

@@ -21,6 +21,7 @@ fn machine(id: &str, name: &str) -> MachineRecord {
         started_at_ms: None,
         restart_count: 0,
         last_exit: None,
+        base_checkpoint: None,
     }
 }
 

@@ -84,7 +84,7 @@ pub async fn start_machine(State(s): State<AppState>, Path((app, id)): Path<(Str
 }
 
 /// A JSON body that may be left out entirely (Fly's stop takes none).
-fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

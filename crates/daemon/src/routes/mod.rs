@@ -3,6 +3,7 @@
 //! here.
 
 pub mod apps;
+pub mod checkpoints;
 pub mod files;
 pub mod images;
 pub mod machines;

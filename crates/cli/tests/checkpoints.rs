@@ -1,0 +1,311 @@
+//! Checkpoints, rollback and fork, through the API and the CLI, with real
+//! machines: what a restore brings back is exactly what was checkpointed
+//! (the whole tree hashed), forks are isolated both ways, and deleting
+//! frees what nobody else uses and nothing that someone does.
+
+mod common;
+
+use common::Daemon;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// A hash of the machine's whole root filesystem: every path's name, type,
+/// mode, owner, size, mtime and link target, and every file's content.
+/// Mount points the runtime makes afresh at each start are left out.
+const TREE_HASH: &str = r#"cd / && {
+  find . -xdev \( -path ./.hangar -o -path ./dev -o -path ./proc -o -path ./sys \) -prune -o -exec stat -c '%n %f %u %g %s %Y %N' {} + ;
+  find . -xdev \( -path ./.hangar -o -path ./dev -o -path ./proc -o -path ./sys \) -prune -o -type f -exec md5sum {} + ;
+} | sort | md5sum"#;
+
+async fn tree_hash(d: &Daemon, app: &str, id: &str) -> String {
+    d.sh(app, id, TREE_HASH).await
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn machine_url(app: &str, id: &str) -> String {
+    format!("/v1/apps/{app}/machines/{id}")
+}
+
+async fn checkpoint(d: &Daemon, app: &str, id: &str, comment: &str) -> Value {
+    d.ok(
+        Method::POST,
+        &format!("{}/checkpoints", machine_url(app, id)),
+        Some(json!({ "comment": comment })),
+    )
+    .await
+}
+
+async fn restore(d: &Daemon, app: &str, id: &str, cp: &str) -> Value {
+    d.ok(
+        Method::POST,
+        &format!("{}/checkpoints/{cp}/restore", machine_url(app, id)),
+        None,
+    )
+    .await
+}
+
+async fn fork(d: &Daemon, app: &str, id: &str, body: Value) -> Value {
+    d.ok(Method::POST, &format!("{}/fork", machine_url(app, id)), Some(body))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_brings_back_exactly_what_was_checkpointed() {
+    let d = Daemon::start();
+    d.create_app("cp").await;
+    let m = id(&d.machine("cp", json!({})).await);
+
+    // Step 1: files, modes, owners, a symlink, and a file of the image
+    // deleted (a whiteout over the lower layer).
+    d.sh(
+        "cp",
+        &m,
+        "mkdir -p /work/sub && echo v1 > /work/a && chmod 640 /work/a && chown 1000:1000 /work/a \
+         && ln -s a /work/link && echo keep > /work/sub/k && rm /srv/app/from-image.txt",
+    )
+    .await;
+    let step1 = tree_hash(&d, "cp", &m).await;
+    let c1 = checkpoint(&d, "cp", &m, "step 1").await;
+    let timing = &c1["timing"];
+    assert!(timing["paused_ms"].as_f64().unwrap() > 0.0, "{c1}");
+    assert!(timing["total_ms"].as_f64().unwrap() >= timing["paused_ms"].as_f64().unwrap());
+    assert_eq!(c1["comment"], "step 1");
+    assert!(c1.get("parent_id").is_none(), "{c1}");
+    let c1 = id(&c1);
+
+    // Step 2 breaks things: rewrites, deletes, adds, restores an image file.
+    d.sh(
+        "cp",
+        &m,
+        "echo v2 > /work/a && chmod 777 /work/a && rm /work/link && rm -r /work/sub \
+         && mkdir /work/new && dd if=/dev/zero of=/work/new/big bs=1M count=5 2>/dev/null \
+         && echo back > /srv/app/from-image.txt",
+    )
+    .await;
+    assert_ne!(tree_hash(&d, "cp", &m).await, step1);
+
+    // Restore on a running machine: stopped, rolled back, started again.
+    let restored = restore(&d, "cp", &m, &c1).await;
+    assert_eq!(restored["state"], "started");
+    assert_eq!(tree_hash(&d, "cp", &m).await, step1);
+    assert_eq!(
+        d.sh("cp", &m, "cat /work/a; stat -c '%a %u' /work/a").await,
+        "v1\n640 1000\n"
+    );
+
+    // A checkpoint after a restore descends from the restored one.
+    d.sh("cp", &m, "echo v3 > /work/a").await;
+    let step3 = tree_hash(&d, "cp", &m).await;
+    let c2 = checkpoint(&d, "cp", &m, "step 3").await;
+    assert_eq!(c2["parent_id"], c1.as_str());
+    let c2 = id(&c2);
+
+    // Restore on a stopped machine leaves it stopped.
+    d.sh("cp", &m, "rm -rf /work").await;
+    d.ok(Method::POST, &format!("{}/stop", machine_url("cp", &m)), None)
+        .await;
+    let restored = restore(&d, "cp", &m, &c2).await;
+    assert_eq!(restored["state"], "stopped");
+    d.ok(Method::POST, &format!("{}/start", machine_url("cp", &m)), None)
+        .await;
+    assert_eq!(tree_hash(&d, "cp", &m).await, step3);
+
+    // A checkpoint of a stopped machine pauses nothing.
+    d.ok(Method::POST, &format!("{}/stop", machine_url("cp", &m)), None)
+        .await;
+    let c3 = checkpoint(&d, "cp", &m, "stopped").await;
+    assert_eq!(c3["timing"]["paused_ms"], 0.0);
+    assert_eq!(c3["parent_id"], c2.as_str());
+
+    // Listed oldest first; the events say what happened.
+    let list = d
+        .ok(Method::GET, &format!("{}/checkpoints", machine_url("cp", &m)), None)
+        .await;
+    let ids: Vec<&str> = list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [c1.as_str(), c2.as_str(), c3["id"].as_str().unwrap()]);
+    let events = d
+        .ok(Method::GET, &format!("{}/events", machine_url("cp", &m)), None)
+        .await;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_else(|| e["kind"].as_str().unwrap()))
+        .collect();
+    assert!(kinds.contains(&"checkpoint") && kinds.contains(&"restore"), "{kinds:?}");
+
+    // Deleting the middle checkpoint keeps the chain whole.
+    d.ok(
+        Method::DELETE,
+        &format!("{}/checkpoints/{c2}", machine_url("cp", &m)),
+        None,
+    )
+    .await;
+    assert!(!d.pool_dir.join(format!("checkpoint-{c2}")).exists());
+    let c3 = d
+        .ok(
+            Method::GET,
+            &format!("{}/checkpoints/{}", machine_url("cp", &m), id(&c3)),
+            None,
+        )
+        .await;
+    assert_eq!(c3["parent_id"], c1.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forks_are_isolated_and_outlive_what_they_came_from() {
+    let d = Daemon::start();
+    d.create_app("fk").await;
+    let parent = id(&d.machine("fk", json!({"metadata": {"role": "parent"}})).await);
+    d.sh("fk", &parent, "mkdir /work && echo base > /work/base").await;
+    let cp = id(&checkpoint(&d, "fk", &parent, "base").await);
+    d.sh("fk", &parent, "echo later > /work/later").await;
+    let parent_now = tree_hash(&d, "fk", &parent).await;
+
+    // A fork of the running machine: same files, same config, started.
+    let f1 = fork(&d, "fk", &parent, json!({"name": "fork-one"})).await;
+    assert_eq!(f1["state"], "started");
+    assert_eq!(f1["name"], "fork-one");
+    assert_eq!(f1["config"]["metadata"]["role"], "parent");
+    let f1 = id(&f1);
+    assert_eq!(tree_hash(&d, "fk", &f1).await, parent_now);
+
+    // Isolated both ways.
+    d.sh("fk", &f1, "echo fork > /work/fork-only && rm /work/base").await;
+    d.sh("fk", &parent, "echo parent > /work/parent-only").await;
+    assert_eq!(
+        d.sh("fk", &f1, "ls /work").await,
+        "fork-only\nlater\n",
+        "the fork sees only its own writes"
+    );
+    assert_eq!(
+        d.sh("fk", &parent, "ls /work").await,
+        "base\nlater\nparent-only\n",
+        "the parent sees only its own writes"
+    );
+
+    // From a checkpoint, created stopped.
+    let f2 = fork(&d, "fk", &parent, json!({"checkpoint": cp, "skip_launch": true})).await;
+    assert_eq!(f2["state"], "created");
+    let f2 = id(&f2);
+    d.ok(Method::POST, &format!("{}/start", machine_url("fk", &f2)), None)
+        .await;
+    assert_eq!(d.sh("fk", &f2, "ls /work").await, "base\n");
+
+    // A fork of a fork, through the CLI.
+    let out = d.cli(&["machine", "fork", "-a", "fk", &f1, "--name", "fork-two", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f3 = id(&serde_json::from_slice(&out.stdout).unwrap());
+    assert_eq!(d.sh("fk", &f3, "cat /work/fork-only").await, "fork\n");
+
+    // Destroying the parent deletes its layer and checkpoints, and nothing
+    // the forks need.
+    d.ok(
+        Method::DELETE,
+        &format!("{}?force=true", machine_url("fk", &parent)),
+        None,
+    )
+    .await;
+    assert!(!d.pool_dir.join(format!("machine-{parent}")).exists());
+    assert!(!d.pool_dir.join(format!("checkpoint-{cp}")).exists());
+    assert_eq!(d.sh("fk", &f2, "cat /work/base").await, "base\n");
+    assert_eq!(d.sh("fk", &f1, "cat /work/later").await, "later\n");
+    d.ok(Method::POST, &format!("{}/stop", machine_url("fk", &f2)), None)
+        .await;
+    d.ok(Method::POST, &format!("{}/start", machine_url("fk", &f2)), None)
+        .await;
+    assert_eq!(d.sh("fk", &f2, "cat /work/base").await, "base\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_change_nothing() {
+    let d = Daemon::start();
+    d.create_app("bad").await;
+    let m = id(&d.machine("bad", json!({})).await);
+    let other = id(&d.machine("bad", json!({})).await);
+    let theirs = id(&checkpoint(&d, "bad", &other, "theirs").await);
+    let base = machine_url("bad", &m);
+
+    let cases = [
+        (
+            Method::POST,
+            format!("{base}/checkpoints/nope/restore"),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        // Another machine's checkpoint is not this one's.
+        (
+            Method::POST,
+            format!("{base}/checkpoints/{theirs}/restore"),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            format!("{base}/checkpoints/{theirs}"),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            format!("{base}/fork"),
+            Some(json!({"checkpoint": theirs})),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            format!("{base}/checkpoints"),
+            Some(json!({"comment": 5})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            format!("{base}/checkpoints"),
+            Some(json!({"bogus": 1})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            format!("{base}/fork"),
+            Some(json!({"name": "no spaces"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            format!("{base}/fork"),
+            Some(json!({"name": other})),
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/v1/apps/bad/machines/ghost/checkpoints".into(),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let (status, v) = d.call(method.clone(), &path, body).await;
+        assert_eq!(status, want, "{method} {path}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    let list = d.ok(Method::GET, "/v1/apps/bad/machines", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2, "no fork was left behind: {list}");
+    let theirs_list = d
+        .ok(
+            Method::GET,
+            &format!("{}/checkpoints", machine_url("bad", &other)),
+            None,
+        )
+        .await;
+    assert_eq!(theirs_list["checkpoints"].as_array().unwrap().len(), 1);
+    let ours = d.ok(Method::GET, &format!("{base}/checkpoints"), None).await;
+    assert_eq!(ours["checkpoints"], json!([]));
+}

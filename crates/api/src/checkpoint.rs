@@ -63,3 +63,62 @@ pub struct ForkMachineRequest {
     #[serde(default)]
     pub skip_launch: bool,
 }
+
+/// `GET …/checkpoints/{checkpoint}/diff`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DiffQuery {
+    /// Compare with this checkpoint of the machine instead of its
+    /// filesystem as it is now.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Also return the unified diff of this text file (up to 1 MiB).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Report at most this many changes (default 10000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// What changed between a checkpoint and a later state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointDiff {
+    /// The checkpoint compared from.
+    pub from: String,
+    /// The checkpoint compared to, or `now`.
+    pub to: String,
+    /// Sorted by path. A directory is listed when it was added or deleted
+    /// or its mode or owner changed, not for changes inside it.
+    pub changes: Vec<FileChange>,
+    /// Whether more changes exist than `limit` allowed.
+    pub truncated: bool,
+    /// The unified diff of `path`, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_diff: Option<String>,
+}
+
+/// One path that differs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileChange {
+    pub path: String,
+    pub kind: ChangeKind,
+    /// `file`, `dir`, `symlink` or `other`, as it is in the newer state (the
+    /// older one for a deletion).
+    #[serde(rename = "type")]
+    pub file_type: String,
+    /// Size in the newer state; absent for deletions and directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Size in the older state; absent for additions and directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}

@@ -73,6 +73,17 @@ enum CheckpointCommand {
     },
     #[command(alias = "list")]
     Ls(MachineArg),
+    /// What changed since a checkpoint (until now, or `--to` another one).
+    Diff {
+        #[command(flatten)]
+        m: MachineArg,
+        checkpoint: String,
+        #[arg(long)]
+        to: Option<String>,
+        /// Also show the content diff of this text file.
+        #[arg(long)]
+        path: Option<String>,
+    },
     /// Roll the machine's filesystem back to a checkpoint (a running
     /// machine is restarted).
     Restore {
@@ -422,6 +433,21 @@ async fn checkpoint(c: Client, json: bool, cmd: CheckpointCommand) -> Result<i32
         CheckpointCommand::Ls(m) => {
             let list: hangar_api::CheckpointList = c.get(&base(&m)).await?;
             output::print(json, &list, || output::checkpoints(&list.checkpoints));
+        }
+        CheckpointCommand::Diff {
+            m,
+            checkpoint,
+            to,
+            path,
+        } => {
+            let mut request = c.request(Method::GET, &format!("{}/{checkpoint}/diff", base(&m)));
+            let query: Vec<(&str, &String)> = [("to", &to), ("path", &path)]
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+                .collect();
+            request = request.query(&query);
+            let diff: hangar_api::CheckpointDiff = c.send(request).await?.json().await?;
+            output::print(json, &diff, || output::diff(&diff));
         }
         CheckpointCommand::Restore { m, checkpoint } => {
             let machine: Machine = c.post(&format!("{}/{checkpoint}/restore", base(&m)), &()).await?;

@@ -199,3 +199,27 @@ pub fn checkpoints(cps: &[hangar_api::Checkpoint]) {
             .collect(),
     );
 }
+
+pub fn diff(d: &hangar_api::CheckpointDiff) {
+    for c in &d.changes {
+        let mark = match c.kind {
+            hangar_api::ChangeKind::Added => 'A',
+            hangar_api::ChangeKind::Modified => 'M',
+            hangar_api::ChangeKind::Deleted => 'D',
+        };
+        let size = match (c.old_size, c.size) {
+            (Some(a), Some(b)) if a != b => format!(" ({} -> {})", bytes(a), bytes(b)),
+            (_, Some(b)) => format!(" ({})", bytes(b)),
+            (Some(a), None) => format!(" ({})", bytes(a)),
+            (None, None) => String::new(),
+        };
+        let slash = if c.file_type == "dir" { "/" } else { "" };
+        println!("{mark} {}{slash}{size}", c.path);
+    }
+    if d.truncated {
+        println!("… and more, left out");
+    }
+    if let Some(text) = &d.content_diff {
+        print!("{text}");
+    }
+}

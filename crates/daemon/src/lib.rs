@@ -113,6 +113,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::create_checkpoint, checkpoints::list_checkpoints))
         .routes(routes!(checkpoints::get_checkpoint, checkpoints::delete_checkpoint))
         .routes(routes!(checkpoints::restore_checkpoint))
+        .routes(routes!(checkpoints::diff_checkpoint))
         .routes(routes!(checkpoints::fork_machine))
 }
 

@@ -30,6 +30,9 @@ pub(crate) fn checkpoint_volume(id: &str) -> String {
     format!("checkpoint-{id}")
 }
 
+/// Prefix of short-lived snapshots (a diff's view of the live layer).
+pub(crate) const SCRATCH_PREFIX: &str = "scratch-";
+
 /// Where a rollback puts the checkpoint's copy before swapping it in, and
 /// where the replaced layer waits to be deleted.
 fn incoming_volume(machine: &str) -> String {
@@ -304,8 +307,18 @@ impl Manager {
     }
 
     /// After a crash: finishes or undoes rollbacks that were swapping a
-    /// machine's layer, and deletes snapshots no record names.
+    /// machine's layer, and deletes snapshots no record names and what
+    /// diffs left mounted.
     pub(crate) async fn sweep_pool(&self) -> Result<()> {
+        let scratch = self.inner.cfg.data_dir.join("tmp");
+        if let Ok(entries) = std::fs::read_dir(&scratch) {
+            for entry in entries.flatten() {
+                for side in ["old", "new"] {
+                    let _ = hangar_rootfs::overlay::unmount(&entry.path().join(side));
+                }
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let known: std::collections::HashSet<String> =
             self.inner.store.all_checkpoint_ids().await?.into_iter().collect();
         let pool = self.inner.pool.clone();
@@ -313,7 +326,9 @@ impl Manager {
             let names = pool.list()?;
             let exists = |n: &str| names.iter().any(|x| x == n);
             for name in &names {
-                if let Some(id) = name.strip_prefix("checkpoint-")
+                if name.starts_with(SCRATCH_PREFIX) {
+                    pool.delete(name)?;
+                } else if let Some(id) = name.strip_prefix("checkpoint-")
                     && !known.contains(id)
                 {
                     tracing::info!("deleting orphan snapshot {name}");

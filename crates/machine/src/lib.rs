@@ -14,6 +14,7 @@
 
 mod agent;
 mod checkpoints;
+mod diff;
 mod error;
 mod images;
 pub mod launch;

@@ -211,7 +211,7 @@ impl Manager {
         let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
         let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
         if !overlay::is_mounted(&paths.rootfs) {
-            overlay::mount(&lowers, &layer, &paths.rootfs)?;
+            overlay::mount(&lowers, Some(&layer), &paths.rootfs)?;
         }
         if !prepare_only {
             self.write_config_files(rec)?;

@@ -7,6 +7,7 @@
 //! without ever following a symlink out of it.
 
 pub mod confined;
+pub mod diff;
 pub mod overlay;
 pub mod pool;
 

@@ -21,12 +21,17 @@ pub struct WritableLayer {
 }
 
 impl WritableLayer {
-    /// The layer inside volume directory `volume`, creating its directories.
-    pub fn in_volume(volume: &Path) -> Result<WritableLayer> {
-        let layer = WritableLayer {
+    /// Where the layer is inside volume directory `volume`.
+    pub fn at(volume: &Path) -> WritableLayer {
+        WritableLayer {
             upper: volume.join("upper"),
             work: volume.join("work"),
-        };
+        }
+    }
+
+    /// The layer inside volume directory `volume`, creating its directories.
+    pub fn in_volume(volume: &Path) -> Result<WritableLayer> {
+        let layer = WritableLayer::at(volume);
         for dir in [&layer.upper, &layer.work] {
             fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
@@ -34,13 +39,17 @@ impl WritableLayer {
     }
 }
 
-/// The option string for an overlay mount. Lower layers are given top-most
-/// first, the order overlayfs expects.
-pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
-    if lowers.is_empty() {
-        return Err(RootfsError::Invalid("an overlay needs at least one lower layer".into()));
+/// The option string for an overlay mount: `lowers` (given top-most first,
+/// the order overlayfs expects) under `layer`, or read-only without one.
+pub fn options(lowers: &[PathBuf], layer: Option<&WritableLayer>) -> Result<String> {
+    let needed = if layer.is_some() { 1 } else { 2 };
+    if lowers.len() < needed {
+        return Err(RootfsError::Invalid(format!(
+            "this overlay needs at least {needed} lower layer(s)"
+        )));
     }
-    for p in lowers.iter().chain([&layer.upper, &layer.work]) {
+    let writable = layer.map(|l| [&l.upper, &l.work]);
+    for p in lowers.iter().chain(writable.into_iter().flatten()) {
         let s = p.to_str().unwrap_or(",");
         if s.contains([',', ':']) || !p.is_absolute() {
             return Err(RootfsError::Invalid(format!(
@@ -54,14 +63,14 @@ pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
         .map(|p| p.to_str().expect("checked"))
         .collect::<Vec<_>>()
         .join(":");
+    let mut opts = format!("lowerdir={lower}");
+    if let Some(l) = layer {
+        opts.push_str(&format!(",upperdir={},workdir={}", l.upper.display(), l.work.display()));
+    }
     // index/metacopy/redirect_dir stay off: they are this host's module
     // defaults, and snapshots of an upper made with them on would only be
     // valid over the exact same lowers.
-    let opts = format!(
-        "lowerdir={lower},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
-        layer.upper.display(),
-        layer.work.display()
-    );
+    opts.push_str(",index=off,metacopy=off,redirect_dir=off");
     // The kernel copies mount data into one page.
     if opts.len() >= 4096 {
         return Err(RootfsError::Invalid(format!(
@@ -72,12 +81,18 @@ pub fn options(lowers: &[PathBuf], layer: &WritableLayer) -> Result<String> {
     Ok(opts)
 }
 
-/// Mounts the overlay at `target` (created if missing).
-pub fn mount(lowers: &[PathBuf], layer: &WritableLayer, target: &Path) -> Result<()> {
+/// Mounts the overlay at `target` (created if missing): `layer` over
+/// `lowers`, or only `lowers`, read-only.
+pub fn mount(lowers: &[PathBuf], layer: Option<&WritableLayer>, target: &Path) -> Result<()> {
     let opts = options(lowers, layer)?;
     fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
     let data = std::ffi::CString::new(opts).map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
-    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
+    let flags = if layer.is_some() {
+        MountFlags::empty()
+    } else {
+        MountFlags::RDONLY
+    };
+    rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())
         .map_err(io_err(format!("mounting the overlay at {}", target.display())))
 }
 

@@ -4,11 +4,14 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use bytes::Bytes;
-use hangar_api::{Checkpoint, CheckpointList, CreateCheckpointRequest, ErrorBody, ForkMachineRequest, Machine};
+use hangar_api::{
+    Checkpoint, CheckpointDiff, CheckpointList, CreateCheckpointRequest, DiffQuery, ErrorBody, ForkMachineRequest,
+    Machine,
+};
 
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::Path;
+use crate::extract::{Path, Query};
 use crate::routes::machines::optional_body;
 
 type Ok200<T> = ApiResult<axum::Json<T>>;
@@ -76,6 +79,21 @@ pub async fn restore_checkpoint(
     Path((app, id, checkpoint)): Path<(String, String, String)>,
 ) -> Ok200<Machine> {
     Ok(axum::Json(s.mgr.restore_checkpoint(&app, &id, &checkpoint).await?))
+}
+
+/// What changed since a checkpoint: the paths added, modified and deleted
+/// (with sizes) up to now, or up to another checkpoint (`to`). With `path`,
+/// also the unified diff of that text file. Use it to see what a step
+/// really did.
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/checkpoints/{checkpoint}/diff", tag = "checkpoints",
+    params(("app" = String, Path), ("id" = String, Path), ("checkpoint" = String, Path), DiffQuery),
+    responses((status = 200, body = CheckpointDiff), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn diff_checkpoint(
+    State(s): State<AppState>,
+    Path((app, id, checkpoint)): Path<(String, String, String)>,
+    Query(query): Query<DiffQuery>,
+) -> Ok200<CheckpointDiff> {
+    Ok(axum::Json(s.mgr.diff_checkpoint(&app, &id, &checkpoint, query).await?))
 }
 
 /// Fork the machine: a new machine in the same app whose filesystem is a

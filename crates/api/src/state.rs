@@ -19,12 +19,17 @@ pub enum MachineState {
     Stopped,
     /// The main process died and the restart policy said not to restart.
     Failed,
+    Suspending,
+    /// Paused with its memory kept (runc: frozen; runsc: checkpointed to
+    /// disk). `start` resumes it where it stopped. Uses no CPU and is not
+    /// billed as running.
+    Suspended,
     Destroying,
     Destroyed,
 }
 
 impl MachineState {
-    pub const ALL: [MachineState; 9] = [
+    pub const ALL: [MachineState; 11] = [
         Self::Creating,
         Self::Created,
         Self::Starting,
@@ -32,6 +37,8 @@ impl MachineState {
         Self::Stopping,
         Self::Stopped,
         Self::Failed,
+        Self::Suspending,
+        Self::Suspended,
         Self::Destroying,
         Self::Destroyed,
     ];
@@ -45,6 +52,8 @@ impl MachineState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
+            Self::Suspending => "suspending",
+            Self::Suspended => "suspended",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
         }
@@ -59,8 +68,13 @@ impl MachineState {
             (Creating, Created | Starting | Destroying)
                 | (Created | Stopped | Failed, Starting | Destroying)
                 | (Starting, Started | Stopped | Failed)
-                | (Started, Stopping | Stopped | Failed | Starting | Destroying)
+                | (
+                    Started,
+                    Stopping | Stopped | Failed | Starting | Destroying | Suspending
+                )
                 | (Stopping, Stopped | Failed)
+                | (Suspending, Suspended | Started | Stopped | Failed)
+                | (Suspended, Starting | Stopping | Stopped | Failed)
                 | (Destroying, Destroyed)
         )
     }

@@ -227,6 +227,8 @@ enum MachineCommand {
         timeout: Option<f64>,
     },
     Restart(MachineArg),
+    /// Pause a started machine with its memory kept; `start` resumes it.
+    Suspend(MachineArg),
     #[command(alias = "list")]
     Ls {
         #[command(flatten)]
@@ -626,6 +628,13 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
                 .post(&format!("{}/fork", machine_path(&m.app.app, &m.machine)), &req)
                 .await?;
             output::print(json, &fork, || println!("{} {}", fork.id, fork.state));
+            Ok(0)
+        }
+        MachineCommand::Suspend(m) => {
+            let machine: Machine = c
+                .post(&format!("{}/suspend", machine_path(&m.app.app, &m.machine)), &())
+                .await?;
+            output::print(json, &machine, || println!("{} {}", machine.id, machine.state));
             Ok(0)
         }
         MachineCommand::Run(args) => create(&c, json, args, false).await,

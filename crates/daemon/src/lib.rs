@@ -94,6 +94,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(machines::start_machine))
         .routes(routes!(machines::stop_machine))
         .routes(routes!(machines::restart_machine))
+        .routes(routes!(machines::suspend_machine))
         .routes(routes!(machines::signal_machine))
         .routes(routes!(machines::wait_machine))
         .routes(routes!(machines::machine_events))

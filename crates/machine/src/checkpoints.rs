@@ -78,7 +78,7 @@ impl Manager {
                 &rec.id,
                 &volume_name(&rec.id),
                 &checkpoint_volume(&cid),
-                is_running(&slot),
+                is_live(&rec, &slot),
                 true,
             )
             .await?;
@@ -243,7 +243,7 @@ impl Manager {
             std::fs::create_dir_all(&dir).map_err(|e| Error::internal(&format!("creating {}", dir.display()), e))?;
             let (src, live) = match &from {
                 Some(c) => (checkpoint_volume(&c.id), false),
-                None => (volume_name(&parent.id), is_running(&slot)),
+                None => (volume_name(&parent.id), is_live(&parent, &slot)),
             };
             self.snapshot_layer(&parent.id, &src, &volume_name(&fork_id), live, false)
                 .await
@@ -355,8 +355,10 @@ impl Manager {
     }
 }
 
-fn is_running(slot: &Slot) -> bool {
-    slot.running.lock().expect("running lock").is_some()
+/// Whether the machine's processes run (and must be paused for a
+/// consistent snapshot). A suspended machine's are paused already.
+fn is_live(rec: &MachineRecord, slot: &Slot) -> bool {
+    rec.state == MachineState::Started && slot.running.lock().expect("running lock").is_some()
 }
 
 /// Whether a machine in `state` has a writable layer to snapshot.

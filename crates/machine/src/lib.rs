@@ -22,6 +22,7 @@ mod ops;
 mod paths;
 pub mod recover;
 mod sandbox;
+mod suspend;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -233,10 +233,14 @@ impl Manager {
     pub async fn wait_machine(&self, app: &str, id: &str, state: MachineState, timeout: Duration) -> Result<Machine> {
         if !matches!(
             state,
-            MachineState::Started | MachineState::Stopped | MachineState::Failed | MachineState::Destroyed
+            MachineState::Started
+                | MachineState::Stopped
+                | MachineState::Failed
+                | MachineState::Suspended
+                | MachineState::Destroyed
         ) {
             return Err(Error::BadRequest(format!(
-                "cannot wait for state {state}: use started, stopped, failed or destroyed"
+                "cannot wait for state {state}: use started, stopped, suspended, failed or destroyed"
             )));
         }
         let rec = self.record(app, id).await?;
@@ -393,14 +397,31 @@ impl Manager {
                 "only created, stopped or failed machines start",
             ));
         }
+        let suspended = rec.state == MachineState::Suspended;
         self.transition(rec, MachineState::Starting, "start", source, None)
             .await?;
+        let mut resume_error = None;
+        if suspended {
+            match self.resume(slot, rec).await {
+                Ok(path) => {
+                    rec.started_at_ms = Some(now_ms());
+                    let detail = serde_json::json!({ "path": path.as_str() });
+                    return self
+                        .transition(rec, MachineState::Started, "start", source, Some(detail))
+                        .await;
+                }
+                Err(e) => resume_error = Some(e.to_string()),
+            }
+        }
         match self.launch(slot, rec).await {
             Ok((running, path)) => {
                 rec.started_at_ms = Some(now_ms());
                 rec.instance_id = running.instance_id.clone();
                 *slot.running.lock().expect("running lock") = Some(running);
-                let detail = serde_json::json!({ "path": path.as_str() });
+                let mut detail = serde_json::json!({ "path": path.as_str() });
+                if let Some(e) = resume_error {
+                    detail["resume_error"] = e.into();
+                }
                 self.transition(rec, MachineState::Started, "start", source, Some(detail))
                     .await
             }
@@ -432,8 +453,12 @@ impl Manager {
         timeout: Duration,
         source: &str,
     ) -> Result<()> {
-        if rec.state != MachineState::Started {
-            return Err(wrong_state(rec, "stop", "only started machines stop"));
+        if rec.state == MachineState::Suspended {
+            // Its memory is dropped: thawed first, so that it can act on
+            // the signal (or die of the SIGKILL after it).
+            self.thaw_for_stop(rec).await;
+        } else if rec.state != MachineState::Started {
+            return Err(wrong_state(rec, "stop", "only started or suspended machines stop"));
         }
         self.transition(rec, MachineState::Stopping, "stop", source, None)
             .await?;
@@ -512,7 +537,7 @@ impl Manager {
         force: bool,
         source: &str,
     ) -> Result<()> {
-        if rec.state == MachineState::Started {
+        if matches!(rec.state, MachineState::Started | MachineState::Suspended) {
             if !force {
                 return Err(wrong_state(rec, "destroy", "stop it first, or pass force=true"));
             }

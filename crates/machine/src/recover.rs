@@ -45,10 +45,16 @@ impl Manager {
                     self.finish_destroy(&mut rec, "daemon").await?;
                     report.finished_destroys += 1;
                 }
-                MachineState::Starting | MachineState::Started | MachineState::Stopping => {
-                    // A crash during a checkpoint can leave it frozen (and
-                    // the runtime would then call it paused, not running).
-                    let _ = hangar_runtime::cgroup::set_frozen(&rec.id, false);
+                MachineState::Starting
+                | MachineState::Started
+                | MachineState::Stopping
+                | MachineState::Suspending
+                | MachineState::Suspended => {
+                    // A crash during a checkpoint or a suspend can leave it
+                    // frozen (and the runtime would then call it paused).
+                    if rec.state != MachineState::Suspended {
+                        let _ = hangar_runtime::cgroup::set_frozen(&rec.id, false);
+                    }
                     if self.reattach(&mut rec).await? {
                         report.reattached += 1;
                     } else {
@@ -78,7 +84,7 @@ impl Manager {
         let live = runtime
             .state(&rec.id)
             .await?
-            .filter(|s| s.status == "running" && s.pid > 0);
+            .filter(|s| s.pid > 0 && (s.status == "running" || rec.state == MachineState::Suspended));
         if let Some(status) = live {
             let image = self.load_image(&rec.image_digest).await?;
             let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
@@ -94,9 +100,9 @@ impl Manager {
                         tracing::warn!(machine = %rec.id, "finishing an interrupted stop: {e}");
                     }
                 });
-            } else if rec.state == MachineState::Starting {
+            } else if matches!(rec.state, MachineState::Starting | MachineState::Suspending) {
                 rec.started_at_ms.get_or_insert(now_ms());
-                let detail = serde_json::json!({ "recovered_from": "starting" });
+                let detail = serde_json::json!({ "recovered_from": rec.state.as_str() });
                 self.transition(rec, MachineState::Started, "start", "daemon", Some(detail))
                     .await?;
             }

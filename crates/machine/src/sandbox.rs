@@ -28,6 +28,8 @@ pub(crate) enum StartPath {
     Prepared,
     /// Created the sandbox through the runtime.
     Cold,
+    /// Resumed a suspended sandbox where it stopped.
+    Resumed,
 }
 
 impl StartPath {
@@ -35,6 +37,7 @@ impl StartPath {
         match self {
             Self::Prepared => "prepared",
             Self::Cold => "cold",
+            Self::Resumed => "resumed",
         }
     }
 }

@@ -171,7 +171,17 @@ pub enum Request {
     /// once it runs. If it can't be started, init ends as it would have at
     /// boot (exit file, exit code), right after answering.
     Start,
+    /// Let go of every host socket (the listening one and all connections)
+    /// so the sandbox can be checkpointed (gVisor cannot save a socket bound
+    /// on the host). Answered once only the asking connection is left,
+    /// which init then closes. Init listens again once the file
+    /// [`ATTACH_FILE`] appears beside its socket (after a restore), or at
+    /// once if the detach times out. Only for an init listening at a path.
+    Detach,
 }
+
+/// See [`Request::Detach`].
+pub const ATTACH_FILE: &str = "attach";
 
 /// A successful answer, the payload of a `Reply` frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

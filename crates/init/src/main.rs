@@ -144,6 +144,7 @@ fn main() {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
     let (exit_file, hold) = (args.exit_file.clone(), args.hold);
+    let listen_path = args.listen_path.clone();
     let starter = Box::new(move |init: &Init| match spawn_main(&args, init) {
         Ok(_) => Ok(()),
         Err((code, message)) => {
@@ -157,9 +158,12 @@ fn main() {
         std::process::exit(code);
     }
     if let Some(listener) = listener {
-        let started = thread::Builder::new()
-            .name("serve".into())
-            .spawn(move || server::serve(init, listener));
+        let started = server::Endpoint::new(listen_path).and_then(|endpoint| {
+            let endpoint: &'static server::Endpoint = Box::leak(Box::new(endpoint));
+            thread::Builder::new()
+                .name("serve".into())
+                .spawn(move || server::serve(init, endpoint, listener))
+        });
         if let Err(e) = started {
             eprintln!("hangar-init: cannot start server thread, not serving: {e}");
         }
@@ -195,7 +199,7 @@ fn block_signals() -> libc::sigset_t {
 }
 
 /// Binds a fresh listening socket at `path`, replacing a stale one.
-fn bind_listener(path: &std::path::Path) -> Option<UnixListener> {
+pub(crate) fn bind_listener(path: &std::path::Path) -> Option<UnixListener> {
     if let Some(dir) = path.parent() {
         let _ = fs::create_dir_all(dir);
     }

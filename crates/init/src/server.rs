@@ -4,8 +4,10 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hangar_init_protocol::{ErrorKind, ErrorReply, FrameKind, Reply, Request, decode_json, read_frame, write_json};
 
@@ -19,16 +21,94 @@ use crate::{files, ps};
 /// the daemon keeps connections open, and it closes them when done.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a detach waits for requests in progress to finish.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The listening side, shared by the accept loop and the connections.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where the listener is bound, when init binds it itself (runsc);
+    /// only such an init can detach.
+    path: Option<PathBuf>,
+    /// Open connections.
+    connections: AtomicUsize,
+    /// A detach was asked for: the accept loop lets go of the listener.
+    detaching: AtomicBool,
+    /// The listener is closed.
+    detached: AtomicBool,
+    /// Written to wake the accept loop (a connection to our own socket
+    /// would do on Linux, but not in gVisor, where the socket is the
+    /// host's).
+    wake: (io::PipeReader, io::PipeWriter),
+}
+
+impl Endpoint {
+    pub fn new(path: Option<PathBuf>) -> io::Result<Endpoint> {
+        Ok(Endpoint {
+            path,
+            connections: AtomicUsize::new(0),
+            detaching: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+            wake: io::pipe()?,
+        })
+    }
+
+    /// Waits until the listener has a connection (`true`) or the loop was
+    /// woken (`false`).
+    fn wait(&self, listener: &UnixListener) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if fds[1].revents != 0 {
+            let _ = io::Read::read(&mut &self.wake.0, &mut [0u8; 16]);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
 /// Accepts connections forever (or until the listener breaks).
-pub fn serve(init: &'static Init, listener: UnixListener) {
+pub fn serve(init: &'static Init, endpoint: &'static Endpoint, mut listener: UnixListener) {
     loop {
+        if endpoint.detaching.load(Ordering::SeqCst) {
+            drop(listener);
+            endpoint.detached.store(true, Ordering::SeqCst);
+            listener = wait_for_attach(endpoint);
+            continue;
+        }
+        match endpoint.wait(&listener) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("hangar-init: cannot wait for connections, no longer serving: {e}");
+                return;
+            }
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 let spare = stream.try_clone();
-                let spawned = thread::Builder::new()
-                    .name("conn".into())
-                    .spawn(move || handle(init, stream));
+                endpoint.connections.fetch_add(1, Ordering::SeqCst);
+                let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+                    handle(init, endpoint, stream);
+                    endpoint.connections.fetch_sub(1, Ordering::SeqCst);
+                });
                 if let Err(e) = spawned {
+                    endpoint.connections.fetch_sub(1, Ordering::SeqCst);
                     // Most likely the machine's processes took every pid
                     // (threads count): say so rather than just hanging up.
                     eprintln!("hangar-init: cannot start connection thread: {e}");
@@ -51,11 +131,59 @@ pub fn serve(init: &'static Init, listener: UnixListener) {
     }
 }
 
+/// Waits, with no host socket open, until the daemon says to listen again
+/// (the attach file beside the socket) or the detach is called off, then
+/// binds the listener again.
+fn wait_for_attach(endpoint: &Endpoint) -> UnixListener {
+    let path = endpoint.path.as_ref().expect("only a bound endpoint detaches");
+    let attach = path.with_file_name(hangar_init_protocol::ATTACH_FILE);
+    loop {
+        if !endpoint.detaching.load(Ordering::SeqCst) || std::fs::remove_file(&attach).is_ok() {
+            if let Some(listener) = crate::bind_listener(path) {
+                endpoint.detached.store(false, Ordering::SeqCst);
+                endpoint.detaching.store(false, Ordering::SeqCst);
+                return listener;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        // Time stands still while the sandbox is checkpointed; after the
+        // restore this notices the file within a few milliseconds.
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// [`Request::Detach`], asked on `stream`.
+fn detach(endpoint: &Endpoint) -> Result<Reply, ErrorReply> {
+    if endpoint.path.is_none() {
+        return Err(ErrorReply::invalid(
+            "this init was handed its socket and cannot bind it again: only an init listening at a path detaches",
+        ));
+    }
+    endpoint.detaching.store(true, Ordering::SeqCst);
+    let _ = io::Write::write(&mut &endpoint.wake.1, &[1]);
+    let deadline = Instant::now() + DETACH_TIMEOUT;
+    loop {
+        let others = endpoint.connections.load(Ordering::SeqCst).saturating_sub(1);
+        if endpoint.detached.load(Ordering::SeqCst) && others == 0 {
+            return Ok(Reply::Ok);
+        }
+        if Instant::now() > deadline {
+            // Called off: the accept loop binds again.
+            endpoint.detaching.store(false, Ordering::SeqCst);
+            return Err(ErrorReply::new(
+                ErrorKind::Io,
+                format!("cannot detach: {others} other request(s) still in progress after {DETACH_TIMEOUT:?}"),
+            ));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Serves one connection: requests one after the other, until the client
 /// closes it or a request leaves it in no state for another.
-pub fn handle(init: &Init, stream: UnixStream) {
+pub fn handle(init: &Init, endpoint: &Endpoint, stream: UnixStream) {
     let mut timeout = Some(REQUEST_TIMEOUT);
-    while let Ok(true) = serve_one(init, &stream, timeout) {
+    while let Ok(true) = serve_one(init, endpoint, &stream, timeout) {
         timeout = None;
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -63,7 +191,7 @@ pub fn handle(init: &Init, stream: UnixStream) {
 
 /// Serves one request. `Ok(true)`: it was answered in full and the
 /// connection can carry another.
-fn serve_one(init: &Init, stream: &UnixStream, timeout: Option<Duration>) -> io::Result<bool> {
+fn serve_one(init: &Init, endpoint: &Endpoint, stream: &UnixStream, timeout: Option<Duration>) -> io::Result<bool> {
     let mut w = stream;
     stream.set_read_timeout(timeout)?;
     let request = match read_frame(&mut w) {
@@ -138,6 +266,8 @@ fn serve_one(init: &Init, stream: &UnixStream, timeout: Option<Duration>) -> io:
             }
             answered
         }
+        // The connection closes after the answer: it is a host socket too.
+        Request::Detach => return reply(stream, detach(endpoint)).map(|()| false),
     };
     answered.map(|()| true)
 }

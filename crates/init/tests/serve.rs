@@ -690,3 +690,73 @@ fn held_main_that_cannot_start_ends_init_like_at_boot() {
     let exit: ExitStatus = serde_json::from_slice(&fs::read(&init.exit_file).unwrap()).unwrap();
     assert_eq!(exit, ExitStatus::exited(127));
 }
+
+/// An init that binds its own socket lets go of every host socket for a
+/// sandbox checkpoint, waiting for requests in progress, and listens again
+/// once told to.
+#[test]
+fn detach_closes_every_socket_until_attached_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/init.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hangar-init"))
+        .arg("--listen-path")
+        .arg(&sock)
+        .arg("--exit-file")
+        .arg(dir.path().join("run/exit.json"))
+        .args(["--", "sleep", "1000"])
+        .spawn()
+        .unwrap();
+    let connect = || UnixStream::connect(&sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connect().is_err() {
+        assert!(Instant::now() < deadline, "init never listened");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let call = |req: &Request| {
+        let mut s = connect().unwrap();
+        write_json(&mut s, FrameKind::Request, req).unwrap();
+        (read_answer(&mut s), s)
+    };
+
+    // An idle connection holds the detach back until it closes.
+    let idle = connect().unwrap();
+    let closer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        drop(idle);
+    });
+    let started = Instant::now();
+    let (answer, mut s) = call(&Request::Detach);
+    assert_eq!(answer.unwrap(), Reply::Ok);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    closer.join().unwrap();
+    // Init closes the asking connection too, and listens no more.
+    assert_eq!(io::Read::read(&mut s, &mut [0u8; 1]).unwrap(), 0);
+    thread::sleep(Duration::from_millis(50));
+    assert!(connect().is_err(), "a detached init must not listen");
+
+    fs::write(sock.with_file_name(hangar_init_protocol::ATTACH_FILE), "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(mut s) = connect() {
+            write_json(&mut s, FrameKind::Request, &Request::Status).unwrap();
+            if matches!(read_answer(&mut s), Ok(Reply::Status { .. })) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "init did not listen again");
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!sock.with_file_name(hangar_init_protocol::ATTACH_FILE).exists());
+    // SIGTERM, not SIGKILL: init then takes its main process down with it.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+}
+
+#[test]
+fn an_init_handed_its_socket_cannot_detach() {
+    let init = Init::start(&["sleep", "1000"]);
+    let err = init.call(&Request::Detach).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(matches!(init.call(&Request::Status), Ok(Reply::Status { .. })));
+}

@@ -117,6 +117,22 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, req: &Request) -> Result<()> {
     write_json_async(w, FrameKind::Request, req).await.map_err(lost)
 }
 
+/// Has the init let go of every host socket (see `Request::Detach`): the
+/// idle connections are closed, the detach is asked on a connection of
+/// its own, and this returns once init has closed that one too.
+pub(crate) async fn detach(agent: &Agent) -> Result<()> {
+    agent.idle.lock().expect("idle lock").clear();
+    let mut conn = connect(&agent.socket).await?;
+    send(&mut conn, &Request::Detach).await?;
+    read_reply(&mut conn).await?;
+    let mut rest = [0u8; 1];
+    match tokio::io::AsyncReadExt::read(&mut conn, &mut rest).await {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(Error::Internal("machine init kept talking after detaching".into())),
+        Err(e) => Err(lost(e)),
+    }
+}
+
 /// Sends a request that is answered by one reply.
 pub(crate) async fn call(agent: &Agent, req: &Request) -> Result<Reply> {
     let mut conn = agent.take().await?;

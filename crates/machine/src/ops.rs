@@ -454,9 +454,8 @@ impl Manager {
         source: &str,
     ) -> Result<()> {
         if rec.state == MachineState::Suspended {
-            // Its memory is dropped: thawed first, so that it can act on
-            // the signal (or die of the SIGKILL after it).
-            self.thaw_for_stop(rec).await;
+            // Its memory is dropped.
+            self.unsuspend_for_stop(slot, rec).await;
         } else if rec.state != MachineState::Started {
             return Err(wrong_state(rec, "stop", "only started or suspended machines stop"));
         }

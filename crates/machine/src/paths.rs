@@ -17,6 +17,8 @@ pub struct MachinePaths {
     pub socket: PathBuf,
     /// Output of the machine's main process.
     pub log: PathBuf,
+    /// A runsc machine's memory and processes while it is suspended.
+    pub suspend_image: PathBuf,
 }
 
 impl MachinePaths {
@@ -28,6 +30,7 @@ impl MachinePaths {
             run: dir.join("run"),
             socket: dir.join("init.sock"),
             log: dir.join("output.log"),
+            suspend_image: dir.join("suspend-image"),
             dir,
         }
     }

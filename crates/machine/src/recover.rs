@@ -45,6 +45,9 @@ impl Manager {
                     self.finish_destroy(&mut rec, "daemon").await?;
                     report.finished_destroys += 1;
                 }
+                MachineState::Suspended if self.suspended_to_disk(&rec) => {
+                    // Saved on disk, nothing runs: `start` restores it.
+                }
                 MachineState::Starting
                 | MachineState::Started
                 | MachineState::Stopping

@@ -87,7 +87,7 @@ impl Running {
     /// a stop's signal can't be lost (a pid namespace's init drops signals it
     /// has no handler for, and the init blocks them before it serves). With
     /// runsc the socket doesn't even exist before the init binds it.
-    async fn wait_serving(&self, id: &str) -> Result<()> {
+    pub(crate) async fn wait_serving(&self, id: &str) -> Result<()> {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if self.exited.borrow().is_some()
@@ -204,18 +204,37 @@ impl Manager {
         Ok(())
     }
 
-    /// Mounts the root filesystem, writes the bundle, and has the runtime
-    /// run the sandbox (with `prepare_only`, with its main process held).
-    async fn create_sandbox(&self, rec: &MachineRecord, prepare_only: bool) -> Result<Arc<Running>> {
+    /// Mounts the machine's root filesystem unless it is; returns how the
+    /// machine runs (its image's plan).
+    pub(crate) async fn mount_rootfs(&self, rec: &MachineRecord) -> Result<crate::launch::LaunchPlan> {
         let image = self.load_image(&rec.image_digest).await?;
         let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
         let lowers = self.inner.images.layer_dirs(&image);
         let paths = self.paths(&rec.id);
-        let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
         let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
         if !overlay::is_mounted(&paths.rootfs) {
             overlay::mount(&lowers, Some(&layer), &paths.rootfs)?;
         }
+        Ok(plan)
+    }
+
+    /// The machine's log, where its sandbox writes stdout and stderr.
+    pub(crate) fn open_output(&self, rec: &MachineRecord) -> Result<fs::File> {
+        let paths = self.paths(&rec.id);
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&paths.log)
+            .map_err(|e| Error::internal(&format!("machine {}: opening its log", rec.id), e))
+    }
+
+    /// Mounts the root filesystem, writes the bundle, and has the runtime
+    /// run the sandbox (with `prepare_only`, with its main process held).
+    async fn create_sandbox(&self, rec: &MachineRecord, prepare_only: bool) -> Result<Arc<Running>> {
+        let plan = self.mount_rootfs(rec).await?;
+        let paths = self.paths(&rec.id);
+        let ctx = |what: &str| format!("starting machine {}: {what}", rec.id);
         if !prepare_only {
             self.write_config_files(rec)?;
         }
@@ -249,12 +268,7 @@ impl Manager {
         let _ = fs::remove_file(&paths.socket);
         let listener = std::os::unix::net::UnixListener::bind(&paths.socket)
             .map_err(|e| Error::internal(&ctx(&format!("binding {}", paths.socket.display())), e))?;
-        let output = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&paths.log)
-            .map_err(|e| Error::internal(&ctx("opening its log"), e))?;
+        let output = self.open_output(rec)?;
         // A leftover sandbox of the same id (a crash between run and record)
         // would make `run` fail; it is ours and stale, so remove it.
         runtime.delete(&rec.id).await?;

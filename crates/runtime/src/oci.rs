@@ -125,6 +125,20 @@ impl OciRuntime {
             pass_fd(&mut cmd, listen.as_raw_fd(), fd);
         }
         cmd.arg(id);
+        self.start_detached(cmd, "run", id, &pid_file, &log_file, output).await
+    }
+
+    /// Runs `cmd` (a `run` or `restore --detach`) with `output` as the
+    /// sandbox's stdout and stderr, and returns the pid it wrote.
+    async fn start_detached(
+        &self,
+        mut cmd: Command,
+        action: &'static str,
+        id: &str,
+        pid_file: &Path,
+        log_file: &Path,
+        output: std::fs::File,
+    ) -> Result<u32> {
         let err_out = output
             .try_clone()
             .map_err(|e| io(e, "duplicating the machine log descriptor"))?;
@@ -135,17 +149,53 @@ impl OciRuntime {
         })?;
         if !status.success() {
             return Err(self.failed(
-                "run",
+                action,
                 id,
-                last_log_error(&log_file).unwrap_or_else(|| status.to_string()),
+                last_log_error(log_file).unwrap_or_else(|| status.to_string()),
             ));
         }
-        let pid = std::fs::read_to_string(&pid_file)
+        let pid = std::fs::read_to_string(pid_file)
             .map_err(|e| io(e, "reading the sandbox pid file"))?
             .trim()
             .parse()
-            .map_err(|_| self.failed("run", id, "wrote an unreadable pid file".into()))?;
+            .map_err(|_| self.failed(action, id, "wrote an unreadable pid file".into()))?;
         Ok(pid)
+    }
+
+    /// Saves the whole sandbox (memory, processes, kernel state) into
+    /// `image_dir` and stops it. runsc only: gVisor's own checkpoint.
+    pub async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<()> {
+        let image = image_dir
+            .to_str()
+            .ok_or_else(|| self.failed("checkpoint", id, "bad image path".into()))?;
+        let out = self.output(&["checkpoint", "--image-path", image, id]).await?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // runsc follows its one-line reason with a Go stack dump.
+            let reason = stderr.lines().next().unwrap_or("").trim().to_owned();
+            return Err(self.failed("checkpoint", id, reason));
+        }
+        Ok(())
+    }
+
+    /// Brings a checkpointed sandbox back from `image_dir`, in the
+    /// background, with `output` as its stdout and stderr. Returns the
+    /// sandbox's host pid. The stopped sandbox must be deleted first.
+    pub async fn restore(&self, id: &str, bundle: &Path, image_dir: &Path, output: std::fs::File) -> Result<u32> {
+        let pid_file = bundle.join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let log_file = bundle.join("runtime.log");
+        let mut cmd = self.command();
+        cmd.arg("--log").arg(&log_file).arg("--log-format").arg("json");
+        cmd.args(["restore", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(image_dir)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id);
+        self.start_detached(cmd, "restore", id, &pid_file, &log_file, output)
+            .await
     }
 
     /// Sends a signal to the sandbox's init through the runtime.

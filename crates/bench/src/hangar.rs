@@ -17,7 +17,7 @@ use crate::process::check_interrupt;
 use crate::stats::timed;
 use crate::{Op, Section};
 
-const APP: &str = "bench";
+pub(crate) const APP: &str = "bench";
 
 /// What the bench's daemon needs.
 #[derive(Debug)]
@@ -138,13 +138,13 @@ fn last_start_path(d: &Daemon, id: &str) -> Result<String> {
     Ok(path.to_owned())
 }
 
-fn machine(id: &str) -> String {
+pub(crate) fn machine(id: &str) -> String {
     format!("/v1/apps/{APP}/machines/{id}")
 }
 
 /// Creates a machine and returns its id once it is started (waiting if the
 /// create call answered before that).
-fn create(d: &Daemon, image: &str) -> Result<String> {
+pub(crate) fn create(d: &Daemon, image: &str) -> Result<String> {
     let m = d.call(
         Method::POST,
         &format!("/v1/apps/{APP}/machines"),
@@ -162,7 +162,7 @@ fn create(d: &Daemon, image: &str) -> Result<String> {
     Ok(id)
 }
 
-fn stop(d: &Daemon, id: &str) -> Result<()> {
+pub(crate) fn stop(d: &Daemon, id: &str) -> Result<()> {
     let m = d.call(Method::POST, &format!("{}/stop", machine(id)), Some(json!({})))?;
     expect_state(&m, "stopped", "stop")
 }
@@ -179,7 +179,7 @@ fn exec_true(d: &Daemon, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn expect_state(m: &Value, want: &str, what: &str) -> Result<()> {
+pub(crate) fn expect_state(m: &Value, want: &str, what: &str) -> Result<()> {
     if m["state"] != want {
         bail!("{what} answered state {} (wanted {want}): {m}", m["state"]);
     }
@@ -280,6 +280,11 @@ impl Daemon {
         let log = std::fs::read_to_string(self.data_dir.path().join("daemon.log")).unwrap_or_default();
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The daemon's directory in the btrfs pool.
+    pub fn pool_dir(&self) -> &Path {
+        &self.pool_dir
     }
 
     /// For a run that failed: what the daemon said last.

@@ -7,6 +7,7 @@
 //! Runs as root. Everything it makes (daemon, machines, containers, images,
 //! directories) is removed when it ends, also on error or Ctrl-C.
 
+mod checkpoint;
 mod floor;
 mod hangar;
 mod image;
@@ -56,6 +57,21 @@ pub enum Op {
     SkopeoCopyDir,
     /// The same, to an OCI layout.
     SkopeoCopyOci,
+    /// The first checkpoint after the bulk write: pays for flushing it.
+    FirstCheckpoint,
+    CheckpointLive,
+    CheckpointStopped,
+    ForkLive,
+    ForkFromCheckpoint,
+    RestoreStopped,
+    /// The peer: `cp -a --reflink=auto` of the machine's upper directory.
+    CopyUpper,
+    /// The floor: one btrfs snapshot ioctl of the machine's volume.
+    SnapshotIoctl,
+    SuspendFreeze,
+    ResumeThaw,
+    SuspendToDisk,
+    ResumeFromDisk,
 }
 
 impl Op {
@@ -76,6 +92,18 @@ impl Op {
             Op::Pull => "hangar: POST /v1/images/pull (download + unpack)",
             Op::SkopeoCopyDir => "skopeo copy docker:// → dir: (download only)",
             Op::SkopeoCopyOci => "skopeo copy docker:// → oci: (download only)",
+            Op::FirstCheckpoint => "first checkpoint after the bulk write (flushes it)",
+            Op::CheckpointLive => "checkpoint, running machine",
+            Op::CheckpointStopped => "checkpoint, stopped machine",
+            Op::ForkLive => "fork of the running machine (created, not started)",
+            Op::ForkFromCheckpoint => "fork from a checkpoint, settled (created, not started)",
+            Op::RestoreStopped => "restore a checkpoint, stopped machine",
+            Op::CopyUpper => "peer: cp -a --reflink=auto of the upper dir",
+            Op::SnapshotIoctl => "floor: btrfs snapshot ioctl of the layer",
+            Op::SuspendFreeze => "suspend, runc (freeze)",
+            Op::ResumeThaw => "resume, runc (start of a frozen machine)",
+            Op::SuspendToDisk => "suspend, runsc (checkpoint to disk)",
+            Op::ResumeFromDisk => "resume, runsc (start = restore from disk)",
         }
     }
 }
@@ -156,6 +184,21 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+    /// Times checkpoint, fork and restore of a machine with little and with
+    /// much written (many 1 MiB files), beside copying its upper directory
+    /// (`cp -a --reflink=auto`) and the bare btrfs snapshot ioctl; and
+    /// suspend/resume with runc (freeze) and runsc (to disk). Run as root.
+    Checkpoint {
+        /// Timed repetitions of each operation per size (after a warm-up).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        iterations: u32,
+        /// MiB written into the machine before timing, one size per run
+        /// (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "10,2048")]
+        sizes_mb: Vec<u64>,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// What both modes take.
@@ -219,6 +262,11 @@ fn run(cli: Cli) -> Result<i32> {
             size_mb,
             common,
         }) => pull(&common, iterations as usize, size_mb),
+        Some(Mode::Checkpoint {
+            iterations,
+            sizes_mb,
+            common,
+        }) => checkpoints(&common, iterations as usize, &sizes_mb),
         None => lifecycle(&cli),
     }
 }
@@ -300,6 +348,29 @@ fn pull(common: &Common, iterations: usize, size_mb: u64) -> Result<i32> {
         section,
     );
     common.print(&report, report::PullReport::table)?;
+    Ok(0)
+}
+
+fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i32> {
+    let (bin_dir, hangar_bin) = common.binaries()?;
+    check_hangar(&hangar_bin)?;
+    let work = tempfile::Builder::new()
+        .prefix("hangar-bench")
+        .tempdir()
+        .context("creating a scratch directory")?;
+    let rootfs = work.path().join("rootfs");
+    image::make_rootfs(&rootfs)?;
+    let layout = image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?;
+    let cfg = hangar::Config {
+        hangar: hangar_bin.clone(),
+        init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
+        pool_root: common.pool_root.clone(),
+    };
+    let image = format!("oci:{}:latest", layout.display());
+    let run = checkpoint::bench(&cfg, &image, sizes_mb, iterations)?;
+    process::check_interrupt()?;
+    let report = report::SectionsReport::new(std::env::args().collect(), report::Host::collect(), iterations, run);
+    common.print(&report, report::SectionsReport::table)?;
     Ok(0)
 }
 

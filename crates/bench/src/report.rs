@@ -482,3 +482,62 @@ mod tests {
         );
     }
 }
+
+/// A run of named sections, each a table of operations (the checkpoint
+/// benchmark's).
+#[derive(Debug, Serialize)]
+pub struct SectionsReport {
+    pub command: Vec<String>,
+    pub iterations: usize,
+    pub host: Host,
+    pub sections: Vec<NamedSection>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NamedSection {
+    pub name: String,
+    pub results: Vec<Timing>,
+    pub notes: Vec<String>,
+}
+
+impl SectionsReport {
+    pub fn new(command: Vec<String>, host: Host, iterations: usize, run: crate::checkpoint::Run) -> SectionsReport {
+        SectionsReport {
+            command,
+            iterations,
+            host,
+            sections: run
+                .sections
+                .into_iter()
+                .map(|(name, section)| NamedSection {
+                    name,
+                    results: section
+                        .samples
+                        .iter()
+                        .filter_map(|(&op, s)| Timing::of(op, s))
+                        .collect(),
+                    notes: section.notes,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.host.line());
+        let _ = writeln!(
+            out,
+            "times in ms: p50 / p99 (n), p99 by nearest rank, one uncounted warm-up each"
+        );
+        for s in &self.sections {
+            let _ = writeln!(out, "\n{}:\n", s.name);
+            let mut rows = vec![["operation".to_owned(), "time".to_owned()]];
+            rows.extend(s.results.iter().map(|t| [t.label.to_owned(), t.cell()]));
+            out.push_str(&markdown(&rows));
+            for n in &s.notes {
+                let _ = writeln!(out, "{n}");
+            }
+        }
+        out
+    }
+}

@@ -198,13 +198,23 @@ impl Manager {
     /// extents) of this one's, now or at a checkpoint. Neither sees the
     /// other's later writes.
     pub async fn fork_machine(&self, app: &str, id: &str, req: ForkMachineRequest) -> Result<Machine> {
-        let (slot, _op, parent) = self.lock_machine(app, id).await?;
+        let (slot, parent_op, parent) = self.lock_machine(app, id).await?;
         if !has_layer(parent.state) {
             return Err(wrong_state(&parent, "fork", "wait for it to be created"));
         }
         let from = match &req.checkpoint {
             Some(c) => Some(self.checkpoint_of(&parent, c).await?),
             None => None,
+        };
+        // A checkpoint never changes: forking from one needs nothing of the
+        // parent beyond this point, so its operations need not wait (a
+        // checkpoint deleted meanwhile makes the snapshot, and so the fork,
+        // fail cleanly).
+        let _parent_op = if from.is_some() {
+            drop(parent_op);
+            None
+        } else {
+            Some(parent_op)
         };
         let fork_id = random_hex(7);
         let name = req.name.clone().unwrap_or_else(|| fork_id.clone());

@@ -6,11 +6,13 @@ mod checkpoint;
 mod image;
 mod machine;
 mod state;
+mod volume;
 
 pub use checkpoint::*;
 pub use image::*;
 pub use machine::*;
 pub use state::*;
+pub use volume::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -36,6 +36,20 @@ pub struct MachineConfig {
     /// Sandbox runtime for this machine; the daemon's default if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeKind>,
+    /// Volumes mounted into the machine. A volume belongs to one machine
+    /// at a time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MachineMount>,
+}
+
+/// A volume mounted into a machine, as in Fly's `mounts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineMount {
+    /// The volume's id or name (in the machine's app).
+    pub volume: String,
+    /// Absolute path inside the machine.
+    pub path: String,
 }
 
 /// Overrides of the image's process.

@@ -58,6 +58,67 @@ enum Command {
     /// Seal a machine's filesystem, list its checkpoints, roll back.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Storage that outlives machines: create, snapshot, restore, fork.
+    #[command(subcommand, alias = "vol")]
+    Volume(VolumeCommand),
+}
+
+#[derive(Debug, Args)]
+struct VolumeArg {
+    #[command(flatten)]
+    app: AppArg,
+    /// Volume id or name.
+    volume: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    Create {
+        #[command(flatten)]
+        app: AppArg,
+        name: String,
+        #[arg(long)]
+        size_gb: u64,
+    },
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        app: AppArg,
+        /// Also deleted volumes still within their retention.
+        #[arg(long)]
+        deleted: bool,
+    },
+    Show(VolumeArg),
+    /// Grow a volume.
+    Extend {
+        #[command(flatten)]
+        v: VolumeArg,
+        #[arg(long)]
+        size_gb: u64,
+    },
+    /// Delete a volume (kept, recoverable, for the retention period).
+    #[command(alias = "delete")]
+    Rm(VolumeArg),
+    /// Bring back a deleted volume.
+    Undelete(VolumeArg),
+    /// Snapshot a volume (O(1)).
+    Snapshot(VolumeArg),
+    Snapshots(VolumeArg),
+    /// Bring a volume back to a snapshot.
+    Restore {
+        #[command(flatten)]
+        v: VolumeArg,
+        snapshot: String,
+    },
+    /// A new volume with a copy of this one's data.
+    Fork {
+        #[command(flatten)]
+        v: VolumeArg,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +193,10 @@ struct ServeArgs {
     /// does not speak HTTPS; repeatable. Loopback registries always may.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// How long a deleted volume is kept, recoverable, before its data is
+    /// removed, in hours.
+    #[arg(long, default_value_t = 24.0)]
+    volume_retention_hours: f64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -197,6 +262,9 @@ struct CreateArgs {
     /// Destroy the machine when its process exits.
     #[arg(long)]
     rm: bool,
+    /// VOLUME:/path: mount a volume (by name or id); repeatable.
+    #[arg(long, short)]
+    volume: Vec<String>,
     /// The command (overrides the image's Cmd).
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -415,7 +483,57 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Machine(cmd) => machine(client()?, json, cmd).await,
         Command::Checkpoint(cmd) => checkpoint(client()?, json, cmd).await,
+        Command::Volume(cmd) => volume(client()?, json, cmd).await,
     }
+}
+
+async fn volume(c: Client, json: bool, cmd: VolumeCommand) -> Result<i32> {
+    let path = |v: &VolumeArg| format!("/v1/apps/{}/volumes/{}", v.app.app, v.volume);
+    let show = |v: &hangar_api::Volume| output::print(json, v, || output::volume(v));
+    match cmd {
+        VolumeCommand::Create { app, name, size_gb } => {
+            ensure_app(&c, &app.app).await?;
+            let req = hangar_api::CreateVolumeRequest { name, size_gb };
+            show(&c.post(&format!("/v1/apps/{}/volumes", app.app), &req).await?);
+        }
+        VolumeCommand::Ls { app, deleted } => {
+            let list: Vec<hangar_api::Volume> = c
+                .get(&format!("/v1/apps/{}/volumes?include_deleted={deleted}", app.app))
+                .await?;
+            output::print(json, &list, || output::volumes(&list));
+        }
+        VolumeCommand::Show(v) => show(&c.get(&path(&v)).await?),
+        VolumeCommand::Extend { v, size_gb } => {
+            let req = hangar_api::ExtendVolumeRequest { size_gb };
+            let resp = c
+                .send(c.request(Method::PUT, &format!("{}/extend", path(&v))).json(&req))
+                .await?;
+            show(&resp.json().await?);
+        }
+        VolumeCommand::Rm(v) => show(&c.send(c.request(Method::DELETE, &path(&v))).await?.json().await?),
+        VolumeCommand::Undelete(v) => show(&c.post(&format!("{}/undelete", path(&v)), &()).await?),
+        VolumeCommand::Snapshot(v) => {
+            let s: hangar_api::VolumeSnapshot = c.post(&format!("{}/snapshots", path(&v)), &()).await?;
+            output::print(json, &s, || println!("{}", s.id));
+        }
+        VolumeCommand::Snapshots(v) => {
+            let list: hangar_api::VolumeSnapshotList = c.get(&format!("{}/snapshots", path(&v))).await?;
+            output::print(json, &list, || {
+                for s in &list.snapshots {
+                    println!("{}  {}", s.id, s.created_at);
+                }
+            });
+        }
+        VolumeCommand::Restore { v, snapshot } => show(
+            &c.post(&format!("{}/snapshots/{snapshot}/restore", path(&v)), &())
+                .await?,
+        ),
+        VolumeCommand::Fork { v, name, snapshot } => {
+            let req = hangar_api::ForkVolumeRequest { name, snapshot };
+            show(&c.post(&format!("{}/fork", path(&v)), &req).await?);
+        }
+    }
+    Ok(0)
 }
 
 async fn checkpoint(c: Client, json: bool, cmd: CheckpointCommand) -> Result<i32> {
@@ -490,6 +608,8 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
             ca_file: args.registry_ca_file,
             insecure: args.insecure_registries,
         },
+        volume_retention: std::time::Duration::try_from_secs_f64(args.volume_retention_hours * 3600.0)
+            .context("--volume-retention-hours must be a number of hours, 0 or more")?,
     };
     hangar_daemon::serve(args.listen, cfg).await.map_err(anyhow::Error::msg)
 }
@@ -765,6 +885,17 @@ async fn create(c: &Client, json: bool, a: CreateArgs, skip_launch: bool) -> Res
             auto_destroy: a.rm,
             metadata: key_values(&a.metadata, "--metadata")?,
             runtime: a.runtime.map(Into::into),
+            mounts: a
+                .volume
+                .iter()
+                .map(|v| match v.split_once(':') {
+                    Some((volume, path)) if !volume.is_empty() => Ok(hangar_api::MachineMount {
+                        volume: volume.to_owned(),
+                        path: path.to_owned(),
+                    }),
+                    _ => bail!("--volume {v:?} must look like VOLUME:/path"),
+                })
+                .collect::<Result<_>>()?,
             ..Default::default()
         },
         skip_launch,

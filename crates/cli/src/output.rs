@@ -223,3 +223,35 @@ pub fn diff(d: &hangar_api::CheckpointDiff) {
         print!("{text}");
     }
 }
+
+pub fn volumes(vs: &[hangar_api::Volume]) {
+    table(
+        &["ID", "NAME", "SIZE GB", "STATE", "ATTACHED TO", "CREATED"],
+        vs.iter()
+            .map(|v| {
+                vec![
+                    v.id.clone(),
+                    v.name.clone(),
+                    v.size_gb.to_string(),
+                    v.state.clone(),
+                    v.attached_machine_id.clone().unwrap_or_else(|| "-".into()),
+                    v.created_at.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn volume(v: &hangar_api::Volume) {
+    println!("id:          {}", v.id);
+    println!("name:        {}", v.name);
+    println!("size:        {} GB", v.size_gb);
+    println!("state:       {}", v.state);
+    if let Some(used) = v.used_bytes {
+        println!("used:        {}", bytes(used));
+    }
+    println!("attached to: {}", v.attached_machine_id.as_deref().unwrap_or("-"));
+    if let Some(purge) = &v.purge_at {
+        println!("purged at:   {purge}");
+    }
+}

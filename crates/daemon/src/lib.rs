@@ -35,7 +35,7 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Hangar", description = "Machines for AI coding agents: create once, start in milliseconds."),
-    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images"), (name = "checkpoints")),
+    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images"), (name = "checkpoints"), (name = "volumes")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -85,7 +85,7 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{apps, checkpoints, files, images, machines};
+    use routes::{apps, checkpoints, files, images, machines, volumes};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::delete_app))
@@ -116,6 +116,14 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::restore_checkpoint))
         .routes(routes!(checkpoints::diff_checkpoint))
         .routes(routes!(checkpoints::fork_machine))
+        .routes(routes!(volumes::create_volume, volumes::list_volumes))
+        .routes(routes!(volumes::get_volume, volumes::delete_volume))
+        .routes(routes!(volumes::undelete_volume))
+        .routes(routes!(volumes::extend_volume))
+        .routes(routes!(volumes::create_volume_snapshot, volumes::list_volume_snapshots))
+        .routes(routes!(volumes::delete_volume_snapshot))
+        .routes(routes!(volumes::restore_volume_snapshot))
+        .routes(routes!(volumes::fork_volume))
 }
 
 /// The OpenAPI document, as served and as committed.

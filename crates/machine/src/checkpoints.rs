@@ -90,7 +90,7 @@ impl Manager {
             created_at_ms: now_ms(),
         };
         if let Err(e) = self.inner.store.insert_checkpoint(&record).await {
-            self.delete_volume(checkpoint_volume(&cid)).await;
+            self.delete_from_pool(checkpoint_volume(&cid)).await;
             return Err(e.into());
         }
         let detail = serde_json::json!({ "checkpoint": cid, "paused_ms": paused_ms });
@@ -132,7 +132,7 @@ impl Manager {
         let (_slot, _op, rec) = self.lock_machine(app, id).await?;
         let c = self.checkpoint_of(&rec, checkpoint).await?;
         self.inner.store.delete_checkpoint(&c.id).await?;
-        self.delete_volume(checkpoint_volume(&c.id)).await;
+        self.delete_from_pool(checkpoint_volume(&c.id)).await;
         self.record_event(&rec, "checkpoint_deleted", serde_json::json!({ "checkpoint": c.id }))
             .await;
         Ok(())
@@ -142,7 +142,7 @@ impl Manager {
     pub(crate) async fn delete_checkpoints_of(&self, machine: &str) -> Result<()> {
         for c in self.inner.store.list_checkpoints(machine).await? {
             self.inner.store.delete_checkpoint(&c.id).await?;
-            self.delete_volume(checkpoint_volume(&c.id)).await;
+            self.delete_from_pool(checkpoint_volume(&c.id)).await;
         }
         Ok(())
     }
@@ -185,7 +185,7 @@ impl Manager {
         let detail = serde_json::json!({ "checkpoint": c.id });
         let restored = event("restore", rec.state.as_str(), "user", Some(detail));
         self.inner.store.update_machine(&rec, Some(&restored)).await?;
-        self.delete_volume(outgoing_volume(&rec.id)).await;
+        self.delete_from_pool(outgoing_volume(&rec.id)).await;
         if was_running {
             self.start_locked(&slot, &mut rec, "user").await?;
         } else {
@@ -248,6 +248,13 @@ impl Manager {
             .await?;
         let fork_slot = self.slot(&fork_id, rec.state);
         let _fork_op = fork_slot.op.lock().await;
+        // The parent's volumes stay the parent's: the fork mounts copies
+        // (of their data now; volumes are not part of checkpoints).
+        let forked = self.fork_mounted_volumes(&fork_id, &mut rec.config.mounts).await;
+        if let Err(e) = forked.and(Ok(self.inner.store.update_machine(&rec, None).await?)) {
+            self.undo_create(&rec).await;
+            return Err(e);
+        }
         let copied = async {
             let dir = self.paths(&fork_id).dir;
             std::fs::create_dir_all(&dir).map_err(|e| Error::internal(&format!("creating {}", dir.display()), e))?;
@@ -299,7 +306,7 @@ impl Manager {
 
     /// Deletes a pool volume, logging (not failing) on error: recovery's
     /// sweep deletes what is left.
-    async fn delete_volume(&self, name: String) {
+    async fn delete_from_pool(&self, name: String) {
         let pool = self.inner.pool.clone();
         let deleted = tokio::task::spawn_blocking(move || pool.delete(&name).map_err(|e| (name, e))).await;
         if let Ok(Err((name, e))) = deleted {
@@ -317,8 +324,8 @@ impl Manager {
     }
 
     /// After a crash: finishes or undoes rollbacks that were swapping a
-    /// machine's layer, and deletes snapshots no record names and what
-    /// diffs left mounted.
+    /// machine's or a volume's data, and deletes snapshots and volumes no
+    /// record names and what diffs left mounted.
     pub(crate) async fn sweep_pool(&self) -> Result<()> {
         let scratch = self.inner.cfg.data_dir.join("tmp");
         if let Ok(entries) = std::fs::read_dir(&scratch) {
@@ -331,6 +338,9 @@ impl Manager {
         }
         let known: std::collections::HashSet<String> =
             self.inner.store.all_checkpoint_ids().await?.into_iter().collect();
+        let mut known_volumes: std::collections::HashSet<String> =
+            self.inner.store.all_volume_snapshot_ids().await?.into_iter().collect();
+        known_volumes.extend(self.inner.store.list_volumes(None).await?.into_iter().map(|v| v.id));
         let pool = self.inner.pool.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let names = pool.list()?;
@@ -342,6 +352,14 @@ impl Manager {
                     && !known.contains(id)
                 {
                     tracing::info!("deleting orphan snapshot {name}");
+                    pool.delete(name)?;
+                } else if let Some(id) = name.strip_prefix("volume-").or_else(|| name.strip_prefix("volsnap-"))
+                    && !id.contains('.')
+                    && !known_volumes.contains(id)
+                {
+                    // A create, fork or snapshot whose record was never
+                    // written, or a purge that died before its record went.
+                    tracing::info!("deleting orphan volume {name}");
                     pool.delete(name)?;
                 } else if let Some(live) = name.strip_suffix(".outgoing") {
                     if !exists(live) {

@@ -23,6 +23,7 @@ mod paths;
 pub mod recover;
 mod sandbox;
 mod suspend;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub struct ManagerConfig {
     pub prepared_limit: usize,
     /// Credentials, CAs and plain-HTTP registries for pulls.
     pub registry: hangar_image::RegistryConfig,
+    /// How long a deleted volume is kept (and can be brought back).
+    pub volume_retention: std::time::Duration,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -91,6 +94,8 @@ struct Inner {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// How many machines hold a prepared sandbox.
     prepared_count: std::sync::atomic::AtomicUsize,
+    /// Serialises volume changes (see `volumes`).
+    volumes: tokio::sync::Mutex<()>,
 }
 
 /// The operations layer. Cheap to clone.
@@ -202,6 +207,7 @@ impl Manager {
                 host,
                 slots: Mutex::new(HashMap::new()),
                 prepared_count: Default::default(),
+                volumes: Default::default(),
             }),
         })
     }

@@ -308,6 +308,10 @@ impl Manager {
         // for its create to finish.
         let slot = self.slot(&id, rec.state);
         let _op = slot.op.lock().await;
+        if let Err(e) = self.claim_volumes(app, &id, &mut rec.config.mounts).await {
+            self.undo_create(&rec).await;
+            return Err(e);
+        }
         if let Err(e) = self.attach_image(&mut rec, &image_ref).await {
             self.undo_create(&rec).await;
             return Err(e);
@@ -363,6 +367,9 @@ impl Manager {
             tracing::warn!(machine = %rec.id, "removing volume of an unfinished create: {e}");
         }
         let _ = std::fs::remove_dir_all(self.paths(&rec.id).dir);
+        if let Err(e) = self.release_volumes(&rec.id).await {
+            tracing::warn!(machine = %rec.id, "releasing the volumes of an unfinished create: {e}");
+        }
         if let Err(e) = self.inner.store.purge_machine(&rec.id).await {
             tracing::warn!(machine = %rec.id, "forgetting an unfinished create: {e}");
         }
@@ -569,7 +576,7 @@ impl Manager {
         }
         self.transition(rec, MachineState::Destroyed, "destroy", source, None)
             .await?;
-        Ok(())
+        self.release_volumes(&rec.id).await
     }
 
     /// Called by a sandbox's monitor when its init exits. Records the exit

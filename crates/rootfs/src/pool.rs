@@ -53,6 +53,11 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn snapshot(&self, src: &str, dst: &str, readonly: bool) -> Result<PathBuf>;
     /// Deletes a volume and everything in it. Deleting a missing one is fine.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Limits what a volume may reference to `bytes`, turning quotas on for
+    /// the pool first if they are off.
+    fn set_limit(&self, name: &str, bytes: u64) -> Result<()>;
+    /// Bytes a volume references (its data, shared or not), if quotas know.
+    fn usage(&self, name: &str) -> Result<Option<u64>>;
     /// Renames a volume (atomically; `dst` must not exist).
     fn rename(&self, src: &str, dst: &str) -> Result<()>;
     /// The names of every volume.
@@ -189,6 +194,47 @@ impl Pool for BtrfsPool {
             return Err(io_err(format!("deleting subvolume {name}"))(err));
         }
         Ok(())
+    }
+
+    fn set_limit(&self, name: &str, bytes: u64) -> Result<()> {
+        name_arg::<256>(name)?;
+        let path = self.path(name);
+        let limit = || {
+            run(
+                Command::new("btrfs")
+                    .args(["qgroup", "limit", &bytes.to_string()])
+                    .arg(&path),
+                "setting a volume's size limit",
+            )
+        };
+        if limit().is_ok() {
+            return Ok(());
+        }
+        // Quotas are off on a fresh pool: turn them on once (the btrfs
+        // CLI is fine here, off the hot paths).
+        run(
+            Command::new("btrfs").args(["quota", "enable"]).arg(&self.root),
+            "turning on quotas for the storage pool",
+        )?;
+        limit()
+    }
+
+    fn usage(&self, name: &str) -> Result<Option<u64>> {
+        name_arg::<256>(name)?;
+        let out = Command::new("btrfs")
+            .args(["qgroup", "show", "-f", "--raw"])
+            .arg(self.path(name))
+            .output()
+            .map_err(io_err("running btrfs qgroup show"))?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        // "qgroupid rfer excl" after two header lines.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(2)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok()))
     }
 
     fn rename(&self, src: &str, dst: &str) -> Result<()> {

@@ -48,6 +48,8 @@ pub struct SandboxSpec {
     /// How the init gets its listening socket (see
     /// [`crate::OciRuntime::init_listen`]).
     pub listen: InitListen,
+    /// Host directories bind-mounted read-write at paths inside (volumes).
+    pub mounts: Vec<(PathBuf, String)>,
 }
 
 /// How hangar-init gets the socket it serves the daemon on.
@@ -194,7 +196,7 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
 /// The complete `config.json` for a machine's bundle.
 pub fn oci_config(spec: &SandboxSpec) -> Value {
     let memory = spec.memory_mb.saturating_mul(1024 * 1024);
-    json!({
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -246,7 +248,15 @@ pub fn oci_config(spec: &SandboxSpec) -> Value {
             "readonlyPaths": READONLY_PATHS,
             "seccomp": seccomp(),
         },
-    })
+    });
+    let mounts = config["mounts"].as_array_mut().expect("mounts is an array");
+    for (source, destination) in &spec.mounts {
+        mounts.push(json!({
+            "destination": destination, "type": "bind", "source": source,
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        }));
+    }
+    config
 }
 
 #[cfg(test)]
@@ -256,6 +266,7 @@ mod tests {
     fn spec() -> SandboxSpec {
         SandboxSpec {
             hostname: "m1".into(),
+            mounts: Vec::new(),
             rootfs: "/data/m1/rootfs".into(),
             init_binary: "/usr/lib/hangar/hangar-init".into(),
             run_dir: "/data/m1/run".into(),

@@ -111,6 +111,28 @@ pub struct CheckpointRecord {
     pub created_at_ms: i64,
 }
 
+/// A volume: storage that outlives machines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub size_gb: u64,
+    /// The machine that mounts it, while one (not destroyed) does.
+    pub attached_machine_id: Option<String>,
+    pub created_at_ms: i64,
+    /// When it was deleted; it is purged once its retention has passed.
+    pub deleted_at_ms: Option<i64>,
+}
+
+/// A snapshot of a volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeSnapshotRecord {
+    pub id: String,
+    pub volume_id: String,
+    pub created_at_ms: i64,
+}
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// The state store. Cheap to clone; every clone talks to the same connection.
@@ -217,6 +239,15 @@ impl Store {
             if live > 0 {
                 return Err(StoreError::Conflict(format!(
                     "app {name:?} still has {live} machine(s): destroy them first"
+                )));
+            }
+            let volumes: i64 = tx
+                .query_row("SELECT COUNT(*) FROM volumes WHERE app = ?", [&name], |r| r.get(0))
+                .map_err(db("deleting app"))?;
+            if volumes > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "app {name:?} still has {volumes} volume(s), deleted ones kept for their retention \
+                     included: delete them and wait, or keep the app"
                 )));
             }
             for sql in [
@@ -579,6 +610,169 @@ impl Store {
         })
         .await
     }
+
+    pub async fn insert_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let v = v.clone();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO volumes (id, app, name, size_gb, attached_machine_id, created_at_ms, deleted_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    v.id,
+                    v.app,
+                    v.name,
+                    v.size_gb as i64,
+                    v.attached_machine_id,
+                    v.created_at_ms,
+                    v.deleted_at_ms
+                ])
+            })
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!(
+                        "a volume named {:?} already exists in app {:?}: choose another name",
+                        v.name, v.app
+                    ))
+                } else {
+                    db(format!("creating volume {}", v.id))(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes a volume's size, attachment and deletion.
+    pub async fn update_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let v = v.clone();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "UPDATE volumes SET size_gb = ?, attached_machine_id = ?, deleted_at_ms = ? WHERE id = ?",
+            )
+            .and_then(|mut s| s.execute(params![v.size_gb as i64, v.attached_machine_id, v.deleted_at_ms, v.id]))
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!(
+                        "a volume named {:?} already exists in app {:?}: delete or rename it first",
+                        v.name, v.app
+                    ))
+                } else {
+                    db(format!("updating volume {}", v.id))(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        let id = id.to_owned();
+        self.call(move |conn| query_volumes(conn, &format!("{VOLUME_SELECT} WHERE id = ?"), [id]).map(first))
+            .await
+    }
+
+    /// The live (not deleted) volume named `name` in `app`.
+    pub async fn get_volume_by_name(&self, app: &str, name: &str) -> Result<Option<VolumeRecord>> {
+        let (app, name) = (app.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            let sql = format!("{VOLUME_SELECT} WHERE app = ? AND name = ? AND deleted_at_ms IS NULL");
+            query_volumes(conn, &sql, [app, name]).map(first)
+        })
+        .await
+    }
+
+    /// Volumes of one app, or of every app, oldest first.
+    pub async fn list_volumes(&self, app: Option<&str>) -> Result<Vec<VolumeRecord>> {
+        let app = app.map(str::to_owned);
+        self.call(move |conn| match app {
+            Some(app) => query_volumes(
+                conn,
+                &format!("{VOLUME_SELECT} WHERE app = ? ORDER BY created_at_ms, id"),
+                [app],
+            ),
+            None => query_volumes(conn, &format!("{VOLUME_SELECT} ORDER BY created_at_ms, id"), []),
+        })
+        .await
+    }
+
+    /// Forgets a volume and its snapshots' records.
+    pub async fn purge_volume(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.write("purging volume", move |tx| {
+            for sql in [
+                "DELETE FROM volume_snapshots WHERE volume_id = ?",
+                "DELETE FROM volumes WHERE id = ?",
+            ] {
+                tx.execute(sql, [&id]).map_err(db("purging volume"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn insert_volume_snapshot(&self, s: &VolumeSnapshotRecord) -> Result<()> {
+        let s = s.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO volume_snapshots (id, volume_id, created_at_ms) VALUES (?, ?, ?)",
+                params![s.id, s.volume_id, s.created_at_ms],
+            )
+            .map_err(db("recording volume snapshot"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_volume_snapshots(&self, volume_id: &str) -> Result<Vec<VolumeSnapshotRecord>> {
+        let id = volume_id.to_owned();
+        self.call(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, volume_id, created_at_ms FROM volume_snapshots WHERE volume_id = ? \
+                     ORDER BY created_at_ms, id",
+                )
+                .map_err(db("listing volume snapshots"))?;
+            let rows = statement
+                .query_map([id], |r| {
+                    Ok(VolumeSnapshotRecord {
+                        id: r.get(0)?,
+                        volume_id: r.get(1)?,
+                        created_at_ms: r.get(2)?,
+                    })
+                })
+                .map_err(db("listing volume snapshots"))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(db("listing volume snapshots"))
+        })
+        .await
+    }
+
+    pub async fn delete_volume_snapshot(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.execute("DELETE FROM volume_snapshots WHERE id = ?", [id])
+                .map_err(db("removing volume snapshot"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every volume snapshot id (for recovery's sweep of the pool).
+    pub async fn all_volume_snapshot_ids(&self) -> Result<Vec<String>> {
+        self.call(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id FROM volume_snapshots")
+                .map_err(db("listing volume snapshots"))?;
+            let rows = statement
+                .query_map([], |r| r.get(0))
+                .map_err(db("listing volume snapshots"))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(db("listing volume snapshots"))
+        })
+        .await
+    }
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
@@ -649,6 +843,27 @@ impl From<&MachineRecord> for MachineRow {
 const MACHINE_SELECT: &str = "SELECT id, app, name, state, config_json, image_reference, image_digest, instance_id, \
      host, created_at_ms, updated_at_ms, run_ms, started_at_ms, restart_count, last_exit_json, base_checkpoint \
      FROM machines";
+
+const VOLUME_SELECT: &str =
+    "SELECT id, app, name, size_gb, attached_machine_id, created_at_ms, deleted_at_ms FROM volumes";
+
+fn query_volumes(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<VolumeRecord>> {
+    let mut statement = conn.prepare_cached(sql).map_err(db("reading volumes"))?;
+    let rows = statement
+        .query_map(params, |r| {
+            Ok(VolumeRecord {
+                id: r.get(0)?,
+                app: r.get(1)?,
+                name: r.get(2)?,
+                size_gb: r.get::<_, i64>(3)? as u64,
+                attached_machine_id: r.get(4)?,
+                created_at_ms: r.get(5)?,
+                deleted_at_ms: r.get(6)?,
+            })
+        })
+        .map_err(db("reading volumes"))?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db("reading volumes"))
+}
 
 const CHECKPOINT_SELECT: &str = "SELECT id, machine_id, comment, parent_id, created_at_ms FROM checkpoints";
 

@@ -57,7 +57,7 @@ CREATE TABLE settings (
 -- A checkpoint is a read-only snapshot of a machine's writable layer.
 -- parent_id: the checkpoint the machine's layer descended from when this
 -- one was taken (its previous checkpoint, or the one it was restored or
--- forked from). exec_seq: the last recorded command it includes.
+-- forked from).
 CREATE TABLE checkpoints (
     id TEXT PRIMARY KEY,
     machine_id TEXT NOT NULL,
@@ -68,6 +68,26 @@ CREATE TABLE checkpoints (
 CREATE INDEX checkpoints_machine ON checkpoints (machine_id, created_at_ms);
 -- The checkpoint the machine's current layer descends from.
 ALTER TABLE machines ADD COLUMN base_checkpoint TEXT;
+"#,
+    r#"
+-- Volumes outlive machines. A deleted one is kept (deleted_at_ms set)
+-- until its retention ends, and can be brought back until then.
+CREATE TABLE volumes (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL REFERENCES apps (name),
+    name TEXT NOT NULL,
+    size_gb BIGINT NOT NULL,
+    attached_machine_id TEXT,
+    created_at_ms BIGINT NOT NULL,
+    deleted_at_ms BIGINT
+);
+CREATE UNIQUE INDEX volumes_live_name ON volumes (app, name) WHERE deleted_at_ms IS NULL;
+CREATE TABLE volume_snapshots (
+    id TEXT PRIMARY KEY,
+    volume_id TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE INDEX volume_snapshots_volume ON volume_snapshots (volume_id, created_at_ms);
 "#,
 ];
 

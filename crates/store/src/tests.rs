@@ -131,3 +131,32 @@ async fn concurrent_writers_all_land_in_order_per_machine() {
         assert_eq!(store.list_events(&format!("m{i}")).await.unwrap().len(), 21);
     }
 }
+
+#[tokio::test]
+async fn volumes_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    store.create_app("a", 1).await.unwrap();
+    let v = VolumeRecord {
+        id: "v1".into(),
+        app: "a".into(),
+        name: "data".into(),
+        size_gb: 3,
+        attached_machine_id: None,
+        created_at_ms: 5,
+        deleted_at_ms: None,
+    };
+    store.insert_volume(&v).await.unwrap();
+    let listed = store.list_volumes(None).await.map_err(|e| format!("{e:?}")).unwrap();
+    assert_eq!(listed, vec![v.clone()]);
+    assert!(matches!(
+        store
+            .insert_volume(&VolumeRecord {
+                id: "v2".into(),
+                ..v.clone()
+            })
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(store.delete_app("a").await, Err(StoreError::Conflict(_))));
+}

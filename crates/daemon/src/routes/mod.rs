@@ -7,3 +7,4 @@ pub mod checkpoints;
 pub mod files;
 pub mod images;
 pub mod machines;
+pub mod volumes;

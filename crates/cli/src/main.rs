@@ -178,6 +178,12 @@ struct ServeArgs {
     /// Size of the loop-mounted pool image, in GiB.
     #[arg(long, default_value_t = 16)]
     pool_size_gb: u64,
+    /// A directory on btrfs to hold volumes, a filesystem apart from the
+    /// pool (their size limits turn on btrfs quotas, which slow snapshots);
+    /// default: a loop-mounted image file in the data dir, made when the
+    /// first volume is.
+    #[arg(long)]
+    volume_pool_dir: Option<PathBuf>,
     /// Stopped machines kept prepared for a fast start (about 1 MB of
     /// memory each; 0 makes every start cold).
     #[arg(long, default_value_t = 32)]
@@ -601,6 +607,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
         runc_binary: "runc".into(),
         runsc_binary: "runsc".into(),
         pool_dir: args.pool_dir,
+        volume_pool_dir: args.volume_pool_dir,
         pool_image_bytes: args.pool_size_gb << 30,
         prepared_limit: args.prepared_limit,
         registry: hangar_image::RegistryConfig {

@@ -148,8 +148,21 @@ async fn a_volume_outlives_its_machine_and_belongs_to_one_at_a_time() {
     d.restart(libc::SIGTERM);
     let (status, _) = d.call(Method::GET, &vurl, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(!d.pool_dir.join(format!("volume-{vid}")).exists());
-    assert!(!d.pool_dir.join(format!("volsnap-{snap}")).exists());
+    assert!(!d.volume_pool_dir.join(format!("volume-{vid}")).exists());
+    assert!(!d.volume_pool_dir.join(format!("volsnap-{snap}")).exists());
+    // Quotas are on for volumes only, never for the machines' pool (they
+    // would slow its snapshots several times).
+    let quota = |dir: &std::path::Path| {
+        std::process::Command::new("btrfs")
+            .args(["qgroup", "show"])
+            .arg(dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(quota(&d.volume_pool_dir));
+    assert!(!quota(&d.pool_dir), "quotas are on in the machines' pool");
 }
 
 #[tokio::test(flavor = "multi_thread")]

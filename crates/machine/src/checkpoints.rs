@@ -324,8 +324,8 @@ impl Manager {
     }
 
     /// After a crash: finishes or undoes rollbacks that were swapping a
-    /// machine's or a volume's data, and deletes snapshots and volumes no
-    /// record names and what diffs left mounted.
+    /// machine's layer, and deletes snapshots no record names and what
+    /// diffs left mounted.
     pub(crate) async fn sweep_pool(&self) -> Result<()> {
         let scratch = self.inner.cfg.data_dir.join("tmp");
         if let Ok(entries) = std::fs::read_dir(&scratch) {
@@ -338,49 +338,41 @@ impl Manager {
         }
         let known: std::collections::HashSet<String> =
             self.inner.store.all_checkpoint_ids().await?.into_iter().collect();
-        let mut known_volumes: std::collections::HashSet<String> =
-            self.inner.store.all_volume_snapshot_ids().await?.into_iter().collect();
-        known_volumes.extend(self.inner.store.list_volumes(None).await?.into_iter().map(|v| v.id));
         let pool = self.inner.pool.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let names = pool.list()?;
-            let exists = |n: &str| names.iter().any(|x| x == n);
-            for name in &names {
-                if name.starts_with(SCRATCH_PREFIX) {
-                    pool.delete(name)?;
-                } else if let Some(id) = name.strip_prefix("checkpoint-")
-                    && !known.contains(id)
-                {
-                    tracing::info!("deleting orphan snapshot {name}");
-                    pool.delete(name)?;
-                } else if let Some(id) = name.strip_prefix("volume-").or_else(|| name.strip_prefix("volsnap-"))
-                    && !id.contains('.')
-                    && !known_volumes.contains(id)
-                {
-                    // A create, fork or snapshot whose record was never
-                    // written, or a purge that died before its record went.
-                    tracing::info!("deleting orphan volume {name}");
-                    pool.delete(name)?;
-                } else if let Some(live) = name.strip_suffix(".outgoing") {
-                    if !exists(live) {
-                        // Crashed between the two renames: the incoming
-                        // copy was not in place yet; put the old layer back.
-                        pool.rename(name, live)?;
-                    } else {
-                        pool.delete(name)?;
-                    }
-                }
-            }
-            for name in pool.list()? {
-                if name.ends_with(".incoming") {
-                    pool.delete(&name)?;
-                }
-            }
-            Ok(())
+        tokio::task::spawn_blocking(move || {
+            sweep(pool.as_ref(), |name| {
+                name.starts_with(SCRATCH_PREFIX)
+                    || name.strip_prefix("checkpoint-").is_some_and(|id| !known.contains(id))
+            })
         })
         .await
-        .map_err(|e| Error::internal("sweeping the storage pool", e))?
+        .map_err(|e| Error::internal("sweeping the storage pool", e))??;
+        Ok(())
     }
+}
+
+/// Deletes the pool volumes `orphan` says nothing needs, and finishes what
+/// a swap of a volume's data (`<name>.incoming` put in place of `<name>`,
+/// which goes aside as `<name>.outgoing`) left: the old data goes back if
+/// the new was not in place yet; otherwise the old is deleted.
+pub(crate) fn sweep(pool: &dyn hangar_rootfs::Pool, orphan: impl Fn(&str) -> bool) -> hangar_rootfs::Result<()> {
+    let names = pool.list()?;
+    for name in &names {
+        if orphan(name) {
+            tracing::info!("deleting orphan {name}");
+            pool.delete(name)?;
+        } else if let Some(live) = name.strip_suffix(".outgoing") {
+            if names.iter().any(|n| n == live) {
+                pool.delete(name)?;
+            } else {
+                pool.rename(name, live)?;
+            }
+        }
+    }
+    for name in names.iter().filter(|n| n.ends_with(".incoming")) {
+        pool.delete(name)?;
+    }
+    Ok(())
 }
 
 /// Whether the machine's processes run (and must be paused for a

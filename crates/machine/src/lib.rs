@@ -55,6 +55,11 @@ pub struct ManagerConfig {
     pub pool_dir: Option<PathBuf>,
     /// Size of the loop-mounted pool image, when one is made.
     pub pool_image_bytes: u64,
+    /// A directory on btrfs for volumes; if `None`, a loop-mounted image
+    /// file in the data dir, made on first use. Volumes get a filesystem
+    /// of their own because their size limits need btrfs quota groups,
+    /// which would slow every snapshot of machine layers several times.
+    pub volume_pool_dir: Option<PathBuf>,
     /// How many stopped machines may hold a prepared sandbox (a fast start
     /// for about 1 MB of memory each); 0 turns preparing off.
     pub prepared_limit: usize,
@@ -96,6 +101,8 @@ struct Inner {
     prepared_count: std::sync::atomic::AtomicUsize,
     /// Serialises volume changes (see `volumes`).
     volumes: tokio::sync::Mutex<()>,
+    /// Where volumes live, once a volume operation needed it.
+    volume_pool: tokio::sync::OnceCell<Arc<dyn Pool>>,
 }
 
 /// The operations layer. Cheap to clone.
@@ -208,6 +215,7 @@ impl Manager {
                 slots: Mutex::new(HashMap::new()),
                 prepared_count: Default::default(),
                 volumes: Default::default(),
+                volume_pool: Default::default(),
             }),
         })
     }

@@ -30,6 +30,7 @@ impl Manager {
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
         self.sweep_pool().await?;
+        self.sweep_volume_pool().await?;
         self.purge_deleted_volumes().await?;
         self.purge_volumes_periodically();
         for mut rec in self.inner.store.list_machines(None).await? {

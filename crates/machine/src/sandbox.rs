@@ -260,7 +260,7 @@ impl Manager {
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
             listen: runtime.init_listen(),
             hold: prepare_only,
-            mounts: self.mount_sources(&rec.config.mounts),
+            mounts: self.mount_sources(&rec.config.mounts).await?,
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)

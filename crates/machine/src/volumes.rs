@@ -10,12 +10,14 @@
 //! Volume changes are serialised by one lock: they are rare, and claims
 //! must not race.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_api::{
     CreateVolumeRequest, ExtendVolumeRequest, ForkVolumeRequest, MachineMount, Volume, VolumeSnapshot,
     VolumeSnapshotList, validate_name,
 };
+use hangar_rootfs::Pool;
 use hangar_store::{VolumeRecord, VolumeSnapshotRecord};
 
 use crate::{Error, Manager, Result, now_ms, random_hex, rfc3339};
@@ -58,12 +60,42 @@ impl Manager {
         }
     }
 
+    /// The volume pool, opened (and for a loop-mounted one, made) on first
+    /// use.
+    pub(crate) async fn volume_pool(&self) -> Result<Arc<dyn Pool>> {
+        let pool = self.inner.volume_pool.get_or_try_init(|| async {
+            let (dir, data, size) = (
+                self.inner.cfg.volume_pool_dir.clone(),
+                self.inner.cfg.data_dir.clone(),
+                self.inner.cfg.pool_image_bytes,
+            );
+            let pool = tokio::task::spawn_blocking(move || match dir {
+                Some(dir) => hangar_rootfs::BtrfsPool::open(&dir),
+                None => {
+                    let root = data.join("volume-pool");
+                    hangar_rootfs::pool::mount_image(&data.join("volumes.img"), &root, size)?;
+                    hangar_rootfs::BtrfsPool::open(&root)
+                }
+            })
+            .await
+            .map_err(|e| Error::internal("opening the volume pool", e))??;
+            Ok::<Arc<dyn Pool>, Error>(Arc::new(pool))
+        });
+        Ok(pool.await?.clone())
+    }
+
+    /// Whether volumes have ever been used here (so recovery has a volume
+    /// pool to look at).
+    fn has_volume_pool(&self) -> bool {
+        self.inner.cfg.volume_pool_dir.is_some() || self.inner.cfg.data_dir.join("volumes.img").exists()
+    }
+
     async fn pool_call<T: Send + 'static>(
         &self,
         what: &'static str,
-        f: impl FnOnce(&dyn hangar_rootfs::Pool) -> hangar_rootfs::Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn Pool) -> hangar_rootfs::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let pool = self.inner.pool.clone();
+        let pool = self.volume_pool().await?;
         Ok(tokio::task::spawn_blocking(move || f(pool.as_ref()))
             .await
             .map_err(|e| Error::internal(what, e))??)
@@ -427,11 +459,36 @@ impl Manager {
 
     /// Host directories to bind-mount into a machine, with their paths
     /// inside it.
-    pub(crate) fn mount_sources(&self, mounts: &[MachineMount]) -> Vec<(std::path::PathBuf, String)> {
-        mounts
+    pub(crate) async fn mount_sources(&self, mounts: &[MachineMount]) -> Result<Vec<(std::path::PathBuf, String)>> {
+        if mounts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.volume_pool().await?;
+        Ok(mounts
             .iter()
-            .map(|m| (self.inner.pool.path(&pool_name(&m.volume)), m.path.clone()))
-            .collect()
+            .map(|m| (pool.path(&pool_name(&m.volume)), m.path.clone()))
+            .collect())
+    }
+
+    /// After a crash: finishes or undoes restores that were swapping a
+    /// volume's data, and deletes volumes and snapshots no record names.
+    pub(crate) async fn sweep_volume_pool(&self) -> Result<()> {
+        if !self.has_volume_pool() {
+            return Ok(());
+        }
+        let mut known: std::collections::HashSet<String> =
+            self.inner.store.all_volume_snapshot_ids().await?.into_iter().collect();
+        known.extend(self.inner.store.list_volumes(None).await?.into_iter().map(|v| v.id));
+        self.pool_call("sweeping the volume pool", move |pool| {
+            crate::checkpoints::sweep(pool, |name| {
+                // A create, fork or snapshot whose record was never
+                // written, or a purge that died before its record went.
+                name.strip_prefix("volume-")
+                    .or_else(|| name.strip_prefix("volsnap-"))
+                    .is_some_and(|id| !id.contains('.') && !known.contains(id))
+            })
+        })
+        .await
     }
 }
 

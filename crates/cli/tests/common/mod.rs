@@ -43,14 +43,25 @@ pub fn sh(cmd: &mut Command) -> String {
 /// own directory in it). Made once per host, under a lock, and left mounted.
 fn test_pool_root() -> PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        require_root();
-        let base = PathBuf::from("/var/tmp/hangar-test-pool");
-        let mnt = base.join("mnt");
-        hangar_rootfs::pool::mount_image(&base.join("pool.img"), &mnt, 32 << 30).unwrap();
-        mnt
-    })
-    .clone()
+    ROOT.get_or_init(|| shared_btrfs("/var/tmp/hangar-test-pool")).clone()
+}
+
+/// Volumes have a filesystem of their own (quotas are on there).
+fn test_volume_pool_root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| shared_btrfs("/var/tmp/hangar-test-volumes"))
+        .clone()
+}
+
+/// A btrfs filesystem in an image file under `base`, mounted (once, and
+/// left mounted) at `base/mnt`, that test daemons share, each in a
+/// directory of its own.
+fn shared_btrfs(base: &str) -> PathBuf {
+    require_root();
+    let base = PathBuf::from(base);
+    let mnt = base.join("mnt");
+    hangar_rootfs::pool::mount_image(&base.join("pool.img"), &mnt, 32 << 30).unwrap();
+    mnt
 }
 
 /// The static hangar-init built by scripts/build.sh.
@@ -133,6 +144,7 @@ fn which(name: &str) -> PathBuf {
 pub struct Daemon {
     pub data_dir: tempfile::TempDir,
     pub pool_dir: PathBuf,
+    pub volume_pool_dir: PathBuf,
     pub url: String,
     pub token: String,
     child: Option<Child>,
@@ -150,9 +162,11 @@ impl Daemon {
         require_root();
         let data_dir = tempfile::Builder::new().prefix("hangar-test").tempdir().unwrap();
         let pool_dir = test_pool_root().join(data_dir.path().file_name().unwrap());
+        let volume_pool_dir = test_volume_pool_root().join(data_dir.path().file_name().unwrap());
         let mut d = Daemon {
             data_dir,
             pool_dir,
+            volume_pool_dir,
             url: String::new(),
             token: String::new(),
             child: None,
@@ -180,6 +194,8 @@ impl Daemon {
             .arg(self.data_dir.path())
             .args(["--listen", "127.0.0.1:0", "--pool-dir"])
             .arg(&self.pool_dir)
+            .arg("--volume-pool-dir")
+            .arg(&self.volume_pool_dir)
             .arg("--init-binary")
             .arg(init_binary())
             .args(&self.serve_args)
@@ -370,5 +386,13 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir(&self.pool_dir);
+        // Volumes outlive machines: delete what the test left.
+        if let Ok(entries) = std::fs::read_dir(&self.volume_pool_dir) {
+            let pool = hangar_rootfs::BtrfsPool::open(&self.volume_pool_dir).unwrap();
+            for entry in entries.flatten() {
+                let _ = hangar_rootfs::Pool::delete(&pool, &entry.file_name().to_string_lossy());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.volume_pool_dir);
     }
 }

@@ -122,3 +122,35 @@ pub enum ChangeKind {
     Modified,
     Deleted,
 }
+
+/// `POST /v1/apps/{app}/machines/{id}/export`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// The OCI image layout to write (or add a tag to), under the daemon's
+    /// exports directory.
+    pub name: String,
+    /// Default `latest`.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Export this checkpoint of the machine instead of its filesystem now.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+}
+
+/// An image made from a machine: the base image's layers with what the
+/// machine changed on top, as one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExportedImage {
+    /// `oci:/…/exports/NAME:TAG`: usable as `config.image` of a new machine
+    /// here, or with skopeo to copy it anywhere.
+    pub image: String,
+    /// `sha256:…` of the image manifest.
+    pub digest: String,
+    pub layers: usize,
+    /// A Dockerfile that records how the machine got there: the commands
+    /// run through exec, in order, from the base image.
+    pub recipe: String,
+    /// Where the recipe was written, beside the layout.
+    pub recipe_path: String,
+}

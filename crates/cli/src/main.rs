@@ -303,6 +303,19 @@ enum MachineCommand {
     Restart(MachineArg),
     /// Pause a started machine with its memory kept; `start` resumes it.
     Suspend(MachineArg),
+    /// Export the machine (now, or at a checkpoint) as an OCI image, with a
+    /// Dockerfile of the commands that built it.
+    Export {
+        #[command(flatten)]
+        m: MachineArg,
+        /// The layout's name under the daemon's exports directory.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
     #[command(alias = "list")]
     Ls {
         #[command(flatten)]
@@ -755,6 +768,21 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
                 .post(&format!("{}/fork", machine_path(&m.app.app, &m.machine)), &req)
                 .await?;
             output::print(json, &fork, || println!("{} {}", fork.id, fork.state));
+            Ok(0)
+        }
+        MachineCommand::Export {
+            m,
+            name,
+            tag,
+            checkpoint,
+        } => {
+            let req = hangar_api::ExportRequest { name, tag, checkpoint };
+            let out: hangar_api::ExportedImage = c
+                .post(&format!("{}/export", machine_path(&m.app.app, &m.machine)), &req)
+                .await?;
+            output::print(json, &out, || {
+                println!("{} ({})\nrecipe: {}", out.image, out.digest, out.recipe_path)
+            });
             Ok(0)
         }
         MachineCommand::Suspend(m) => {

@@ -429,3 +429,85 @@ async fn diff_lists_what_a_step_changed() {
         .count();
     assert_eq!(scratch, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_runs_again_as_a_machine_with_its_recipe() {
+    let d = Daemon::start();
+    d.create_app("ex").await;
+    let m = id(&d.machine("ex", json!({"env": {"FROM_CONFIG": "yes"}})).await);
+    d.sh("ex", &m, "mkdir /app && echo hi > /app/x && rm /srv/app/from-image.txt")
+        .await;
+    let c1 = id(&checkpoint(&d, "ex", &m, "app built").await);
+    d.sh("ex", &m, "echo later > /app/y").await;
+
+    let export = |body: Value| {
+        let url = format!("{}/export", machine_url("ex", &m));
+        let d = &d;
+        async move { d.call(Method::POST, &url, Some(body)).await }
+    };
+    let (status, now) = export(json!({"name": "built"})).await;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    assert_eq!(
+        now["layers"], 2,
+        "the base image's layer and one of the machine's changes"
+    );
+    let recipe = now["recipe"].as_str().unwrap();
+    assert!(recipe.contains("FROM oci:"), "{recipe}");
+    assert!(
+        recipe.contains(r#"RUN ["sh","-c","mkdir /app && echo hi > /app/x && rm /srv/app/from-image.txt"]"#),
+        "{recipe}"
+    );
+    assert!(recipe.contains("echo later > /app/y"), "{recipe}");
+    assert_eq!(
+        std::fs::read_to_string(now["recipe_path"].as_str().unwrap()).unwrap(),
+        recipe
+    );
+
+    // The exported image runs as a machine: the changes, the deletion and
+    // the machine's environment are in it.
+    let image = now["image"].as_str().unwrap();
+    let again = d
+        .ok(
+            Method::POST,
+            "/v1/apps/ex/machines",
+            Some(json!({"config": {"image": image}})),
+        )
+        .await;
+    assert_eq!(again["state"], "started");
+    let again = id(&again);
+    assert_eq!(
+        d.sh("ex", &again, "cat /app/x /app/y; ls /srv/app; echo $FROM_CONFIG")
+            .await,
+        "hi\nlater\nyes\n"
+    );
+
+    // At a checkpoint: what it held then, and the steps up to it.
+    let (status, at) = export(json!({"name": "built", "tag": "step1", "checkpoint": c1})).await;
+    assert_eq!(status, StatusCode::OK, "{at}");
+    assert!(!at["recipe"].as_str().unwrap().contains("echo later"));
+    let older = d
+        .ok(
+            Method::POST,
+            "/v1/apps/ex/machines",
+            Some(json!({"config": {"image": at["image"]}})),
+        )
+        .await;
+    assert_eq!(d.sh("ex", &id(&older), "cat /app/x; ls /app").await, "hi\nx\n");
+
+    // A rollback undoes the steps after the checkpoint in the recipe too.
+    restore(&d, "ex", &m, &c1).await;
+    let (_, rolled) = export(json!({"name": "rolled"})).await;
+    assert!(!rolled["recipe"].as_str().unwrap().contains("echo later"), "{rolled}");
+
+    for body in [
+        json!({"name": "../escape"}),
+        json!({"name": "ok", "tag": "a/b"}),
+        json!({"name": "ok", "checkpoint": "nope"}),
+        json!({"name": "ok", "bogus": 1}),
+    ] {
+        let (status, v) = export(body.clone()).await;
+        assert!(status.is_client_error(), "{body}: {status} {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    assert!(!d.data_dir.path().join("exports/ok").exists());
+}

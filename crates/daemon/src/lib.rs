@@ -116,6 +116,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::restore_checkpoint))
         .routes(routes!(checkpoints::diff_checkpoint))
         .routes(routes!(checkpoints::fork_machine))
+        .routes(routes!(checkpoints::export_machine))
         .routes(routes!(volumes::create_volume, volumes::list_volumes))
         .routes(routes!(volumes::get_volume, volumes::delete_volume))
         .routes(routes!(volumes::undelete_volume))

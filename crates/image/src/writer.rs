@@ -33,6 +33,41 @@ use crate::unpack::OPAQUE_XATTR;
 /// replaced. The result is readable by `skopeo` (`oci:DIR:TAG`) and by
 /// [`ImageStore::import`](crate::ImageStore::import).
 pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config: &ImageConfig) -> Result<String> {
+    write_layout(layout_dir, tag, &[], rootfs_dir, &[], config)
+}
+
+/// An image layer to copy into a layout as it is: its description and the
+/// file holding its blob.
+#[derive(Debug, Clone)]
+pub struct BaseLayer {
+    pub layer: crate::store::Layer,
+    pub blob: PathBuf,
+}
+
+/// Writes an image made of `base` layers (blobs copied as they are, hard
+/// links where the filesystem allows) with `top_dir` on top as one more
+/// layer (an overlay upper directory exports as such, see
+/// [`write_oci_layout`]), leaving out `top_dir`'s top-level entries named in
+/// `skip`. Returns the manifest digest.
+pub fn write_derived_layout(
+    layout_dir: &Path,
+    tag: &str,
+    base: &[BaseLayer],
+    top_dir: &Path,
+    skip: &[&str],
+    config: &ImageConfig,
+) -> Result<String> {
+    write_layout(layout_dir, tag, base, top_dir, skip, config)
+}
+
+fn write_layout(
+    layout_dir: &Path,
+    tag: &str,
+    base: &[BaseLayer],
+    rootfs_dir: &Path,
+    skip: &[&str],
+    config: &ImageConfig,
+) -> Result<String> {
     let name = format!("oci:{}:{tag}", layout_dir.display());
     crate::reference::check_tag(tag).map_err(|reason| ImageError::BadReference {
         reference: name.clone(),
@@ -58,7 +93,34 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config:
         Err(e) => return Err(e).context(|| format!("reading {}", index_path.display())),
     };
 
-    let layer = write_layer(&blobs, rootfs_dir)?;
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for b in base {
+        let hex = oci::sha256_hex(&b.layer.digest).ok_or_else(|| ImageError::Invalid {
+            image: name.clone(),
+            reason: format!("base layer digest {}", b.layer.digest),
+        })?;
+        let target = blobs.join(hex);
+        if !target.exists() && fs::hard_link(&b.blob, &target).is_err() {
+            let tmp = TmpFile::new(&blobs)?;
+            fs::copy(&b.blob, &tmp.0).context(|| format!("copying {}", b.blob.display()))?;
+            File::open(&tmp.0)
+                .and_then(|f| f.sync_all())
+                .context(|| format!("syncing {}", tmp.0.display()))?;
+            tmp.persist(&target)?;
+        }
+        layers.push(Descriptor {
+            media_type: b.layer.media_type.clone(),
+            digest: b.layer.digest.clone(),
+            size: b.layer.size,
+            annotations: Default::default(),
+            platform: None,
+        });
+        diff_ids.push(b.layer.diff_id.clone());
+    }
+    let layer = write_layer(&blobs, rootfs_dir, skip)?;
+    layers.push(layer.desc);
+    diff_ids.push(layer.diff_id.clone());
 
     let config_file = ConfigFile {
         architecture: "amd64".into(),
@@ -66,7 +128,7 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config:
         config: config.into(),
         rootfs: RootFs {
             kind: "layers".into(),
-            diff_ids: vec![layer.diff_id.clone()],
+            diff_ids,
         },
     };
     let config_desc = write_json_blob(&blobs, oci::OCI_CONFIG, &config_file)?;
@@ -74,7 +136,7 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config:
         schema_version: 2,
         media_type: Some(oci::OCI_MANIFEST.to_owned()),
         config: config_desc,
-        layers: vec![layer.desc],
+        layers,
     };
     let mut manifest_desc = write_json_blob(&blobs, oci::OCI_MANIFEST, &manifest)?;
     manifest_desc.annotations.insert(REF_NAME.to_owned(), tag.to_owned());
@@ -93,7 +155,7 @@ struct WrittenLayer {
     diff_id: String,
 }
 
-fn write_layer(blobs: &Path, rootfs_dir: &Path) -> Result<WrittenLayer> {
+fn write_layer(blobs: &Path, rootfs_dir: &Path, skip: &[&str]) -> Result<WrittenLayer> {
     let tmp = TmpFile::new(blobs)?;
     let file = File::options()
         .write(true)
@@ -107,6 +169,7 @@ fn write_layer(blobs: &Path, rootfs_dir: &Path) -> Result<WrittenLayer> {
     let mut tar = TarWriter {
         builder: tar::Builder::new(HashWriter::new(gz)),
         links: HashMap::new(),
+        skip,
     };
     let w = |e: io::Error| ImageError::Io {
         context: format!("writing the layer of {} to {}", rootfs_dir.display(), tmp.0.display()),
@@ -131,20 +194,25 @@ fn write_layer(blobs: &Path, rootfs_dir: &Path) -> Result<WrittenLayer> {
     })
 }
 
-struct TarWriter<W: Write> {
+struct TarWriter<'a, W: Write> {
     builder: tar::Builder<W>,
     /// First path seen for each multiply-linked inode: later ones become
     /// hard-link entries.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Top-level names left out.
+    skip: &'a [&'a str],
 }
 
-impl<W: Write> TarWriter<W> {
+impl<W: Write> TarWriter<'_, W> {
     fn walk(&mut self, dir: &Path, rel: &Path) -> Result<()> {
         let mut names: Vec<_> = fs::read_dir(dir)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>())
             .context(|| format!("listing {}", dir.display()))?;
         // Byte order, independent of locale and of readdir's order.
         names.sort();
+        if rel.as_os_str().is_empty() {
+            names.retain(|n| !self.skip.iter().any(|s| OsStr::new(s) == n));
+        }
         for name in names {
             let path = dir.join(&name);
             let rel = rel.join(&name);

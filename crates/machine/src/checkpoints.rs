@@ -88,6 +88,7 @@ impl Manager {
             comment: req.comment,
             parent_id: rec.base_checkpoint.clone(),
             created_at_ms: now_ms(),
+            steps: self.step_count(&rec.id),
         };
         if let Err(e) = self.inner.store.insert_checkpoint(&record).await {
             self.delete_from_pool(checkpoint_volume(&cid)).await;
@@ -182,6 +183,8 @@ impl Manager {
         .map_err(|e| Error::internal("restoring the checkpoint", e))??;
         rec.base_checkpoint = Some(c.id.clone());
         rec.updated_at_ms = now_ms();
+        // The steps after the checkpoint were undone.
+        self.keep_steps(&rec.id, &rec.id, Some(c.steps));
         let detail = serde_json::json!({ "checkpoint": c.id });
         let restored = event("restore", rec.state.as_str(), "user", Some(detail));
         self.inner.store.update_machine(&rec, Some(&restored)).await?;
@@ -269,6 +272,7 @@ impl Manager {
             self.undo_create(&rec).await;
             return Err(e);
         }
+        self.keep_steps(&parent.id, &fork_id, from.as_ref().map(|c| c.steps));
         self.record_event(&parent, "fork", serde_json::json!({ "fork": fork_id }))
             .await;
         self.transition(&mut rec, MachineState::Created, "fork", "user", Some(detail))
@@ -283,7 +287,14 @@ impl Manager {
 
     /// Snapshots pool volume `src` as `dst`. With `freeze`, machine `id`'s
     /// processes are frozen around the snapshot; returns for how long (ms).
-    async fn snapshot_layer(&self, id: &str, src: &str, dst: &str, freeze: bool, readonly: bool) -> Result<f64> {
+    pub(crate) async fn snapshot_layer(
+        &self,
+        id: &str,
+        src: &str,
+        dst: &str,
+        freeze: bool,
+        readonly: bool,
+    ) -> Result<f64> {
         let (pool, id, src, dst) = (self.inner.pool.clone(), id.to_owned(), src.to_owned(), dst.to_owned());
         tokio::task::spawn_blocking(move || -> Result<f64> {
             let paused = Instant::now();

@@ -701,6 +701,10 @@ impl Manager {
             check_path(cwd)?;
         }
         let running = self.live_sandbox(app, id).await?;
+        self.record_step(
+            &running.id,
+            &crate::recipe::Step::exec(&req.command, req.cwd.as_deref(), req.user.as_deref()),
+        );
         let mut env = running.env.clone();
         for (k, v) in &req.env {
             if k.is_empty() || k.contains('=') {
@@ -849,7 +853,9 @@ impl Manager {
             mode,
             make_parents: parents,
         };
-        Ok(to_file_info(agent::write_file(&running.agent, req, body).await?))
+        let written = to_file_info(agent::write_file(&running.agent, req, body).await?);
+        self.record_step(&running.id, &crate::recipe::Step::wrote(path));
+        Ok(written)
     }
 
     pub async fn processes(&self, app: &str, id: &str) -> Result<Vec<ProcessInfo>> {

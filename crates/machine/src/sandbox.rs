@@ -46,7 +46,8 @@ impl StartPath {
 #[derive(Debug)]
 pub(crate) struct Running {
     pub instance_id: String,
-    id: String,
+    /// The machine's id.
+    pub id: String,
     runtime: OciRuntime,
     pidfd: OwnedFd,
     /// Set once by the monitor when the sandbox's init has exited.

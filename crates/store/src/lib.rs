@@ -109,6 +109,8 @@ pub struct CheckpointRecord {
     /// The checkpoint the layer descended from when this one was taken.
     pub parent_id: Option<String>,
     pub created_at_ms: i64,
+    /// How many recorded steps the machine had taken by then.
+    pub steps: u64,
 }
 
 /// A volume: storage that outlives machines.
@@ -541,9 +543,19 @@ impl Store {
         let c = c.clone();
         self.write("recording checkpoint", move |tx| {
             tx.prepare_cached(
-                "INSERT INTO checkpoints (id, machine_id, comment, parent_id, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO checkpoints (id, machine_id, comment, parent_id, created_at_ms, steps) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
             )
-            .and_then(|mut s| s.execute(params![c.id, c.machine_id, c.comment, c.parent_id, c.created_at_ms]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.id,
+                    c.machine_id,
+                    c.comment,
+                    c.parent_id,
+                    c.created_at_ms,
+                    c.steps as i64
+                ])
+            })
             .map_err(db(format!("recording checkpoint {}", c.id)))?;
             tx.execute(
                 "UPDATE machines SET base_checkpoint = ? WHERE id = ?",
@@ -865,7 +877,7 @@ fn query_volumes(conn: &Connection, sql: &str, params: impl rusqlite::Params) ->
     rows.collect::<rusqlite::Result<_>>().map_err(db("reading volumes"))
 }
 
-const CHECKPOINT_SELECT: &str = "SELECT id, machine_id, comment, parent_id, created_at_ms FROM checkpoints";
+const CHECKPOINT_SELECT: &str = "SELECT id, machine_id, comment, parent_id, created_at_ms, steps FROM checkpoints";
 
 fn query_checkpoints(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<CheckpointRecord>> {
     let mut statement = conn.prepare_cached(sql).map_err(db("reading checkpoints"))?;
@@ -877,6 +889,7 @@ fn query_checkpoints(conn: &Connection, sql: &str, params: impl rusqlite::Params
                 comment: r.get(2)?,
                 parent_id: r.get(3)?,
                 created_at_ms: r.get(4)?,
+                steps: r.get::<_, i64>(5)? as u64,
             })
         })
         .map_err(db("reading checkpoints"))?;

@@ -89,6 +89,11 @@ CREATE TABLE volume_snapshots (
 );
 CREATE INDEX volume_snapshots_volume ON volume_snapshots (volume_id, created_at_ms);
 "#,
+    r#"
+-- How many recorded steps (commands run through exec, files written
+-- through the API) the machine had taken when the checkpoint was made.
+ALTER TABLE checkpoints ADD COLUMN steps BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

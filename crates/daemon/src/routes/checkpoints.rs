@@ -5,13 +5,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use hangar_api::{
-    Checkpoint, CheckpointDiff, CheckpointList, CreateCheckpointRequest, DiffQuery, ErrorBody, ForkMachineRequest,
-    Machine,
+    Checkpoint, CheckpointDiff, CheckpointList, CreateCheckpointRequest, DiffQuery, ErrorBody, ExportRequest,
+    ExportedImage, ForkMachineRequest, Machine,
 };
 
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Path, Query};
+use crate::extract::{Json, Path, Query};
 use crate::routes::machines::optional_body;
 
 type Ok200<T> = ApiResult<axum::Json<T>>;
@@ -110,4 +110,21 @@ pub async fn fork_machine(
     body: Bytes,
 ) -> Ok200<Machine> {
     Ok(axum::Json(s.mgr.fork_machine(&app, &id, optional_body(&body)?).await?))
+}
+
+/// Export the machine (now, or at `checkpoint`) as an OCI image: its base
+/// image's layers plus one layer of what the machine changed, written as
+/// an OCI layout under the daemon's exports directory, with a Dockerfile
+/// recording the commands that got it there. The answer's `image` can be a
+/// new machine's `config.image`.
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/export", tag = "checkpoints",
+    params(("app" = String, Path), ("id" = String, Path)), request_body = ExportRequest,
+    responses((status = 200, body = ExportedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn export_machine(
+    State(s): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    Json(req): Json<ExportRequest>,
+) -> Ok200<ExportedImage> {
+    Ok(axum::Json(s.mgr.export_machine(&app, &id, req).await?))
 }

@@ -136,6 +136,11 @@ pub struct ExportRequest {
     /// Export this checkpoint of the machine instead of its filesystem now.
     #[serde(default)]
     pub checkpoint: Option<String>,
+    /// Also push the image to this registry reference
+    /// (`registry/repository[:tag]`), with the daemon's registry
+    /// credentials.
+    #[serde(default)]
+    pub push: Option<String>,
 }
 
 /// An image made from a machine: the base image's layers with what the
@@ -153,4 +158,7 @@ pub struct ExportedImage {
     pub recipe: String,
     /// Where the recipe was written, beside the layout.
     pub recipe_path: String,
+    /// `registry/repository:tag@sha256:…`, when pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<String>,
 }

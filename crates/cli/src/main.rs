@@ -315,6 +315,9 @@ enum MachineCommand {
         tag: Option<String>,
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Also push it to this registry reference (registry/repo[:tag]).
+        #[arg(long)]
+        push: Option<String>,
     },
     #[command(alias = "list")]
     Ls {
@@ -775,13 +778,22 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
             name,
             tag,
             checkpoint,
+            push,
         } => {
-            let req = hangar_api::ExportRequest { name, tag, checkpoint };
+            let req = hangar_api::ExportRequest {
+                name,
+                tag,
+                checkpoint,
+                push,
+            };
             let out: hangar_api::ExportedImage = c
                 .post(&format!("{}/export", machine_path(&m.app.app, &m.machine)), &req)
                 .await?;
             output::print(json, &out, || {
-                println!("{} ({})\nrecipe: {}", out.image, out.digest, out.recipe_path)
+                println!("{} ({})\nrecipe: {}", out.image, out.digest, out.recipe_path);
+                if let Some(p) = &out.pushed {
+                    println!("pushed: {p}");
+                }
             });
             Ok(0)
         }

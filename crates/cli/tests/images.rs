@@ -301,3 +301,60 @@ async fn remove_and_prune_free_exactly_what_no_machine_uses() {
     let list = d.ok(Method::GET, "/v1/images", None).await;
     assert_eq!(list, json!({"images": [], "total_disk_bytes": 0}));
 }
+
+/// An export pushed to a registry (with credentials) comes back from it
+/// byte for byte, and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_machine_is_pushed_and_pulled_back() {
+    registry::require();
+    let reg = Registry::start_with(registry::Options {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let auth_file = work.path().join("auth.json");
+    std::fs::write(
+        &auth_file,
+        json!({"auths": {reg.addr.clone(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--registry-auth-file", auth_file.to_str().unwrap()]);
+    d.create_app("push").await;
+    let m = d.machine("push", json!({})).await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    d.sh("push", &id, "echo pushed > /root/p").await;
+
+    let target = format!("{}/exported/app:v1", reg.addr);
+    let url = format!("/v1/apps/push/machines/{id}/export");
+    let out = d
+        .ok(Method::POST, &url, Some(json!({"name": "out", "push": target})))
+        .await;
+    let digest = out["digest"].as_str().unwrap();
+    assert_eq!(out["pushed"], format!("{target}@{digest}"));
+
+    let pulled = d
+        .ok(Method::POST, "/v1/images/pull", Some(json!({"image": target})))
+        .await;
+    assert_eq!(pulled["digest"], digest, "the registry holds exactly what was exported");
+    let again = d
+        .ok(
+            Method::POST,
+            "/v1/apps/push/machines",
+            Some(json!({"config": {"image": target}})),
+        )
+        .await;
+    let again = again["id"].as_str().unwrap();
+    assert_eq!(d.sh("push", again, "cat /root/p").await, "pushed\n");
+
+    // A second push only sends the manifest again: every blob is there.
+    d.ok(Method::POST, &url, Some(json!({"name": "out", "push": target})))
+        .await;
+    for bad in ["oci:/tmp/x:y", &format!("{target}@sha256:{}", "0".repeat(64))] {
+        let (status, v) = d
+            .call(Method::POST, &url, Some(json!({"name": "out2", "push": bad})))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+}

@@ -64,6 +64,15 @@ async fn continues_where_it_stopped(runtime: &str, how: &str) {
     let m = d.ok(Method::GET, &url, None).await;
     assert_eq!(m["run_seconds"].as_f64().unwrap(), billed);
 
+    // Its filesystem can be checkpointed (nothing to pause) but not rolled
+    // back under its memory.
+    let cp = d.ok(Method::POST, &format!("{url}/checkpoints"), None).await;
+    assert_eq!(cp["timing"]["paused_ms"], 0.0);
+    let restore = format!("{url}/checkpoints/{}/restore", cp["id"].as_str().unwrap());
+    let (status, v) = d.call(Method::POST, &restore, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("start or stop it first"), "{v}");
+
     // A daemon crash does not lose it.
     d.restart(libc::SIGKILL);
     let m = d.ok(Method::GET, &url, None).await;

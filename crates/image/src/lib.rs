@@ -15,6 +15,7 @@ mod error;
 mod gc;
 mod oci;
 mod pull;
+mod push;
 mod reference;
 pub mod registry;
 mod store;

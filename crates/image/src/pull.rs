@@ -117,7 +117,7 @@ impl ImageStore {
         r: &RegistryRef,
         progress: Option<ProgressSink>,
     ) -> Result<Image> {
-        let repo = Arc::new(client.repository(r).await?);
+        let repo = Arc::new(client.repository(r, crate::registry::Access::Pull).await?);
         let name = r.to_string();
         let tracker = Arc::new(Tracker {
             state: Mutex::new(PullProgress {

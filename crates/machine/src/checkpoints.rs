@@ -154,6 +154,10 @@ impl Manager {
         let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
         let c = self.checkpoint_of(&rec, checkpoint).await?;
         let was_running = rec.state == MachineState::Started;
+        if rec.state == MachineState::Suspended {
+            // Its memory belongs to the filesystem it has now.
+            return Err(wrong_state(&rec, "restore", "start or stop it first"));
+        }
         if !was_running && !rec.state.is_at_rest() {
             return Err(wrong_state(&rec, "restore", "wait for the current operation to finish"));
         }

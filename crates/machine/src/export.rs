@@ -26,6 +26,18 @@ impl Manager {
                 "tag {tag:?} must be 1-128 letters, digits, '.', '_' or '-'"
             )));
         }
+        let push = match &req.push {
+            Some(r) => match r.parse::<hangar_image::ImageRef>()? {
+                hangar_image::ImageRef::Registry(r) if r.digest.is_none() => Some(r),
+                _ => {
+                    return Err(Error::BadRequest(format!(
+                        "push {r:?} must name a registry repository and optionally a tag, \
+                         e.g. registry.example:5000/team/app:v1 (no digest: the registry gives it)"
+                    )));
+                }
+            },
+            None => None,
+        };
         let (slot, _op, rec) = self.lock_machine(app, id).await?;
         if matches!(
             rec.state,
@@ -104,7 +116,15 @@ impl Manager {
         let recipe_path = layout.join(format!("{tag}.Dockerfile"));
         crate::sandbox::write_atomic(&recipe_path, recipe.as_bytes())
             .map_err(|e| Error::internal(&format!("writing {}", recipe_path.display()), e))?;
+        let pushed = match push {
+            Some(target) => {
+                let digest = self.inner.registry.push_layout(&layout, &tag, &target).await?;
+                Some(format!("{target}@{digest}"))
+            }
+            None => None,
+        };
         Ok(ExportedImage {
+            pushed,
             image: format!("oci:{}:{tag}", layout.display()),
             digest: written,
             layers: image.layers.len() + 1,

@@ -96,7 +96,7 @@ impl RegistryClient {
     }
 
     /// A handle on one repository, with its credentials looked up.
-    pub(crate) async fn repository(&self, r: &RegistryRef) -> Result<Repository> {
+    pub(crate) async fn repository(&self, r: &RegistryRef, access: Access) -> Result<Repository> {
         let host = r.api_host();
         let scheme = self.scheme(host, &r.registry).await;
         Ok(Repository {
@@ -106,6 +106,7 @@ impl RegistryClient {
             repository: r.repository.clone(),
             credentials: auth::lookup(&self.auth_files, &r.registry, &r.repository)?,
             authorization: tokio::sync::Mutex::new(None),
+            access,
         })
     }
 
@@ -151,6 +152,13 @@ fn is_loopback(host: &str) -> bool {
     name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// What a token is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Pull,
+    Push,
+}
+
 /// One repository in one registry, and how we currently authenticate to it.
 #[derive(Debug)]
 pub(crate) struct Repository {
@@ -163,6 +171,7 @@ pub(crate) struct Repository {
     /// The `Authorization` value that worked last (basic, or a bearer
     /// token); `None` until a challenge asks for one.
     authorization: tokio::sync::Mutex<Option<String>>,
+    access: Access,
 }
 
 /// A manifest or index as the registry served it, verified.
@@ -284,15 +293,25 @@ impl Repository {
     /// A GET that answers a 401 challenge once (getting a token or sending
     /// basic credentials), then maps error statuses to errors.
     async fn get(&self, url: &str, headers: HeaderMap, what: &str) -> Result<Response> {
+        let response = self.send(|http| http.get(url).headers(headers.clone())).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(self.status_error(response, what).await)
+    }
+
+    /// Sends the request `build` makes, with the authorization that worked
+    /// last; on a 401 answers the challenge (a token, or basic credentials)
+    /// and sends it once more. Any other answer is returned as it is.
+    async fn send(&self, build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder) -> Result<Response> {
         let mut fresh = false;
         loop {
-            let mut request = self.http.get(url).headers(headers.clone());
+            let mut request = build(&self.http);
             if let Some(authorization) = self.authorization.lock().await.clone() {
                 request = request.header(AUTHORIZATION, authorization);
             }
             let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !fresh {
+            if response.status() == StatusCode::UNAUTHORIZED && !fresh {
                 let challenge = response
                     .headers()
                     .get(WWW_AUTHENTICATE)
@@ -302,11 +321,76 @@ impl Repository {
                 fresh = true;
                 continue;
             }
-            if status.is_success() {
-                return Ok(response);
-            }
-            return Err(self.status_error(response, what).await);
+            return Ok(response);
         }
+    }
+
+    /// Uploads a blob the registry lacks, streamed from `path`.
+    pub async fn put_blob(&self, digest: &str, size: u64, path: &std::path::Path) -> Result<()> {
+        let what = format!("blob {digest} to {}/{}", self.registry, self.repository);
+        let url = format!("{}/blobs/{digest}", self.base);
+        let head = self.send(|http| http.head(&url)).await?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let uploads = format!("{}/blobs/uploads/", self.base);
+        let started = self.send(|http| http.post(&uploads)).await?;
+        if started.status() != StatusCode::ACCEPTED {
+            return Err(self.status_error(started, &what).await);
+        }
+        let location = started
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ImageError::Registry {
+                registry: self.registry.clone(),
+                detail: format!("started an upload of {what} without saying where (no Location)"),
+            })?;
+        let mut put_url = reqwest::Url::parse(&self.base)
+            .and_then(|base| base.join(location))
+            .map_err(|e| ImageError::Registry {
+                registry: self.registry.clone(),
+                detail: format!("gave an unusable upload location {location:?}: {e}"),
+            })?;
+        put_url.query_pairs_mut().append_pair("digest", digest);
+        let file = tokio::fs::File::open(path).await.map_err(|e| ImageError::Io {
+            context: format!("opening {}", path.display()),
+            source: e,
+        })?;
+        let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf).await?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((n > 0).then(|| (bytes::Bytes::from(buf), file)))
+        });
+        // The upload URL carries its own session: no second try on a 401.
+        let mut request = self
+            .http
+            .put(put_url)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(chunks));
+        if let Some(authorization) = self.authorization.lock().await.clone() {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        let done = request.send().await.map_err(|e| self.transport_error(&e))?;
+        if done.status() != StatusCode::CREATED {
+            return Err(self.status_error(done, &what).await);
+        }
+        Ok(())
+    }
+
+    /// Puts a manifest under `reference` (a tag).
+    pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: Vec<u8>) -> Result<()> {
+        let url = format!("{}/manifests/{reference}", self.base);
+        let what = format!("manifest {}/{}:{reference}", self.registry, self.repository);
+        let response = self
+            .send(|http| http.put(&url).header(CONTENT_TYPE, media_type).body(bytes.clone()))
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(self.status_error(response, &what).await);
+        }
+        Ok(())
     }
 
     async fn authenticate(&self, challenge: Option<Challenge>) -> Result<()> {
@@ -331,7 +415,11 @@ impl Repository {
             registry: self.registry.clone(),
             detail: format!("its token server address {realm:?} is not a URL: {e}"),
         })?;
-        let scope = format!("repository:{}:pull", self.repository);
+        let actions = match self.access {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        };
+        let scope = format!("repository:{}:{actions}", self.repository);
         let mut query = vec![("scope", scope.as_str())];
         if let Some(service) = service {
             query.push(("service", service));

@@ -136,11 +136,25 @@ pub struct ExportRequest {
     /// Export this checkpoint of the machine instead of its filesystem now.
     #[serde(default)]
     pub checkpoint: Option<String>,
+    /// `squashed` (default): the base image's layers and one layer of
+    /// everything the machine changed. `checkpoints`: one layer per
+    /// checkpoint in the machine's history (and one for what changed since
+    /// the last, when exporting the machine as it is now).
+    #[serde(default)]
+    pub layers: ExportLayers,
     /// Also push the image to this registry reference
     /// (`registry/repository[:tag]`), with the daemon's registry
     /// credentials.
     #[serde(default)]
     pub push: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportLayers {
+    #[default]
+    Squashed,
+    Checkpoints,
 }
 
 /// An image made from a machine: the base image's layers with what the

@@ -318,6 +318,9 @@ enum MachineCommand {
         /// Also push it to this registry reference (registry/repo[:tag]).
         #[arg(long)]
         push: Option<String>,
+        /// One layer per checkpoint instead of one for all the changes.
+        #[arg(long)]
+        per_checkpoint: bool,
     },
     #[command(alias = "list")]
     Ls {
@@ -779,12 +782,18 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
             tag,
             checkpoint,
             push,
+            per_checkpoint,
         } => {
             let req = hangar_api::ExportRequest {
                 name,
                 tag,
                 checkpoint,
                 push,
+                layers: if per_checkpoint {
+                    hangar_api::ExportLayers::Checkpoints
+                } else {
+                    hangar_api::ExportLayers::Squashed
+                },
             };
             let out: hangar_api::ExportedImage = c
                 .post(&format!("{}/export", machine_path(&m.app.app, &m.machine)), &req)

@@ -511,3 +511,67 @@ async fn an_export_runs_again_as_a_machine_with_its_recipe() {
     }
     assert!(!d.data_dir.path().join("exports/ok").exists());
 }
+
+/// One layer per checkpoint: each holds what its step changed, deletions
+/// included (a file made in one step and deleted in the next must stay
+/// deleted, which stacking the cumulative uppers would get wrong).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_can_have_a_layer_per_checkpoint() {
+    let d = Daemon::start();
+    d.create_app("lay").await;
+    let m = id(&d.machine("lay", json!({})).await);
+    d.sh("lay", &m, "mkdir /app && echo a > /app/a && echo g > /app/gone")
+        .await;
+    checkpoint(&d, "lay", &m, "one").await;
+    d.sh(
+        "lay",
+        &m,
+        "rm /app/gone && echo b > /app/b && mkdir -p /app/dir && echo x > /app/dir/x && rm /srv/app/from-image.txt",
+    )
+    .await;
+    let c2 = id(&checkpoint(&d, "lay", &m, "two").await);
+    d.sh("lay", &m, "rm -r /app/dir && echo a2 > /app/a").await;
+
+    let url = format!("{}/export", machine_url("lay", &m));
+    let now = d
+        .ok(
+            Method::POST,
+            &url,
+            Some(json!({"name": "layered", "layers": "checkpoints"})),
+        )
+        .await;
+    assert_eq!(
+        now["layers"], 4,
+        "the image's layer, then one per checkpoint and one since: {now}"
+    );
+    let at_c2 = d
+        .ok(
+            Method::POST,
+            &url,
+            Some(json!({"name": "layered", "tag": "two", "layers": "checkpoints", "checkpoint": c2})),
+        )
+        .await;
+    assert_eq!(at_c2["layers"], 3);
+
+    let run = |image: Value| {
+        let d = &d;
+        async move {
+            let m = d
+                .ok(
+                    Method::POST,
+                    "/v1/apps/lay/machines",
+                    Some(json!({"config": {"image": image}})),
+                )
+                .await;
+            id(&m)
+        }
+    };
+    let listing = "ls /app /srv/app; cat /app/a; test -e /app/gone && echo gone-is-back; true";
+    let again = run(now["image"].clone()).await;
+    assert_eq!(d.sh("lay", &again, listing).await, "/app:\na\nb\n\n/srv/app:\na2\n");
+    let older = run(at_c2["image"].clone()).await;
+    assert_eq!(
+        d.sh("lay", &older, &format!("{listing}; cat /app/dir/x")).await,
+        "/app:\na\nb\ndir\n\n/srv/app:\na\nx\n"
+    );
+}

@@ -28,4 +28,4 @@ pub use pull::{LayerProgress, LayerStatus, ProgressSink, PullProgress};
 pub use reference::{ImageRef, RegistryRef};
 pub use registry::{RegistryClient, RegistryConfig, install_crypto_provider};
 pub use store::{Image, ImageConfig, ImageStore, Layer};
-pub use writer::{BaseLayer, write_derived_layout, write_oci_layout};
+pub use writer::{BaseLayer, LayerSource, write_derived_layout, write_oci_layout};

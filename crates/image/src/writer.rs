@@ -33,7 +33,27 @@ use crate::unpack::OPAQUE_XATTR;
 /// replaced. The result is readable by `skopeo` (`oci:DIR:TAG`) and by
 /// [`ImageStore::import`](crate::ImageStore::import).
 pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config: &ImageConfig) -> Result<String> {
-    write_layout(layout_dir, tag, &[], rootfs_dir, &[], config)
+    let top = LayerSource::Dir {
+        dir: rootfs_dir,
+        skip: &[],
+    };
+    write_layout(layout_dir, tag, &[], &[top], config)
+}
+
+/// What one new layer of a derived image holds.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerSource<'a> {
+    /// A directory tree, minus its top-level entries named in `skip`. An
+    /// overlay upper directory exports as itself (see [`write_oci_layout`]).
+    Dir { dir: &'a Path, skip: &'a [&'a str] },
+    /// Changes: `delete`d paths (as whiteouts), then `put` paths (relative)
+    /// read from the tree at `root` (no symlink on the way to them may be
+    /// followed: the caller vouches for that).
+    Changes {
+        root: &'a Path,
+        put: &'a [PathBuf],
+        delete: &'a [PathBuf],
+    },
 }
 
 /// An image layer to copy into a layout as it is: its description and the
@@ -45,27 +65,23 @@ pub struct BaseLayer {
 }
 
 /// Writes an image made of `base` layers (blobs copied as they are, hard
-/// links where the filesystem allows) with `top_dir` on top as one more
-/// layer (an overlay upper directory exports as such, see
-/// [`write_oci_layout`]), leaving out `top_dir`'s top-level entries named in
-/// `skip`. Returns the manifest digest.
+/// links where the filesystem allows) with a layer for each of `tops` on
+/// top. Returns the manifest digest.
 pub fn write_derived_layout(
     layout_dir: &Path,
     tag: &str,
     base: &[BaseLayer],
-    top_dir: &Path,
-    skip: &[&str],
+    tops: &[LayerSource<'_>],
     config: &ImageConfig,
 ) -> Result<String> {
-    write_layout(layout_dir, tag, base, top_dir, skip, config)
+    write_layout(layout_dir, tag, base, tops, config)
 }
 
 fn write_layout(
     layout_dir: &Path,
     tag: &str,
     base: &[BaseLayer],
-    rootfs_dir: &Path,
-    skip: &[&str],
+    tops: &[LayerSource<'_>],
     config: &ImageConfig,
 ) -> Result<String> {
     let name = format!("oci:{}:{tag}", layout_dir.display());
@@ -118,9 +134,11 @@ fn write_layout(
         });
         diff_ids.push(b.layer.diff_id.clone());
     }
-    let layer = write_layer(&blobs, rootfs_dir, skip)?;
-    layers.push(layer.desc);
-    diff_ids.push(layer.diff_id.clone());
+    for top in tops {
+        let layer = write_layer(&blobs, top)?;
+        layers.push(layer.desc);
+        diff_ids.push(layer.diff_id);
+    }
 
     let config_file = ConfigFile {
         architecture: "amd64".into(),
@@ -155,7 +173,7 @@ struct WrittenLayer {
     diff_id: String,
 }
 
-fn write_layer(blobs: &Path, rootfs_dir: &Path, skip: &[&str]) -> Result<WrittenLayer> {
+fn write_layer(blobs: &Path, source: &LayerSource<'_>) -> Result<WrittenLayer> {
     let tmp = TmpFile::new(blobs)?;
     let file = File::options()
         .write(true)
@@ -166,16 +184,32 @@ fn write_layer(blobs: &Path, rootfs_dir: &Path, skip: &[&str]) -> Result<Written
     // header has mtime 0 and no name, so output depends only on input.
     let compressed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
     let gz = GzEncoder::new(compressed, flate2::Compression::default());
+    let (root, skip) = match *source {
+        LayerSource::Dir { dir, skip } => (dir, skip),
+        LayerSource::Changes { root, .. } => (root, &[][..]),
+    };
     let mut tar = TarWriter {
         builder: tar::Builder::new(HashWriter::new(gz)),
         links: HashMap::new(),
         skip,
     };
     let w = |e: io::Error| ImageError::Io {
-        context: format!("writing the layer of {} to {}", rootfs_dir.display(), tmp.0.display()),
+        context: format!("writing the layer of {} to {}", root.display(), tmp.0.display()),
         source: e,
     };
-    tar.walk(rootfs_dir, Path::new(""))?;
+    match *source {
+        LayerSource::Dir { dir, .. } => tar.walk(dir, Path::new(""))?,
+        LayerSource::Changes { root, put, delete } => {
+            for rel in delete {
+                tar.whiteout(rel)?;
+            }
+            for rel in put {
+                let path = root.join(rel);
+                let md = fs::symlink_metadata(&path).context(|| format!("inspecting {}", path.display()))?;
+                tar.append(&path, rel, &md)?;
+            }
+        }
+    }
     let (diff_id, _, gz) = tar.builder.into_inner().map_err(w)?.finish();
     let (digest, size, buf) = gz.finish().map_err(w)?.finish();
     let file = buf.into_inner().map_err(|e| w(e.into_error()))?;
@@ -204,6 +238,23 @@ struct TarWriter<'a, W: Write> {
 }
 
 impl<W: Write> TarWriter<'_, W> {
+    /// An OCI whiteout (an empty `.wh.NAME`) deleting `rel`.
+    fn whiteout(&mut self, rel: &Path) -> Result<()> {
+        let name = rel.file_name().unwrap_or_default();
+        let mut wh = b".wh.".to_vec();
+        wh.extend_from_slice(name.as_bytes());
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        self.builder
+            .append_data(&mut h, rel.with_file_name(OsStr::from_bytes(&wh)), io::empty())
+            .context(|| format!("adding a whiteout for {}", rel.display()))
+    }
+
     fn walk(&mut self, dir: &Path, rel: &Path) -> Result<()> {
         let mut names: Vec<_> = fs::read_dir(dir)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>())
@@ -217,7 +268,7 @@ impl<W: Write> TarWriter<'_, W> {
             let path = dir.join(&name);
             let rel = rel.join(&name);
             let md = fs::symlink_metadata(&path).context(|| format!("inspecting {}", path.display()))?;
-            self.append(&path, &rel, &name, &md)?;
+            self.append(&path, &rel, &md)?;
             if md.is_dir() {
                 self.walk(&path, &rel)?;
             }
@@ -225,7 +276,7 @@ impl<W: Write> TarWriter<'_, W> {
         Ok(())
     }
 
-    fn append(&mut self, path: &Path, rel: &Path, name: &OsStr, md: &fs::Metadata) -> Result<()> {
+    fn append(&mut self, path: &Path, rel: &Path, md: &fs::Metadata) -> Result<()> {
         let ft = md.file_type();
         let ctx = || format!("adding {} to the layer", path.display());
         let mut h = Header::new_gnu();
@@ -237,11 +288,7 @@ impl<W: Write> TarWriter<'_, W> {
 
         if ft.is_char_device() && md.rdev() == 0 {
             // An overlayfs whiteout: the OCI form is an empty `.wh.NAME`.
-            let mut wh = b".wh.".to_vec();
-            wh.extend_from_slice(name.as_bytes());
-            let wh_path = rel.with_file_name(OsStr::from_bytes(&wh));
-            h.set_entry_type(EntryType::Regular);
-            return self.builder.append_data(&mut h, wh_path, io::empty()).context(ctx);
+            return self.whiteout(rel);
         }
 
         let (xattrs, opaque) = read_xattrs(path)?;

@@ -345,8 +345,8 @@ impl Manager {
         let scratch = self.inner.cfg.data_dir.join("tmp");
         if let Ok(entries) = std::fs::read_dir(&scratch) {
             for entry in entries.flatten() {
-                for side in ["old", "new"] {
-                    let _ = hangar_rootfs::overlay::unmount(&entry.path().join(side));
+                for mount in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                    let _ = hangar_rootfs::overlay::unmount(&mount.path());
                 }
                 let _ = std::fs::remove_dir_all(entry.path());
             }

@@ -5,10 +5,11 @@
 //! scratch directory; `hangar_rootfs::diff` compares the two.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hangar_api::{ChangeKind, CheckpointDiff, DiffQuery, FileChange};
 use hangar_rootfs::diff::{self, Tree, View};
-use hangar_rootfs::overlay;
+use hangar_rootfs::overlay::{self, WritableLayer};
 
 use crate::checkpoints::{SCRATCH_PREFIX, checkpoint_volume};
 use crate::paths::volume_name;
@@ -16,13 +17,72 @@ use crate::{Error, Manager, Result, random_hex};
 
 const DEFAULT_LIMIT: usize = 10_000;
 
-/// Mounts and scratch snapshots made for one diff, removed on drop (also
-/// when the diff fails or its request is dropped).
-struct Scratch {
+/// Mounts and scratch snapshots made to read versions of a machine's
+/// filesystem (for a diff or an export), removed on drop (also when the
+/// work fails or its request is dropped).
+pub(crate) struct Scratch {
     dir: PathBuf,
     mounts: Vec<PathBuf>,
-    volume: Option<String>,
-    pool: std::sync::Arc<dyn hangar_rootfs::Pool>,
+    volumes: Vec<String>,
+    pool: Arc<dyn hangar_rootfs::Pool>,
+}
+
+impl Scratch {
+    /// Under `data_dir/tmp`, where recovery cleans up after a crash.
+    pub fn new(data_dir: &Path, pool: Arc<dyn hangar_rootfs::Pool>) -> Scratch {
+        Scratch {
+            dir: data_dir.join("tmp").join(format!("view-{}", random_hex(6))),
+            mounts: Vec::new(),
+            volumes: Vec::new(),
+            pool,
+        }
+    }
+
+    /// A read-only snapshot of pool volume `src`, not paused: reading needs
+    /// no more consistency than the writes it watches.
+    pub fn snapshot(&mut self, src: &str) -> Result<String> {
+        let name = format!("{SCRATCH_PREFIX}{}", random_hex(6));
+        self.pool.snapshot(src, &name, true)?;
+        self.volumes.push(name.clone());
+        Ok(name)
+    }
+
+    /// Pool volume `volume`'s layer merged over the image's `lowers`,
+    /// mounted read-only as `name`; with no volume, the image alone.
+    pub fn tree(&mut self, name: &str, volume: Option<&str>, lowers: &[PathBuf]) -> Result<Tree> {
+        let merged = self.dir.join(name);
+        let upper = match volume {
+            Some(v) => WritableLayer::at(&self.pool.path(v)).upper,
+            None => {
+                let empty = self.dir.join(format!("{name}-empty"));
+                std::fs::create_dir_all(&empty)
+                    .map_err(|e| Error::internal(&format!("creating {}", empty.display()), e))?;
+                empty
+            }
+        };
+        let layers: Vec<PathBuf> = match volume {
+            Some(_) => std::iter::once(upper.clone()).chain(lowers.iter().cloned()).collect(),
+            None => lowers.to_vec(),
+        };
+        // A read-only overlay needs two layers; one is its own view.
+        let view = if layers.len() == 1 {
+            View::open(&layers[0])?
+        } else {
+            overlay::mount(&layers, None, &merged)?;
+            self.mounts.push(merged.clone());
+            View::open(&merged)?
+        };
+        Ok(Tree { upper, merged: view })
+    }
+
+    /// Where tree `name`'s merged view is, for reading by path.
+    pub fn merged_path(&self, name: &str, lowers: &[PathBuf], has_volume: bool) -> PathBuf {
+        if !has_volume && lowers.len() == 1 {
+            lowers[0].clone()
+        } else {
+            self.dir.join(name)
+        }
+    }
 }
 
 impl Drop for Scratch {
@@ -33,10 +93,10 @@ impl Drop for Scratch {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(v) = &self.volume
-            && let Err(e) = self.pool.delete(v)
-        {
-            tracing::warn!("deleting scratch snapshot {v}: {e}");
+        for v in &self.volumes {
+            if let Err(e) = self.pool.delete(v) {
+                tracing::warn!("deleting scratch snapshot {v}: {e}");
+            }
         }
     }
 }
@@ -63,54 +123,22 @@ impl Manager {
         };
         let image = self.load_image(&rec.image_digest).await?;
         let lowers = self.inner.images.layer_dirs(&image);
-        let pool = self.inner.pool.clone();
-        let scratch_dir = self
-            .inner
-            .cfg
-            .data_dir
-            .join("tmp")
-            .join(format!("diff-{}", random_hex(6)));
+        let (pool, data_dir) = (self.inner.pool.clone(), self.inner.cfg.data_dir.clone());
         let (old_volume, machine_volume) = (checkpoint_volume(&old.id), volume_name(&rec.id));
         let new_volume = new.as_ref().map(|c| checkpoint_volume(&c.id));
         let blocking = tokio::task::spawn_blocking(move || -> Result<(Vec<diff::Change>, bool, Option<String>)> {
-            let mut scratch = Scratch {
-                dir: scratch_dir,
-                mounts: Vec::new(),
-                volume: None,
-                pool: pool.clone(),
-            };
+            let mut scratch = Scratch::new(&data_dir, pool);
             let new_volume = match new_volume {
                 Some(v) => v,
-                None => {
-                    // The live layer may change while it is read: diff a
-                    // snapshot of it instead (O(1), not paused: a diff need
-                    // not be more consistent than the writes it watches).
-                    let v = format!("{SCRATCH_PREFIX}{}", random_hex(6));
-                    pool.snapshot(&machine_volume, &v, true)?;
-                    scratch.volume = Some(v.clone());
-                    v
-                }
+                None => scratch.snapshot(&machine_volume)?,
             };
-            let mut tree = |name: &str, volume: &str| -> Result<Tree> {
-                let upper = overlay::WritableLayer::at(&pool.path(volume)).upper;
-                let merged = scratch.dir.join(name);
-                let layers: Vec<PathBuf> = std::iter::once(upper.clone()).chain(lowers.iter().cloned()).collect();
-                overlay::mount(&layers, None, &merged)?;
-                scratch.mounts.push(merged.clone());
-                Ok(Tree {
-                    upper,
-                    merged: View::open(&merged)?,
-                })
-            };
-            let old_tree = tree("old", &old_volume)?;
-            let new_tree = tree("new", &new_volume)?;
+            let old_tree = scratch.tree("old", Some(&old_volume), &lowers)?;
+            let new_tree = scratch.tree("new", Some(&new_volume), &lowers)?;
             let (changes, truncated) = diff::diff(&old_tree, &new_tree, limit)?;
             let text = match text_path {
                 Some(p) => Some(diff::text_diff(&old_tree.merged, &new_tree.merged, Path::new(&p))?),
                 None => None,
             };
-            drop((old_tree, new_tree));
-            drop(scratch);
             Ok((changes, truncated, text))
         });
         let (changes, truncated, content_diff) = blocking

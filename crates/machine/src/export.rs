@@ -8,11 +8,16 @@
 //! `DATA_DIR/exports`, never at a path the caller picks: the API must not
 //! become a way to write anywhere on the host.
 
-use hangar_api::{ExportRequest, ExportedImage, MachineState, validate_name};
-use hangar_image::BaseLayer;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hangar_api::{ExportLayers, ExportRequest, ExportedImage, MachineState, validate_name};
+use hangar_image::{BaseLayer, LayerSource};
+use hangar_rootfs::diff::{self, ChangeKind};
 use hangar_rootfs::overlay::WritableLayer;
 
 use crate::checkpoints::{SCRATCH_PREFIX, checkpoint_volume};
+use crate::diff::Scratch;
 use crate::paths::volume_name;
 use crate::recipe::dockerfile;
 use crate::{Error, Manager, Result, random_hex};
@@ -88,21 +93,62 @@ impl Manager {
             config.user = Some(u.clone());
         }
 
+        // Oldest first: the checkpoints the exported version descends from.
+        let mut chain = Vec::new();
+        if req.layers == ExportLayers::Checkpoints {
+            let mut next = match &checkpoint {
+                Some(c) => c.parent_id.clone(),
+                None => rec.base_checkpoint.clone(),
+            };
+            while let Some(id) = next.take() {
+                let Some(c) = self.inner.store.get_checkpoint(&id).await? else {
+                    break;
+                };
+                if chain.len() > 10_000 || chain.contains(&c.id) {
+                    break;
+                }
+                next = c.parent_id.clone();
+                chain.push(c.id);
+            }
+            chain.reverse();
+        }
         let layout = self.inner.cfg.data_dir.join("exports").join(&req.name);
-        let upper = WritableLayer::at(&self.inner.pool.path(&source)).upper;
-        let (pool, written_tag, written_layout) = (self.inner.pool.clone(), tag.clone(), layout.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            let digest =
-                hangar_image::write_derived_layout(&written_layout, &written_tag, &base, &upper, &[".hangar"], &config);
+        let lowers = self.inner.images.layer_dirs(&image);
+        let (pool, data_dir, written_tag, written_layout) = (
+            self.inner.pool.clone(),
+            self.inner.cfg.data_dir.clone(),
+            tag.clone(),
+            layout.clone(),
+        );
+        let layers_mode = req.layers;
+        let written = tokio::task::spawn_blocking(move || -> Result<(String, usize)> {
+            let written = match layers_mode {
+                ExportLayers::Squashed => {
+                    let upper = WritableLayer::at(&pool.path(&source)).upper;
+                    let top = LayerSource::Dir {
+                        dir: &upper,
+                        skip: &[".hangar"],
+                    };
+                    hangar_image::write_derived_layout(&written_layout, &written_tag, &base, &[top], &config)
+                        .map(|d| (d, 1))
+                        .map_err(Error::from)
+                }
+                ExportLayers::Checkpoints => {
+                    per_checkpoint_layers(&data_dir, &pool, &chain, &source, &lowers, |tops| {
+                        hangar_image::write_derived_layout(&written_layout, &written_tag, &base, tops, &config)
+                    })
+                }
+            };
             if let Some(s) = scratch
                 && let Err(e) = pool.delete(&s)
             {
                 tracing::warn!("deleting scratch snapshot {s}: {e}");
             }
-            digest
+            written
         })
         .await
         .map_err(|e| Error::internal("exporting the machine", e))??;
+        let (written, new_layers) = written;
 
         let what = match &checkpoint {
             Some(c) => format!("machine {} at checkpoint {}", rec.id, c.id),
@@ -127,9 +173,62 @@ impl Manager {
             pushed,
             image: format!("oci:{}:{tag}", layout.display()),
             digest: written,
-            layers: image.layers.len() + 1,
+            layers: image.layers.len() + new_layers,
             recipe,
             recipe_path: recipe_path.display().to_string(),
         })
     }
+}
+
+/// Writes (through `write`) one layer per step of the history: from the
+/// image to the first checkpoint of `chain`, between consecutive ones, and
+/// from the last to `target` (a pool volume). Each layer holds what its
+/// step changed: the paths added or modified, read from the step's own
+/// version, and whiteouts for the paths it deleted. Returns the digest and
+/// the number of layers written.
+fn per_checkpoint_layers(
+    data_dir: &Path,
+    pool: &Arc<dyn hangar_rootfs::Pool>,
+    chain: &[String],
+    target: &str,
+    lowers: &[PathBuf],
+    write: impl FnOnce(&[LayerSource<'_>]) -> hangar_image::Result<String>,
+) -> Result<(String, usize)> {
+    let mut scratch = Scratch::new(data_dir, pool.clone());
+    let volumes: Vec<String> = chain
+        .iter()
+        .map(|c| checkpoint_volume(c))
+        .chain(std::iter::once(target.to_owned()))
+        .collect();
+    let mut previous = scratch.tree("v0", None, lowers)?;
+    let mut steps: Vec<(PathBuf, Vec<PathBuf>, Vec<PathBuf>)> = Vec::new();
+    for (i, volume) in volumes.iter().enumerate() {
+        let name = format!("v{}", i + 1);
+        let tree = scratch.tree(&name, Some(volume), lowers)?;
+        let (changes, _) = diff::diff(&previous, &tree, usize::MAX)?;
+        let rel = |p: &str| PathBuf::from(p.trim_start_matches('/'));
+        let deleted: Vec<PathBuf> = changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Deleted)
+            .map(|c| rel(&c.path))
+            .collect();
+        // A whiteout for a directory covers everything in it.
+        let delete = deleted
+            .iter()
+            .filter(|p| !deleted.iter().any(|d| d != *p && p.starts_with(d)))
+            .cloned()
+            .collect();
+        let put = changes
+            .iter()
+            .filter(|c| c.kind != ChangeKind::Deleted)
+            .map(|c| rel(&c.path))
+            .collect();
+        steps.push((scratch.merged_path(&name, lowers, true), put, delete));
+        previous = tree;
+    }
+    let tops: Vec<LayerSource<'_>> = steps
+        .iter()
+        .map(|(root, put, delete)| LayerSource::Changes { root, put, delete })
+        .collect();
+    Ok((write(&tops)?, tops.len()))
 }

@@ -116,3 +116,48 @@ async fn continues_where_it_stopped(runtime: &str, how: &str) {
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert_eq!(v["state"], "stopped");
 }
+
+/// A resume that fails (here: the runsc checkpoint image is corrupt) starts
+/// the machine cold from its filesystem and says so: it is never lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_resume_starts_cold_and_says_why() {
+    let d = Daemon::start();
+    d.create_app("cold").await;
+    let config = json!({"runtime": "runsc", "init": {"cmd": ["sh", "-c", COUNTER]}});
+    let id = d.machine("cold", config).await["id"].as_str().unwrap().to_owned();
+    let url = format!("/v1/apps/cold/machines/{id}");
+    d.sh("cold", &id, "echo kept > /root/file").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    d.ok(Method::POST, &format!("{url}/suspend"), None).await;
+
+    let image = d
+        .data_dir
+        .path()
+        .join(format!("machines/{id}/suspend-image/checkpoint.img"));
+    let len = std::fs::metadata(&image).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let m = d.ok(Method::POST, &format!("{url}/start"), None).await;
+    assert_eq!(m["state"], "started");
+    let events = d.ok(Method::GET, &format!("{url}/events"), None).await;
+    let start = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["status"] == "started")
+        .unwrap();
+    assert_eq!(start["detail"]["path"], "cold", "{events}");
+    assert!(
+        start["detail"]["resume_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{events}"
+    );
+    // Its filesystem is all there; its memory (the counter) is not.
+    assert_eq!(d.sh("cold", &id, "cat /root/file").await, "kept\n");
+    assert!(!image.exists(), "the broken image is gone");
+}

@@ -392,12 +392,12 @@ pub(crate) fn sweep(pool: &dyn hangar_rootfs::Pool, orphan: impl Fn(&str) -> boo
 
 /// Whether the machine's processes run (and must be paused for a
 /// consistent snapshot). A suspended machine's are paused already.
-fn is_live(rec: &MachineRecord, slot: &Slot) -> bool {
+pub(crate) fn is_live(rec: &MachineRecord, slot: &Slot) -> bool {
     rec.state == MachineState::Started && slot.running.lock().expect("running lock").is_some()
 }
 
 /// Whether a machine in `state` has a writable layer to snapshot.
-fn has_layer(state: MachineState) -> bool {
+pub(crate) fn has_layer(state: MachineState) -> bool {
     !matches!(
         state,
         MachineState::Creating | MachineState::Destroying | MachineState::Destroyed

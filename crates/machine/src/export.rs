@@ -2,21 +2,22 @@
 //! build recipe.
 //!
 //! The image is the machine's base image, its layers copied as they are,
-//! plus one layer made from the machine's writable layer: an overlay upper
-//! directory holds exactly what changed, and its whiteouts and opaque
-//! directories become OCI whiteouts. Layouts are written under
-//! `DATA_DIR/exports`, never at a path the caller picks: the API must not
-//! become a way to write anywhere on the host.
+//! plus, squashed, one layer made from the machine's writable layer (an
+//! overlay upper directory holds exactly what changed, and its whiteouts
+//! and opaque directories become OCI whiteouts), or one layer per
+//! checkpoint, each built from the diff of its step. Layouts are written
+//! under `DATA_DIR/exports`, never at a path the caller picks: the API must
+//! not become a way to write anywhere on the host.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hangar_api::{ExportLayers, ExportRequest, ExportedImage, MachineState, validate_name};
+use hangar_api::{ExportLayers, ExportRequest, ExportedImage, validate_name};
 use hangar_image::{BaseLayer, LayerSource};
 use hangar_rootfs::diff::{self, ChangeKind};
 use hangar_rootfs::overlay::WritableLayer;
 
-use crate::checkpoints::{SCRATCH_PREFIX, checkpoint_volume};
+use crate::checkpoints::{SCRATCH_PREFIX, checkpoint_volume, has_layer, is_live};
 use crate::diff::Scratch;
 use crate::paths::volume_name;
 use crate::recipe::dockerfile;
@@ -44,10 +45,7 @@ impl Manager {
             None => None,
         };
         let (slot, _op, rec) = self.lock_machine(app, id).await?;
-        if matches!(
-            rec.state,
-            MachineState::Creating | MachineState::Destroying | MachineState::Destroyed
-        ) {
+        if !has_layer(rec.state) {
             return Err(crate::ops::wrong_state(&rec, "export", "wait for it to be created"));
         }
         let checkpoint = match &req.checkpoint {
@@ -60,8 +58,7 @@ impl Manager {
             Some(c) => (checkpoint_volume(&c.id), None),
             None => {
                 let name = format!("{SCRATCH_PREFIX}{}", random_hex(6));
-                let live = rec.state == MachineState::Started && slot.running.lock().expect("running lock").is_some();
-                self.snapshot_layer(&rec.id, &volume_name(&rec.id), &name, live, true)
+                self.snapshot_layer(&rec.id, &volume_name(&rec.id), &name, is_live(&rec, &slot), true)
                     .await?;
                 (name.clone(), Some(name))
             }

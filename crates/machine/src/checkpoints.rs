@@ -257,10 +257,16 @@ impl Manager {
         let _fork_op = fork_slot.op.lock().await;
         // The parent's volumes stay the parent's: the fork mounts copies
         // (of their data now; volumes are not part of checkpoints).
-        let forked = self.fork_mounted_volumes(&fork_id, &mut rec.config.mounts).await;
-        if let Err(e) = forked.and(Ok(self.inner.store.update_machine(&rec, None).await?)) {
-            self.undo_create(&rec).await;
-            return Err(e);
+        if !rec.config.mounts.is_empty() {
+            let forked = async {
+                self.fork_mounted_volumes(&fork_id, &mut rec.config.mounts).await?;
+                Ok::<_, Error>(self.inner.store.update_machine(&rec, None).await?)
+            }
+            .await;
+            if let Err(e) = forked {
+                self.undo_create(&rec).await;
+                return Err(e);
+            }
         }
         let copied = async {
             let dir = self.paths(&fork_id).dir;

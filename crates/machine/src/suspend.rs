@@ -59,9 +59,13 @@ impl Manager {
             .await?;
         let method = self.suspend_method(rec);
         let suspended = match method {
-            Method::Freeze => set_frozen(&rec.id, true).await.inspect_err(|_| {
-                let _ = hangar_runtime::cgroup::set_frozen(&rec.id, false);
-            }),
+            Method::Freeze => match set_frozen(&rec.id, true).await {
+                Err(e) => {
+                    let _ = set_frozen(&rec.id, false).await;
+                    Err(e)
+                }
+                frozen => frozen,
+            },
             Method::Checkpoint => self.checkpoint_sandbox(slot, rec).await,
         };
         if let Err(e) = suspended {

@@ -275,12 +275,7 @@ fn lifecycle(cli: &Cli) -> Result<i32> {
     let iterations = cli.iterations as usize;
     let settle = Duration::from_millis(cli.settle_ms);
     let selected = |s: System| cli.only.is_none_or(|o| o == s);
-    let work = tempfile::Builder::new()
-        .prefix("hangar-bench")
-        .tempdir()
-        .context("creating a scratch directory")?;
-    let rootfs = work.path().join("rootfs");
-    image::make_rootfs(&rootfs)?;
+    let (work, rootfs) = scratch_rootfs()?;
 
     let (bin_dir, hangar_bin) = cli.common.binaries()?;
     let layout = if selected(System::Hangar) || selected(System::Podman) {
@@ -354,12 +349,7 @@ fn pull(common: &Common, iterations: usize, size_mb: u64) -> Result<i32> {
 fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i32> {
     let (bin_dir, hangar_bin) = common.binaries()?;
     check_hangar(&hangar_bin)?;
-    let work = tempfile::Builder::new()
-        .prefix("hangar-bench")
-        .tempdir()
-        .context("creating a scratch directory")?;
-    let rootfs = work.path().join("rootfs");
-    image::make_rootfs(&rootfs)?;
+    let (work, rootfs) = scratch_rootfs()?;
     let layout = image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?;
     let cfg = hangar::Config {
         hangar: hangar_bin.clone(),
@@ -372,6 +362,18 @@ fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i
     let report = report::SectionsReport::new(std::env::args().collect(), report::Host::collect(), iterations, run);
     common.print(&report, report::SectionsReport::table)?;
     Ok(0)
+}
+
+/// A scratch directory (removed when dropped) holding the busybox rootfs
+/// the benchmarks' images are made of.
+fn scratch_rootfs() -> Result<(tempfile::TempDir, PathBuf)> {
+    let work = tempfile::Builder::new()
+        .prefix("hangar-bench")
+        .tempdir()
+        .context("creating a scratch directory")?;
+    let rootfs = work.path().join("rootfs");
+    image::make_rootfs(&rootfs)?;
+    Ok((work, rootfs))
 }
 
 /// A section's result, its error printed as it happens so the rest goes on.

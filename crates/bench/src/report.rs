@@ -108,6 +108,15 @@ impl Timing {
         })
     }
 
+    /// Every operation a section timed.
+    fn all(section: &Section) -> Vec<Timing> {
+        section
+            .samples
+            .iter()
+            .filter_map(|(&op, s)| Timing::of(op, s))
+            .collect()
+    }
+
     fn cell(&self) -> String {
         let s = self.summary;
         format!("{:.2} / {:.2} ({})", s.p50_ms, s.p99_ms, s.n)
@@ -304,11 +313,7 @@ impl PullReport {
             skopeo: version_of(Path::new("skopeo")),
             registry: version_of(Path::new("docker-registry")),
             image,
-            results: section
-                .samples
-                .iter()
-                .filter_map(|(&op, s)| Timing::of(op, s))
-                .collect(),
+            results: Timing::all(&section),
             notes: section.notes,
         }
     }
@@ -511,11 +516,7 @@ impl SectionsReport {
                 .into_iter()
                 .map(|(name, section)| NamedSection {
                     name,
-                    results: section
-                        .samples
-                        .iter()
-                        .filter_map(|(&op, s)| Timing::of(op, s))
-                        .collect(),
+                    results: Timing::all(&section),
                     notes: section.notes,
                 })
                 .collect(),

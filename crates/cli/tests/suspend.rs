@@ -16,6 +16,21 @@ async fn count(d: &Daemon, app: &str, id: &str) -> u64 {
     d.sh(app, id, "cat /root/count").await.trim().parse().unwrap()
 }
 
+/// The machine's latest `started` event, and all its events (to show when
+/// an assertion fails).
+async fn last_start(d: &Daemon, url: &str) -> (serde_json::Value, serde_json::Value) {
+    let events = d.ok(Method::GET, &format!("{url}/events"), None).await;
+    let start = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["status"] == "started")
+        .unwrap()
+        .clone();
+    (start, events)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_runc_machine_continues_where_it_stopped() {
     continues_where_it_stopped("runc", "frozen").await;
@@ -90,14 +105,7 @@ async fn continues_where_it_stopped(runtime: &str, how: &str) {
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(count(&d, "sus", &id).await > resumed + 3, "it keeps counting");
-    let events = d.ok(Method::GET, &format!("{url}/events"), None).await;
-    let start = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|e| e["status"] == "started")
-        .unwrap();
+    let (start, events) = last_start(&d, &url).await;
     assert_eq!(start["detail"]["path"], "resumed", "{events}");
 
     // A suspended machine stops like a started one, and then starts cold.
@@ -144,14 +152,7 @@ async fn a_failed_resume_starts_cold_and_says_why() {
 
     let m = d.ok(Method::POST, &format!("{url}/start"), None).await;
     assert_eq!(m["state"], "started");
-    let events = d.ok(Method::GET, &format!("{url}/events"), None).await;
-    let start = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|e| e["status"] == "started")
-        .unwrap();
+    let (start, events) = last_start(&d, &url).await;
     assert_eq!(start["detail"]["path"], "cold", "{events}");
     assert!(
         start["detail"]["resume_error"].as_str().is_some_and(|e| !e.is_empty()),

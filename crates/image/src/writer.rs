@@ -37,7 +37,7 @@ pub fn write_oci_layout(layout_dir: &Path, tag: &str, rootfs_dir: &Path, config:
         dir: rootfs_dir,
         skip: &[],
     };
-    write_layout(layout_dir, tag, &[], &[top], config)
+    write_derived_layout(layout_dir, tag, &[], &[top], config)
 }
 
 /// What one new layer of a derived image holds.
@@ -68,16 +68,6 @@ pub struct BaseLayer {
 /// links where the filesystem allows) with a layer for each of `tops` on
 /// top. Returns the manifest digest.
 pub fn write_derived_layout(
-    layout_dir: &Path,
-    tag: &str,
-    base: &[BaseLayer],
-    tops: &[LayerSource<'_>],
-    config: &ImageConfig,
-) -> Result<String> {
-    write_layout(layout_dir, tag, base, tops, config)
-}
-
-fn write_layout(
     layout_dir: &Path,
     tag: &str,
     base: &[BaseLayer],

@@ -226,27 +226,17 @@ impl Manager {
         let fork_id = random_hex(7);
         let name = req.name.clone().unwrap_or_else(|| fork_id.clone());
         validate_name("machine", &name).map_err(Error::BadRequest)?;
-        let now = now_ms();
-        let mut rec = MachineRecord {
-            id: fork_id.clone(),
-            app: parent.app.clone(),
+        let mut rec = self.new_record(
+            &fork_id,
+            &parent.app,
             name,
-            state: MachineState::Creating,
-            config: parent.config.clone(),
-            image_reference: parent.image_reference.clone(),
-            image_digest: parent.image_digest.clone(),
-            instance_id: random_hex(10),
-            host: self.inner.host.clone(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            run_ms: 0,
-            started_at_ms: None,
-            restart_count: 0,
-            last_exit: None,
-            base_checkpoint: match &from {
-                Some(c) => Some(c.id.clone()),
-                None => parent.base_checkpoint.clone(),
-            },
+            parent.config.clone(),
+            parent.image_reference.clone(),
+            parent.image_digest.clone(),
+        );
+        rec.base_checkpoint = match &from {
+            Some(c) => Some(c.id.clone()),
+            None => parent.base_checkpoint.clone(),
         };
         let detail = serde_json::json!({ "parent": parent.id, "checkpoint": from.as_ref().map(|c| &c.id) });
         self.inner

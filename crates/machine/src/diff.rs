@@ -74,15 +74,6 @@ impl Scratch {
         };
         Ok(Tree { upper, merged: view })
     }
-
-    /// Where tree `name`'s merged view is, for reading by path.
-    pub fn merged_path(&self, name: &str, lowers: &[PathBuf], has_volume: bool) -> PathBuf {
-        if !has_volume && lowers.len() == 1 {
-            lowers[0].clone()
-        } else {
-            self.dir.join(name)
-        }
-    }
 }
 
 impl Drop for Scratch {

@@ -220,7 +220,7 @@ fn per_checkpoint_layers(
             .filter(|c| c.kind != ChangeKind::Deleted)
             .map(|c| rel(&c.path))
             .collect();
-        steps.push((scratch.merged_path(&name, lowers, true), put, delete));
+        steps.push((tree.merged.path().to_owned(), put, delete));
         previous = tree;
     }
     let tops: Vec<LayerSource<'_>> = steps

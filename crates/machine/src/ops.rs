@@ -280,26 +280,8 @@ impl Manager {
         // Recorded before the slow path (the pull), so that its progress
         // shows as the machine's events; undone, leaving no trace, if the
         // image cannot be had.
-        let now = now_ms();
-        let mut rec = MachineRecord {
-            id: id.clone(),
-            app: app.to_owned(),
-            name,
-            state: MachineState::Creating,
-            config: req.config,
-            image_reference: image_ref.to_string(),
-            // Known once the image is.
-            image_digest: String::new(),
-            instance_id: random_hex(10),
-            host: self.inner.host.clone(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            run_ms: 0,
-            started_at_ms: None,
-            restart_count: 0,
-            last_exit: None,
-            base_checkpoint: None,
-        };
+        // The digest is known once the image is.
+        let mut rec = self.new_record(&id, app, name, req.config, image_ref.to_string(), String::new());
         self.inner
             .store
             .insert_machine(&rec, &event("create", "creating", "user", None))
@@ -330,6 +312,37 @@ impl Manager {
             self.start_locked(&slot, &mut rec, "user").await?;
         }
         Ok(machine_view(&rec))
+    }
+
+    /// A new machine's record, `creating`, owned by this daemon.
+    pub(crate) fn new_record(
+        &self,
+        id: &str,
+        app: &str,
+        name: String,
+        config: hangar_api::MachineConfig,
+        image_reference: String,
+        image_digest: String,
+    ) -> MachineRecord {
+        let now = now_ms();
+        MachineRecord {
+            id: id.to_owned(),
+            app: app.to_owned(),
+            name,
+            state: MachineState::Creating,
+            config,
+            image_reference,
+            image_digest,
+            instance_id: random_hex(10),
+            host: self.inner.host.clone(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            run_ms: 0,
+            started_at_ms: None,
+            restart_count: 0,
+            last_exit: None,
+            base_checkpoint: None,
+        }
     }
 
     /// Gets the image of a machine being created (the slow path: a pull or

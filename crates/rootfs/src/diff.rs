@@ -55,6 +55,12 @@ impl View {
         })
     }
 
+    /// Where the tree is, for reading by path (by a caller that has checked
+    /// the path through this view).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn open_at(&self, rel: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")

@@ -62,6 +62,11 @@ pub struct ForkMachineRequest {
     /// Create the fork stopped instead of starting it.
     #[serde(default)]
     pub skip_launch: bool,
+    /// Give the fork the parent's secrets (as placeholders of its own).
+    /// Without it the fork gets none: its environment has no placeholders
+    /// and copies of the parent's in its files are refused by the gateway.
+    #[serde(default)]
+    pub inherit_secrets: bool,
 }
 
 /// `GET …/checkpoints/{checkpoint}/diff`.

@@ -3,6 +3,7 @@
 //! Everything here is plain data: no I/O, no behaviour beyond validation.
 
 mod checkpoint;
+pub mod egress;
 mod image;
 mod machine;
 mod state;

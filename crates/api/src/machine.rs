@@ -40,6 +40,14 @@ pub struct MachineConfig {
     /// at a time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MachineMount>,
+    /// Secrets (by name, in the machine's app) the machine gets as
+    /// placeholders in its environment; the egress gateway swaps in the
+    /// values on requests to each secret's hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Replaces the app's egress policy for this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::egress::EgressPolicy>,
 }
 
 /// A volume mounted into a machine, as in Fly's `mounts`.

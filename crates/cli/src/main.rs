@@ -203,6 +203,22 @@ struct ServeArgs {
     /// removed, in hours.
     #[arg(long, default_value_t = 24.0)]
     volume_retention_hours: f64,
+    /// The egress gateway's directory (keys, CA, audit log, admin socket);
+    /// DATA_DIR/egress by default.
+    #[arg(long)]
+    egress_dir: Option<PathBuf>,
+    /// The hangar-egress binary to start if no gateway runs on the
+    /// directory; by default the one next to this binary.
+    #[arg(long)]
+    egress_binary: Option<PathBuf>,
+    /// HOST=IP: have the gateway resolve HOST to IP (trusted even when
+    /// internal, e.g. a package mirror on the LAN); repeatable.
+    #[arg(long = "egress-resolve")]
+    egress_resolve: Vec<String>,
+    /// A CA (PEM) the gateway trusts for upstream HTTPS besides the
+    /// system's; repeatable.
+    #[arg(long = "egress-upstream-ca")]
+    egress_upstream_cas: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -375,6 +391,9 @@ enum MachineCommand {
         /// Leave the fork stopped.
         #[arg(long)]
         stopped: bool,
+        /// Give the fork the parent's secrets (placeholders of its own).
+        #[arg(long)]
+        inherit_secrets: bool,
     },
     #[command(alias = "destroy")]
     Rm {
@@ -636,6 +655,15 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
         },
         volume_retention: std::time::Duration::try_from_secs_f64(args.volume_retention_hours * 3600.0)
             .context("--volume-retention-hours must be a number of hours, 0 or more")?,
+        egress: hangar_machine::EgressConfig {
+            dir: args.egress_dir,
+            binary: args.egress_binary.or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.join("hangar-egress")).filter(|p| p.is_file())
+            }),
+            resolve: args.egress_resolve,
+            upstream_cas: args.egress_upstream_cas,
+        },
     };
     hangar_daemon::serve(args.listen, cfg).await.map_err(anyhow::Error::msg)
 }
@@ -764,11 +792,13 @@ async fn machine(c: Client, json: bool, cmd: MachineCommand) -> Result<i32> {
             name,
             checkpoint,
             stopped,
+            inherit_secrets,
         } => {
             let req = hangar_api::ForkMachineRequest {
                 name,
                 checkpoint,
                 skip_launch: stopped,
+                inherit_secrets,
             };
             let fork: Machine = c
                 .post(&format!("{}/fork", machine_path(&m.app.app, &m.machine)), &req)

@@ -41,6 +41,7 @@ impl From<Error> for ApiError {
             Error::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream"),
             Error::UpstreamAuth(_) => (StatusCode::FORBIDDEN, "upstream_unauthorized"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

@@ -35,7 +35,7 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Hangar", description = "Machines for AI coding agents: create once, start in milliseconds."),
-    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images"), (name = "checkpoints"), (name = "volumes")),
+    tags((name = "apps"), (name = "machines"), (name = "exec"), (name = "files"), (name = "images"), (name = "checkpoints"), (name = "volumes"), (name = "egress")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -85,7 +85,7 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{apps, checkpoints, files, images, machines, volumes};
+    use routes::{apps, checkpoints, egress, files, images, machines, volumes};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::delete_app))
@@ -125,6 +125,15 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(volumes::delete_volume_snapshot))
         .routes(routes!(volumes::restore_volume_snapshot))
         .routes(routes!(volumes::fork_volume))
+        .routes(routes!(egress::get_policy, egress::put_policy))
+        .routes(routes!(egress::put_machine_policy, egress::delete_machine_policy))
+        .routes(routes!(egress::create_secret, egress::list_secrets))
+        .routes(routes!(
+            egress::get_secret,
+            egress::rotate_secret,
+            egress::delete_secret
+        ))
+        .routes(routes!(egress::egress_log))
 }
 
 /// The OpenAPI document, as served and as committed.
@@ -233,7 +242,12 @@ pub async fn serve(listen: SocketAddr, cfg: ManagerConfig) -> anyhow_like::Resul
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
-    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // Machines may never reach the daemon, whatever an egress policy says.
+    mgr.start_egress(vec![local])
+        .await
+        .map_err(|e| format!("egress gateway: {e}"))?;
+    let url = format!("http://{local}");
     // Lets a CLI on this host find the daemon from the data dir alone.
     let about = serde_json::json!({ "url": url, "pid": std::process::id() });
     std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())

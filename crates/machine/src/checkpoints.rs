@@ -234,6 +234,9 @@ impl Manager {
             parent.image_reference.clone(),
             parent.image_digest.clone(),
         );
+        if !req.inherit_secrets {
+            rec.config.secrets.clear();
+        }
         rec.base_checkpoint = match &from {
             Some(c) => Some(c.id.clone()),
             None => parent.base_checkpoint.clone(),

@@ -26,6 +26,10 @@ pub enum Error {
     /// Something we depend on (an image registry) refused our credentials.
     #[error("{0}")]
     UpstreamAuth(String),
+    /// A service Hangar runs beside the daemon (the egress gateway) is
+    /// not answering; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
     /// The disk is full.
     #[error("{0}")]
     NoSpace(String),

@@ -17,8 +17,23 @@ pub struct LaunchPlan {
     pub user: Option<String>,
 }
 
+/// What egress adds to a machine's environment.
+#[derive(Debug, Clone, Default)]
+pub struct EgressEnv {
+    /// Proxy and CA settings; the machine's config may override them.
+    pub defaults: Vec<(String, String)>,
+    /// One placeholder per secret; nothing overrides them.
+    pub secrets: Vec<(String, String)>,
+}
+
 /// Combines image and machine config. Fails if nothing says what to run.
-pub fn plan(machine_id: &str, app: &str, config: &MachineConfig, image: &ImageConfig) -> Result<LaunchPlan> {
+pub fn plan(
+    machine_id: &str,
+    app: &str,
+    config: &MachineConfig,
+    image: &ImageConfig,
+    egress: &EgressEnv,
+) -> Result<LaunchPlan> {
     let args = if let Some(exec) = &config.init.exec {
         exec.clone()
     } else {
@@ -48,7 +63,13 @@ pub fn plan(machine_id: &str, app: &str, config: &MachineConfig, image: &ImageCo
     set("HOSTNAME", machine_id);
     set("HANGAR_MACHINE_ID", machine_id);
     set("HANGAR_APP_NAME", app);
+    for (k, v) in &egress.defaults {
+        set(k, v);
+    }
     for (k, v) in &config.env {
+        set(k, v);
+    }
+    for (k, v) in &egress.secrets {
         set(k, v);
     }
     Ok(LaunchPlan {
@@ -121,6 +142,26 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn egress_env_precedence() {
+        let mut c = MachineConfig::default();
+        c.env.insert("HTTP_PROXY".into(), "http://mine:1".into());
+        c.env.insert("TOKEN".into(), "from-config".into());
+        let egress = EgressEnv {
+            defaults: vec![("HTTP_PROXY".into(), "http://127.0.0.1:3128".into())],
+            secrets: vec![("TOKEN".into(), "placeholder".into())],
+        };
+        let p = plan("m1", "a", &c, &image(), &egress).unwrap();
+        assert!(
+            p.env.contains(&"HTTP_PROXY=http://mine:1".to_owned()),
+            "the config overrides proxy defaults"
+        );
+        assert!(
+            p.env.contains(&"TOKEN=placeholder".to_owned()),
+            "nothing overrides a secret's placeholder"
+        );
+    }
+
     fn image() -> ImageConfig {
         ImageConfig {
             entrypoint: vec!["/entry".into()],
@@ -135,27 +176,43 @@ mod tests {
     #[test]
     fn image_defaults_and_overrides() {
         let mut c = MachineConfig::default();
-        let p = plan("m1", "a", &c, &image()).unwrap();
+        let p = plan("m1", "a", &c, &image(), &Default::default()).unwrap();
         assert_eq!(p.args, ["/entry", "serve"]);
         assert_eq!(p.cwd, "/app");
         assert_eq!(p.user.as_deref(), Some("app"));
         assert!(p.env.contains(&"PATH=/opt/bin".to_owned()));
 
         c.init.cmd = Some(vec!["x".into()]);
-        assert_eq!(plan("m1", "a", &c, &image()).unwrap().args, ["/entry", "x"]);
+        assert_eq!(
+            plan("m1", "a", &c, &image(), &Default::default()).unwrap().args,
+            ["/entry", "x"]
+        );
         c.init.cmd = None;
         c.init.entrypoint = Some(vec!["/bin/sh".into()]);
-        assert_eq!(plan("m1", "a", &c, &image()).unwrap().args, ["/bin/sh"]);
+        assert_eq!(
+            plan("m1", "a", &c, &image(), &Default::default()).unwrap().args,
+            ["/bin/sh"]
+        );
         c.init.exec = Some(vec!["/bin/true".into()]);
-        assert_eq!(plan("m1", "a", &c, &image()).unwrap().args, ["/bin/true"]);
+        assert_eq!(
+            plan("m1", "a", &c, &image(), &Default::default()).unwrap().args,
+            ["/bin/true"]
+        );
         c.env.insert("A".into(), "2".into());
-        let env = plan("m1", "a", &c, &image()).unwrap().env;
+        let env = plan("m1", "a", &c, &image(), &Default::default()).unwrap().env;
         assert!(env.contains(&"A=2".to_owned()) && !env.contains(&"A=1".to_owned()));
     }
 
     #[test]
     fn nothing_to_run_is_a_bad_request() {
-        let err = plan("m", "a", &MachineConfig::default(), &ImageConfig::default()).unwrap_err();
+        let err = plan(
+            "m",
+            "a",
+            &MachineConfig::default(),
+            &ImageConfig::default(),
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::BadRequest(_)));
     }
 

@@ -15,6 +15,7 @@
 mod agent;
 mod checkpoints;
 mod diff;
+mod egress;
 mod error;
 mod export;
 mod images;
@@ -39,6 +40,7 @@ use hangar_store::Store;
 use tokio::sync::watch;
 
 pub use agent::{Exec, ExecOutput, FileReader};
+pub use egress::EgressConfig;
 pub use error::{Error, Result};
 pub use images::Pull;
 pub use paths::MachinePaths;
@@ -69,6 +71,8 @@ pub struct ManagerConfig {
     pub registry: hangar_image::RegistryConfig,
     /// How long a deleted volume is kept (and can be brought back).
     pub volume_retention: std::time::Duration,
+    /// The egress gateway: where it is and how to start it.
+    pub egress: EgressConfig,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -105,6 +109,7 @@ struct Inner {
     volumes: tokio::sync::Mutex<()>,
     /// Where volumes live, once a volume operation needed it.
     volume_pool: tokio::sync::OnceCell<Arc<dyn Pool>>,
+    egress: egress::Egress,
 }
 
 /// The operations layer. Cheap to clone.
@@ -203,8 +208,10 @@ impl Manager {
                 h
             }
         };
+        let egress = egress::Egress::new(data, &cfg.egress)?;
         Ok(Manager {
             inner: Arc::new(Inner {
+                egress,
                 cfg,
                 store,
                 images: Arc::new(images),

@@ -276,6 +276,7 @@ impl Manager {
             ));
         }
         let image_ref: hangar_image::ImageRef = req.config.image.parse()?;
+        self.validate_egress(app, &req.config).await?;
 
         // Recorded before the slow path (the pull), so that its progress
         // shows as the machine's events; undone, leaving no trace, if the
@@ -350,7 +351,7 @@ impl Manager {
     /// and records which image it is.
     async fn attach_image(&self, rec: &mut MachineRecord, image_ref: &hangar_image::ImageRef) -> Result<()> {
         let (image, _no_gc) = self.image_for_create(image_ref, &rec.id).await?;
-        crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+        crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config, &Default::default())?;
         rec.image_reference = image.reference;
         rec.image_digest = image.manifest_digest;
         // Recorded under the guard: from now on the image counts as used.

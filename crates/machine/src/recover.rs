@@ -93,7 +93,8 @@ impl Manager {
             .filter(|s| s.pid > 0 && (s.status == "running" || rec.state == MachineState::Suspended));
         if let Some(status) = live {
             let image = self.load_image(&rec.image_digest).await?;
-            let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+            let egress_env = self.egress_env(rec).await?;
+            let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config, &egress_env)?;
             let running = self.watch_sandbox(rec, status.pid, plan.env, rec.instance_id.clone())?;
             *slot.running.lock().expect("running lock") = Some(running);
             if rec.state == MachineState::Stopping {

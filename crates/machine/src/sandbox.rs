@@ -11,7 +11,7 @@ use hangar_api::{ExitInfo, MachineState, RuntimeKind};
 use hangar_init_protocol::ExitStatus;
 use hangar_rootfs::overlay::{self, WritableLayer};
 use hangar_runtime::OciRuntime;
-use hangar_runtime::spec::{self, SandboxSpec};
+use hangar_runtime::spec::{self, BindMount, SandboxSpec};
 use hangar_store::MachineRecord;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -50,6 +50,8 @@ pub(crate) struct Running {
     pub id: String,
     runtime: OciRuntime,
     pidfd: OwnedFd,
+    /// The init's pid on the host (the sandbox's, for runsc).
+    pub pid: u32,
     /// Set once by the monitor when the sandbox's init has exited.
     pub exited: watch::Receiver<Option<ExitStatus>>,
     /// The machine's environment, the base of every exec's.
@@ -209,7 +211,8 @@ impl Manager {
     /// machine runs (its image's plan).
     pub(crate) async fn mount_rootfs(&self, rec: &MachineRecord) -> Result<crate::launch::LaunchPlan> {
         let image = self.load_image(&rec.image_digest).await?;
-        let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config)?;
+        let egress_env = self.egress_env(rec).await?;
+        let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config, &egress_env)?;
         let lowers = self.inner.images.layer_dirs(&image);
         let paths = self.paths(&rec.id);
         let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
@@ -261,7 +264,7 @@ impl Manager {
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
             listen: runtime.init_listen(),
             hold: prepare_only,
-            mounts: self.mount_sources(&rec.config.mounts).await?,
+            mounts: self.sandbox_mounts(rec).await?,
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)
@@ -277,8 +280,22 @@ impl Manager {
         let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
         let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
+        // Registered before the main process runs, so its first request
+        // finds the proxy listening.
+        self.egress_attach(rec, pid).await;
         running.wait_serving(&rec.id).await?;
         Ok(running)
+    }
+
+    /// Volumes, and the gateway's CA and settings (read-only).
+    async fn sandbox_mounts(&self, rec: &MachineRecord) -> Result<Vec<BindMount>> {
+        let mut mounts = self.mount_sources(&rec.config.mounts).await?;
+        mounts.push(BindMount {
+            source: self.inner.egress.public_dir().to_owned(),
+            destination: crate::egress::GUEST_DIR.into(),
+            readonly: true,
+        });
+        Ok(mounts)
     }
 
     /// Starts watching a sandbox's init (by pid) and returns its handle. The
@@ -290,6 +307,7 @@ impl Manager {
         env: Vec<String>,
         instance_id: String,
     ) -> Result<Arc<Running>> {
+        let raw_pid = pid;
         let pid = rustix::process::Pid::from_raw(pid as i32)
             .ok_or_else(|| Error::Internal(format!("machine {}: runtime reported pid 0", rec.id)))?;
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
@@ -302,6 +320,7 @@ impl Manager {
             pidfd: pidfd
                 .try_clone()
                 .map_err(|e| Error::internal("duplicating a pidfd", e))?,
+            pid: raw_pid,
             exited: rx,
             env,
             agent: crate::agent::Agent::new(self.agent_socket(rec)),
@@ -324,6 +343,7 @@ impl Manager {
                 }
             };
             let _ = tx.send(Some(status));
+            mgr.egress_detach(&id, raw_pid).await;
             mgr.on_sandbox_exit(&id, &instance).await;
         });
         Ok(running)

@@ -18,6 +18,7 @@ use hangar_api::{
     VolumeSnapshotList, validate_name,
 };
 use hangar_rootfs::Pool;
+use hangar_runtime::spec::BindMount;
 use hangar_store::{VolumeRecord, VolumeSnapshotRecord};
 
 use crate::{Error, Manager, Result, now_ms, random_hex, rfc3339};
@@ -459,14 +460,18 @@ impl Manager {
 
     /// Host directories to bind-mount into a machine, with their paths
     /// inside it.
-    pub(crate) async fn mount_sources(&self, mounts: &[MachineMount]) -> Result<Vec<(std::path::PathBuf, String)>> {
+    pub(crate) async fn mount_sources(&self, mounts: &[MachineMount]) -> Result<Vec<BindMount>> {
         if mounts.is_empty() {
             return Ok(Vec::new());
         }
         let pool = self.volume_pool().await?;
         Ok(mounts
             .iter()
-            .map(|m| (pool.path(&pool_name(&m.volume)), m.path.clone()))
+            .map(|m| BindMount {
+                source: pool.path(&pool_name(&m.volume)),
+                destination: m.path.clone(),
+                readonly: false,
+            })
             .collect())
     }
 

@@ -48,8 +48,16 @@ pub struct SandboxSpec {
     /// How the init gets its listening socket (see
     /// [`crate::OciRuntime::init_listen`]).
     pub listen: InitListen,
-    /// Host directories bind-mounted read-write at paths inside (volumes).
-    pub mounts: Vec<(PathBuf, String)>,
+    /// Host directories bind-mounted at paths inside (volumes, egress settings).
+    pub mounts: Vec<BindMount>,
+}
+
+/// A host directory made visible inside the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub destination: String,
+    pub readonly: bool,
 }
 
 /// How hangar-init gets the socket it serves the daemon on.
@@ -250,10 +258,10 @@ pub fn oci_config(spec: &SandboxSpec) -> Value {
         },
     });
     let mounts = config["mounts"].as_array_mut().expect("mounts is an array");
-    for (source, destination) in &spec.mounts {
+    for m in &spec.mounts {
         mounts.push(json!({
-            "destination": destination, "type": "bind", "source": source,
-            "options": ["rbind", "rw", "nosuid", "nodev"],
+            "destination": m.destination, "type": "bind", "source": m.source,
+            "options": ["rbind", if m.readonly { "ro" } else { "rw" }, "nosuid", "nodev"],
         }));
     }
     config

@@ -135,6 +135,51 @@ pub struct VolumeSnapshotRecord {
     pub created_at_ms: i64,
 }
 
+/// A secret, sealed: the store never holds its value in the clear.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretRecord {
+    pub app: String,
+    pub name: String,
+    /// The sealed payload, base64.
+    pub sealed: String,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_in: Vec<hangar_api::egress::SecretPlacement>,
+    pub inject: Option<hangar_api::egress::SecretInjection>,
+    pub version: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// What of a secret is stored in the clear, as one JSON column.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SecretBindings {
+    allowed_hosts: Vec<String>,
+    #[serde(default)]
+    allowed_in: Vec<hangar_api::egress::SecretPlacement>,
+    #[serde(default)]
+    inject: Option<hangar_api::egress::SecretInjection>,
+}
+
+fn secret_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
+    let bindings: String = row.get(3)?;
+    let b: SecretBindings = serde_json::from_str(&bindings)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e)))?;
+    Ok(SecretRecord {
+        app: row.get(0)?,
+        name: row.get(1)?,
+        sealed: row.get(2)?,
+        allowed_hosts: b.allowed_hosts,
+        allowed_in: b.allowed_in,
+        inject: b.inject,
+        version: row.get::<_, i64>(4)? as u32,
+        created_at_ms: row.get(5)?,
+        updated_at_ms: row.get(6)?,
+    })
+}
+
+const SECRET_SELECT: &str =
+    "SELECT app, name, sealed, bindings_json, version, created_at_ms, updated_at_ms FROM secrets";
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// The state store. Cheap to clone; every clone talks to the same connection.
@@ -255,6 +300,8 @@ impl Store {
             for sql in [
                 "DELETE FROM events WHERE machine_id IN (SELECT id FROM machines WHERE app = ?)",
                 "DELETE FROM machines WHERE app = ?",
+                "DELETE FROM secrets WHERE app = ?",
+                "DELETE FROM egress_policies WHERE app = ?",
             ] {
                 tx.execute(sql, [&name]).map_err(db("deleting app"))?;
             }
@@ -618,6 +665,114 @@ impl Store {
             }
             tx.execute("DELETE FROM checkpoints WHERE id = ?", [&id])
                 .map_err(db("removing checkpoint"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Creates or replaces a secret.
+    pub async fn put_secret(&self, secret: &SecretRecord) -> Result<()> {
+        let s = secret.clone();
+        let bindings = serde_json::to_string(&SecretBindings {
+            allowed_hosts: s.allowed_hosts.clone(),
+            allowed_in: s.allowed_in.clone(),
+            inject: s.inject.clone(),
+        })
+        .expect("bindings serialize");
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO secrets (app, name, sealed, bindings_json, version, created_at_ms, updated_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (app, name) DO UPDATE SET sealed = excluded.sealed, \
+                 bindings_json = excluded.bindings_json, version = excluded.version, \
+                 updated_at_ms = excluded.updated_at_ms",
+                params![
+                    s.app,
+                    s.name,
+                    s.sealed,
+                    bindings,
+                    s.version,
+                    s.created_at_ms,
+                    s.updated_at_ms
+                ],
+            )
+            .map_err(db(format!("writing secret {}", s.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_secret(&self, app: &str, name: &str) -> Result<Option<SecretRecord>> {
+        let (app, name) = (app.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            conn.query_row(
+                &format!("{SECRET_SELECT} WHERE app = ? AND name = ?"),
+                [app, name],
+                secret_from_row,
+            )
+            .optional()
+            .map_err(db("reading secret"))
+        })
+        .await
+    }
+
+    pub async fn list_secrets(&self, app: &str) -> Result<Vec<SecretRecord>> {
+        let app = app.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare(&format!("{SECRET_SELECT} WHERE app = ? ORDER BY name"))
+                .map_err(db("listing secrets"))?;
+            stmt.query_map([app], secret_from_row)
+                .and_then(|rows| rows.collect())
+                .map_err(db("listing secrets"))
+        })
+        .await
+    }
+
+    /// Whether there was such a secret.
+    pub async fn delete_secret(&self, app: &str, name: &str) -> Result<bool> {
+        let (app, name) = (app.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            conn.execute("DELETE FROM secrets WHERE app = ? AND name = ?", [app, name])
+                .map(|n| n > 0)
+                .map_err(db("deleting secret"))
+        })
+        .await
+    }
+
+    pub async fn get_egress_policy(&self, app: &str) -> Result<Option<hangar_api::egress::EgressPolicy>> {
+        let app = app.to_owned();
+        let json: Option<String> = self
+            .call(move |conn| {
+                conn.query_row("SELECT policy_json FROM egress_policies WHERE app = ?", [app], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db("reading egress policy"))
+            })
+            .await?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(format!("egress policy: {e}"))))
+            .transpose()
+    }
+
+    pub async fn put_egress_policy(
+        &self,
+        app: &str,
+        policy: &hangar_api::egress::EgressPolicy,
+        now_ms: i64,
+    ) -> Result<()> {
+        let (app, json) = (
+            app.to_owned(),
+            serde_json::to_string(policy).expect("policy serializes"),
+        );
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO egress_policies (app, policy_json, updated_at_ms) VALUES (?, ?, ?) \
+                 ON CONFLICT (app) DO UPDATE SET policy_json = excluded.policy_json, \
+                 updated_at_ms = excluded.updated_at_ms",
+                params![app, json, now_ms],
+            )
+            .map_err(db("writing egress policy"))?;
             Ok(())
         })
         .await

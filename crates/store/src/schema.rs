@@ -94,6 +94,26 @@ CREATE INDEX volume_snapshots_volume ON volume_snapshots (volume_id, created_at_
 -- through the API) the machine had taken when the checkpoint was made.
 ALTER TABLE checkpoints ADD COLUMN steps BIGINT NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- Secrets are stored sealed to the egress gateway's key: the daemon can't
+-- read them back. The bindings are kept in the clear to show in the API;
+-- the gateway trusts only the copy inside the sealed payload.
+CREATE TABLE secrets (
+    app TEXT NOT NULL REFERENCES apps (name),
+    name TEXT NOT NULL,
+    sealed TEXT NOT NULL,
+    bindings_json TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (app, name)
+);
+CREATE TABLE egress_policies (
+    app TEXT PRIMARY KEY REFERENCES apps (name),
+    policy_json TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+"#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -130,6 +130,42 @@ pub fn busybox_image() -> String {
         .clone()
 }
 
+/// A Debian bookworm image with apt, curl, git and ca-certificates (built
+/// once per machine by scripts/debian-test-rootfs.sh, from the Debian
+/// mirror), as an OCI layout.
+pub fn debian_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let dir = PathBuf::from("/var/tmp/hangar-test-debian");
+            sh(Command::new(workspace().join("scripts/debian-test-rootfs.sh")).arg(&dir));
+            let layout = dir.join("layout");
+            if !layout.join("index.json").exists() {
+                let tmp = dir.join("layout.tmp");
+                let _ = std::fs::remove_dir_all(&tmp);
+                let config = hangar_image::ImageConfig {
+                    cmd: vec!["sleep".into(), "infinity".into()],
+                    env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+                    ..Default::default()
+                };
+                hangar_image::write_oci_layout(&tmp, "latest", &dir.join("rootfs"), &config).unwrap();
+                std::fs::rename(&tmp, &layout).unwrap();
+            }
+            format!("oci:{}:latest", layout.display())
+        })
+        .clone()
+}
+
+/// The flat apt repository (one package, `hangar-hello`) of
+/// scripts/debian-test-rootfs.sh.
+pub fn apt_repo() -> PathBuf {
+    let dir = PathBuf::from("/var/tmp/hangar-test-apt-repo");
+    sh(Command::new(workspace().join("scripts/debian-test-rootfs.sh"))
+        .arg("--apt-repo")
+        .arg(&dir));
+    dir
+}
+
 fn which(name: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|paths| {
@@ -224,6 +260,17 @@ impl Daemon {
             .unwrap()
             .trim()
             .to_owned();
+    }
+
+    /// The egress gateway's pid, while it runs.
+    pub fn gateway_pid(&self) -> Option<i32> {
+        let dir = self.data_dir.path().join("egress");
+        let pid: i32 = std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
+    pub fn gateway_log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("egress/gateway.log")).unwrap_or_default()
     }
 
     pub fn log(&self) -> String {
@@ -384,6 +431,11 @@ impl Drop for Daemon {
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
+        }
+        // The egress gateway the daemon started outlives it by design.
+        if let Some(pid) = self.gateway_pid() {
+            // SAFETY: kill(2) on the gateway this test's daemon started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         let _ = std::fs::remove_dir(&self.pool_dir);
         // Volumes outlive machines: delete what the test left.

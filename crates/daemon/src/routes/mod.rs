@@ -4,6 +4,7 @@
 
 pub mod apps;
 pub mod checkpoints;
+pub mod egress;
 pub mod files;
 pub mod images;
 pub mod machines;

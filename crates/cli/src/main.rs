@@ -61,6 +61,87 @@ enum Command {
     /// Storage that outlives machines: create, snapshot, restore, fork.
     #[command(subcommand, alias = "vol")]
     Volume(VolumeCommand),
+    /// Secrets machines use through placeholders (values never leave the
+    /// egress gateway).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// What machines may reach, and the log of what they did.
+    #[command(subcommand)]
+    Egress(EgressCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Create a secret, or rotate it if it exists. The value is read from
+    /// stdin (never from the command line, where `ps` would show it).
+    Set {
+        #[command(flatten)]
+        app: AppArg,
+        name: String,
+        /// A host (egress rule syntax) where the value may be sent; repeatable.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Also allow the value in the URL or body (`url`, `body`); repeatable.
+        #[arg(long = "allow-in", value_parser = ["url", "body"])]
+        allow_in: Vec<String>,
+        /// Set this header on every request to the hosts (e.g. Authorization).
+        #[arg(long)]
+        inject_header: Option<String>,
+        /// The injected header's value, with {value} for the secret.
+        #[arg(long, requires = "inject_header")]
+        inject_format: Option<String>,
+    },
+    #[command(alias = "list")]
+    Ls(AppArg),
+    #[command(alias = "delete")]
+    Rm {
+        #[command(flatten)]
+        app: AppArg,
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PolicyTarget {
+    #[command(flatten)]
+    app: AppArg,
+    /// The machine's own policy (replacing the app's) instead of the app's.
+    #[arg(long)]
+    machine: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EgressCommand {
+    /// Add destinations: host, *.suffix, IP or CIDR, each with optional :port.
+    Allow {
+        #[command(flatten)]
+        target: PolicyTarget,
+        #[arg(required = true)]
+        rules: Vec<String>,
+    },
+    /// Remove destinations.
+    Revoke {
+        #[command(flatten)]
+        target: PolicyTarget,
+        #[arg(required = true)]
+        rules: Vec<String>,
+    },
+    /// Show the policy.
+    Policy(PolicyTarget),
+    /// The audit log, newest first.
+    Log {
+        #[command(flatten)]
+        app: AppArg,
+        #[arg(long)]
+        machine: Option<String>,
+        /// RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +368,9 @@ struct CreateArgs {
     /// VOLUME:/path: mount a volume (by name or id); repeatable.
     #[arg(long, short)]
     volume: Vec<String>,
+    /// A secret the machine gets as a placeholder; repeatable.
+    #[arg(long)]
+    secret: Vec<String>,
     /// The command (overrides the image's Cmd).
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -528,7 +612,135 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Machine(cmd) => machine(client()?, json, cmd).await,
         Command::Checkpoint(cmd) => checkpoint(client()?, json, cmd).await,
         Command::Volume(cmd) => volume(client()?, json, cmd).await,
+        Command::Secret(cmd) => secret(client()?, json, cmd).await,
+        Command::Egress(cmd) => egress(client()?, json, cmd).await,
     }
+}
+
+async fn secret(c: Client, json: bool, cmd: SecretCommand) -> Result<i32> {
+    use hangar_api::egress::{CreateSecretRequest, Secret, SecretInjection, SecretList, SecretPlacement};
+    match cmd {
+        SecretCommand::Set {
+            app,
+            name,
+            hosts,
+            allow_in,
+            inject_header,
+            inject_format,
+        } => {
+            ensure_app(&c, &app.app).await?;
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut value).context("reading the value from stdin")?;
+            let value = value.strip_suffix('\n').unwrap_or(&value).to_owned();
+            let req = CreateSecretRequest {
+                name: name.clone(),
+                value,
+                allowed_hosts: hosts,
+                allowed_in: allow_in
+                    .iter()
+                    .map(|p| {
+                        if p == "url" {
+                            SecretPlacement::Url
+                        } else {
+                            SecretPlacement::Body
+                        }
+                    })
+                    .collect(),
+                inject: inject_header.map(|header| SecretInjection {
+                    header,
+                    format: inject_format,
+                }),
+            };
+            let base = format!("/v1/apps/{}/secrets", app.app);
+            let exists = c.send(c.request(Method::GET, &format!("{base}/{name}"))).await.is_ok();
+            let s: Secret = if exists {
+                c.json(c.request(Method::PUT, &format!("{base}/{name}")).json(&req))
+                    .await?
+            } else {
+                c.post(&base, &req).await?
+            };
+            output::print(json, &s, || println!("sealed {} (version {})", s.name, s.version));
+        }
+        SecretCommand::Ls(app) => {
+            let list: SecretList = c.get(&format!("/v1/apps/{}/secrets", app.app)).await?;
+            output::print(json, &list, || output::secrets(&list.secrets));
+        }
+        SecretCommand::Rm { app, name } => {
+            c.send(c.request(Method::DELETE, &format!("/v1/apps/{}/secrets/{name}", app.app)))
+                .await?;
+            if !json {
+                println!("deleted secret {name}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn egress(c: Client, json: bool, cmd: EgressCommand) -> Result<i32> {
+    use hangar_api::egress::{EgressLog, EgressPolicy};
+    let policy_path = |t: &PolicyTarget| match &t.machine {
+        Some(m) => format!("{}/egress-policy", machine_path(&t.app.app, m)),
+        None => format!("/v1/apps/{}/egress-policy", t.app.app),
+    };
+    // The policy in force: a machine's own, else its app's.
+    async fn current(c: &Client, t: &PolicyTarget) -> Result<EgressPolicy> {
+        if let Some(m) = &t.machine {
+            let machine: Machine = c.get(&machine_path(&t.app.app, m)).await?;
+            if let Some(p) = machine.config.egress {
+                return Ok(p);
+            }
+        }
+        c.get(&format!("/v1/apps/{}/egress-policy", t.app.app)).await
+    }
+    match cmd {
+        EgressCommand::Allow { target, rules } => {
+            ensure_app(&c, &target.app.app).await?;
+            let mut policy = current(&c, &target).await?;
+            for r in rules {
+                if !policy.allow.contains(&r) {
+                    policy.allow.push(r);
+                }
+            }
+            c.send(c.request(Method::PUT, &policy_path(&target)).json(&policy))
+                .await?;
+            output::print(json, &policy, || output::policy(&policy));
+        }
+        EgressCommand::Revoke { target, rules } => {
+            let mut policy = current(&c, &target).await?;
+            policy.allow.retain(|r| !rules.contains(r));
+            c.send(c.request(Method::PUT, &policy_path(&target)).json(&policy))
+                .await?;
+            output::print(json, &policy, || output::policy(&policy));
+        }
+        EgressCommand::Policy(target) => {
+            let policy = current(&c, &target).await?;
+            output::print(json, &policy, || output::policy(&policy));
+        }
+        EgressCommand::Log {
+            app,
+            machine,
+            since,
+            until,
+            limit,
+        } => {
+            let limit = limit.to_string();
+            let query: Vec<(&str, &str)> = [
+                ("machine", machine.as_deref()),
+                ("since", since.as_deref()),
+                ("until", until.as_deref()),
+                ("limit", Some(limit.as_str())),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+            let req = c
+                .request(Method::GET, &format!("/v1/apps/{}/egress-log", app.app))
+                .query(&query);
+            let log: EgressLog = c.json(req).await?;
+            output::print(json, &log, || output::egress_log(&log.entries));
+        }
+    }
+    Ok(0)
 }
 
 async fn volume(c: Client, json: bool, cmd: VolumeCommand) -> Result<i32> {
@@ -982,6 +1194,7 @@ async fn create(c: &Client, json: bool, a: CreateArgs, skip_launch: bool) -> Res
                     _ => bail!("--volume {v:?} must look like VOLUME:/path"),
                 })
                 .collect::<Result<_>>()?,
+            secrets: a.secret,
             ..Default::default()
         },
         skip_launch,

@@ -255,3 +255,53 @@ pub fn volume(v: &hangar_api::Volume) {
         println!("purged at:   {purge}");
     }
 }
+
+pub fn secrets(list: &[hangar_api::egress::Secret]) {
+    table(
+        &["NAME", "HOSTS", "ALSO IN", "VERSION", "UPDATED"],
+        list.iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.allowed_hosts.join(","),
+                    s.allowed_in
+                        .iter()
+                        .map(|p| format!("{p:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    s.version.to_string(),
+                    s.updated_at.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub fn policy(p: &hangar_api::egress::EgressPolicy) {
+    if p.allow.is_empty() {
+        println!("nothing allowed (deny by default)");
+    }
+    for rule in &p.allow {
+        println!("allow {rule}");
+    }
+}
+
+pub fn egress_log(entries: &[hangar_api::egress::EgressLogEntry]) {
+    table(
+        &["TIME", "MACHINE", "REQUEST", "STATUS", "OUTCOME", "SECRETS", "MS"],
+        entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.time.clone(),
+                    e.machine_id.clone(),
+                    format!("{} {}://{}:{}{}", e.method, e.scheme, e.host, e.port, e.path),
+                    e.status.to_string(),
+                    format!("{:?}", e.outcome).to_lowercase(),
+                    e.secrets.join(","),
+                    format!("{:.1}", e.duration_ms),
+                ]
+            })
+            .collect(),
+    );
+}

@@ -52,6 +52,11 @@ async fn serve_one(root: Arc<PathBuf>, req: Request<hyper::body::Incoming>) -> R
         *r.status_mut() = status;
         r
     };
+    if path == "/leak" {
+        // A careless upstream that quotes the credential back.
+        let auth = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
+        return reply(StatusCode::OK, auth.unwrap_or_default());
+    }
     if path.starts_with("/echo") {
         let method = req.method().to_string();
         let query = req.uri().query().unwrap_or("").to_owned();
@@ -311,6 +316,23 @@ async fn egress_through_the_gateway() {
         "the gateway swapped the placeholder for the value: {v}"
     );
 
+    // An upstream that quotes the value back hands the machine the
+    // placeholder instead.
+    let leak = d
+        .sh(
+            "eg",
+            &id,
+            &format!(
+                "curl -sS -H \"Authorization: Bearer $GH_TOKEN\" https://api.test:{}/leak",
+                up.https.port()
+            ),
+        )
+        .await;
+    assert!(
+        leak.starts_with("Bearer hangar_secret_") && !leak.contains(SECRET_VALUE),
+        "{leak}"
+    );
+
     // Plain HTTP too, and a header without a placeholder passes as it is.
     let out = d
         .sh(
@@ -490,6 +512,40 @@ async fn egress_through_the_gateway() {
             .iter()
             .any(|e| e["outcome"] == "denied" && e["method"] == "CONNECT")
     );
+    // The CLI: values come from stdin (never the command line); set again
+    // rotates; policies and the log.
+    let set = |input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["secret", "set", "-a", "eg", "OTHER", "--host", "x.wild.test"])
+            .env("HANGAR_DATA_DIR", d.data_dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let empty = set("");
+    assert!(!empty.status.success() && String::from_utf8_lossy(&empty.stderr).contains("1 byte"));
+    assert_eq!(
+        String::from_utf8_lossy(&set("v1\n").stdout),
+        "sealed OTHER (version 1)\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&set("v2\n").stdout),
+        "sealed OTHER (version 2)\n"
+    );
+    let out = d.cli(&["egress", "allow", "-a", "eg", "pypi.org"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.cli(&["egress", "policy", "-a", "eg", "--json"]);
+    let policy: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(policy["allow"].as_array().unwrap().last().unwrap(), "pypi.org");
+    let out = d.cli(&["egress", "log", "-a", "eg", "--machine", &id, "--json", "--limit", "3"]);
+    let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(log["entries"].as_array().unwrap().len(), 3, "{log}");
+
     // Filtered by time.
     let later = d
         .ok(

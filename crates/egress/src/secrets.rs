@@ -400,7 +400,10 @@ mod tests {
         out.extend(r.feed(b"LUE; again GH-VALUE and GH-"));
         out.extend(r.feed(b"nothing"));
         out.extend(r.finish());
-        assert_eq!(String::from_utf8(out).unwrap(), format!("token={P1}; again {P1} and GH-nothing"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("token={P1}; again {P1} and GH-nothing")
+        );
         assert!(s.redactor(&["OTHER".to_string()].into()).is_none());
     }
 

@@ -560,3 +560,125 @@ async fn egress_through_the_gateway() {
         .await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// Polls until the machine's request through the gateway gets `auth`.
+async fn wait_for_auth(d: &Daemon, app: &str, id: &str, url: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, out) = run(d, app, id, &format!("curl -s -H \"Authorization: Bearer $GH_TOKEN\" {url}")).await;
+        if out.contains(&format!("\"auth\":\"{want}\"")) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {out}\n{}", d.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_survives_restarts_rotation_and_forks() {
+    let root = tempfile::tempdir().unwrap();
+    let up = Upstream::start(root.path().to_owned(), &["api.test"]);
+    let ca = up.ca.display().to_string();
+    let mut d = Daemon::start_with(&["--egress-upstream-ca", &ca, "--egress-resolve", "api.test=127.0.0.1"]);
+    d.create_app("eg").await;
+    d.ok(
+        Method::POST,
+        "/v1/apps/eg/secrets",
+        Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
+    )
+    .await;
+    d.ok(Method::PUT, "/v1/apps/eg/egress-policy", Some(json!({ "allow": ["api.test"] })))
+        .await;
+    let m = d
+        .machine("eg", json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"] }))
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let echo = format!("https://api.test:{}/echo", up.https.port());
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+
+    // The gateway dies: the daemon starts another and registers the machine again.
+    let first = d.gateway_pid().unwrap();
+    // SAFETY: kill(2) on the gateway this test's daemon started.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+    let second = d.gateway_pid().unwrap();
+    assert_ne!(first, second);
+
+    // The daemon dies: machines keep their way out, and the daemon comes
+    // back to the same gateway.
+    d.stop_daemon(libc::SIGKILL);
+    let ctl = std::process::Command::new("nsenter")
+        .args(["-t", &machine_pid(&d, &id), "-n", "-m", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-x", "http://127.0.0.1:3128", &format!("http://api.test:{}/echo", up.http.port())])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ctl.stdout), "200", "{ctl:?}");
+    d.start_daemon();
+    assert_eq!(d.gateway_pid(), Some(second));
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+
+    // A stop and start keeps it too.
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/stop"), None).await;
+    d.wait_state("eg", &id, "stopped").await;
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/start"), None).await;
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+
+    // Rotation: the next request carries the new value.
+    d.ok(
+        Method::PUT,
+        "/v1/apps/eg/secrets/GH_TOKEN",
+        Some(json!({ "value": "rotated", "allowed_hosts": ["api.test"] })),
+    )
+    .await;
+    wait_for_auth(&d, "eg", &id, &echo, "wrong").await;
+    d.ok(
+        Method::PUT,
+        "/v1/apps/eg/secrets/GH_TOKEN",
+        Some(json!({ "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
+    )
+    .await;
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+
+    // A fork gets no secrets unless asked; the parent's placeholder, copied
+    // in its files, is refused there.
+    d.sh("eg", &id, "echo $GH_TOKEN > /root/token").await;
+    let fork = d
+        .ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/fork"), Some(json!({})))
+        .await;
+    let fork_id = fork["id"].as_str().unwrap().to_owned();
+    let (code, _) = run(&d, "eg", &fork_id, "printenv GH_TOKEN").await;
+    assert_eq!(code, 1, "the fork has no GH_TOKEN");
+    let (_, out) = run(
+        &d,
+        "eg",
+        &fork_id,
+        &format!("curl -s -H \"Authorization: Bearer $(cat /root/token)\" {echo}"),
+    )
+    .await;
+    assert!(out.contains("egress_exfiltration") && out.contains("not one of this machine's"), "{out}");
+    let heir = d
+        .ok(
+            Method::POST,
+            &format!("/v1/apps/eg/machines/{id}/fork"),
+            Some(json!({ "inherit_secrets": true })),
+        )
+        .await;
+    let heir_id = heir["id"].as_str().unwrap().to_owned();
+    let parent_placeholder = d.sh("eg", &id, "printenv GH_TOKEN").await;
+    let heir_placeholder = d.sh("eg", &heir_id, "printenv GH_TOKEN").await;
+    assert_ne!(parent_placeholder, heir_placeholder, "placeholders are per machine");
+    wait_for_auth(&d, "eg", &heir_id, &echo, "ok").await;
+}
+
+/// The host pid of a machine's init, from the runtime.
+fn machine_pid(d: &Daemon, id: &str) -> String {
+    let root = d.data_dir.path().join("runtime/runc");
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["state", id])
+        .output()
+        .unwrap();
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    state["pid"].to_string()
+}

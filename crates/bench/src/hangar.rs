@@ -20,12 +20,14 @@ use crate::{Op, Section};
 pub(crate) const APP: &str = "bench";
 
 /// What the bench's daemon needs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub hangar: PathBuf,
     pub init_binary: PathBuf,
     /// A directory on btrfs; the daemon gets a fresh subdirectory of it.
     pub pool_root: PathBuf,
+    /// More `hangar serve` arguments.
+    pub serve_args: Vec<String>,
 }
 
 /// Measures create, start, exec and stop of machines from `image`
@@ -232,6 +234,7 @@ impl Daemon {
             .arg(&d.pool_dir)
             .arg("--init-binary")
             .arg(&cfg.init_binary)
+            .args(&cfg.serve_args)
             .env(
                 "HANGAR_LOG",
                 std::env::var("HANGAR_LOG").unwrap_or_else(|_| "info".into()),
@@ -283,6 +286,10 @@ impl Daemon {
     }
 
     /// The daemon's directory in the btrfs pool.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
     pub fn pool_dir(&self) -> &Path {
         &self.pool_dir
     }
@@ -348,6 +355,14 @@ impl Drop for Daemon {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        // The egress gateway the daemon started outlives it by design.
+        if let Some(pid) = std::fs::read_to_string(self.data_dir.path().join("egress/pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the gateway this daemon started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         if self.pool_dir.exists()
             && let Err(e) = std::fs::remove_dir(&self.pool_dir)

@@ -8,6 +8,7 @@
 //! directories) is removed when it ends, also on error or Ctrl-C.
 
 mod checkpoint;
+mod egress;
 mod floor;
 mod hangar;
 mod image;
@@ -199,6 +200,16 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+    /// Times requests through the egress gateway beside the same requests
+    /// sent directly, to one loopback upstream, with wrk (HTTP, and HTTPS
+    /// with a secret swapped in). Run as root.
+    Egress {
+        /// Seconds of wrk per case.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// What both modes take.
@@ -267,6 +278,7 @@ fn run(cli: Cli) -> Result<i32> {
             sizes_mb,
             common,
         }) => checkpoints(&common, iterations as usize, &sizes_mb),
+        Some(Mode::Egress { seconds, common }) => egress_overhead(&common, seconds),
         None => lifecycle(&cli),
     }
 }
@@ -295,6 +307,7 @@ fn lifecycle(cli: &Cli) -> Result<i32> {
                     hangar: hangar_bin.clone(),
                     init_binary,
                     pool_root: cli.common.pool_root.clone(),
+                    serve_args: Vec::new(),
                 };
                 let image = format!("oci:{}:latest", layout.display());
                 outcome(hangar::bench(&cfg, &image, iterations, settle))
@@ -331,6 +344,7 @@ fn pull(common: &Common, iterations: usize, size_mb: u64) -> Result<i32> {
         hangar: hangar_bin.clone(),
         init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
         pool_root: common.pool_root.clone(),
+        serve_args: Vec::new(),
     };
     let (section, image) = pull::bench(&cfg, size_mb << 20, iterations)?;
     process::check_interrupt()?;
@@ -355,12 +369,30 @@ fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i
         hangar: hangar_bin.clone(),
         init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
         pool_root: common.pool_root.clone(),
+        serve_args: Vec::new(),
     };
     let image = format!("oci:{}:latest", layout.display());
     let run = checkpoint::bench(&cfg, &image, sizes_mb, iterations)?;
     process::check_interrupt()?;
     let report = report::SectionsReport::new(std::env::args().collect(), report::Host::collect(), iterations, run);
     common.print(&report, report::SectionsReport::table)?;
+    Ok(0)
+}
+
+fn egress_overhead(common: &Common, seconds: u32) -> Result<i32> {
+    let (bin_dir, hangar_bin) = common.binaries()?;
+    check_hangar(&hangar_bin)?;
+    let (work, rootfs) = scratch_rootfs()?;
+    let layout = image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?;
+    let cfg = hangar::Config {
+        hangar: hangar_bin.clone(),
+        init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
+        pool_root: common.pool_root.clone(),
+        serve_args: Vec::new(),
+    };
+    let report = egress::bench(&cfg, &format!("oci:{}:latest", layout.display()), seconds)?;
+    process::check_interrupt()?;
+    common.print(&report, egress::Report::table)?;
     Ok(0)
 }
 

@@ -565,7 +565,13 @@ async fn egress_through_the_gateway() {
 async fn wait_for_auth(d: &Daemon, app: &str, id: &str, url: &str, want: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let (_, out) = run(d, app, id, &format!("curl -s -H \"Authorization: Bearer $GH_TOKEN\" {url}")).await;
+        let (_, out) = run(
+            d,
+            app,
+            id,
+            &format!("curl -s -H \"Authorization: Bearer $GH_TOKEN\" {url}"),
+        )
+        .await;
         if out.contains(&format!("\"auth\":\"{want}\"")) {
             return;
         }
@@ -587,10 +593,17 @@ async fn gateway_survives_restarts_rotation_and_forks() {
         Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
     )
     .await;
-    d.ok(Method::PUT, "/v1/apps/eg/egress-policy", Some(json!({ "allow": ["api.test"] })))
-        .await;
+    d.ok(
+        Method::PUT,
+        "/v1/apps/eg/egress-policy",
+        Some(json!({ "allow": ["api.test"] })),
+    )
+    .await;
     let m = d
-        .machine("eg", json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"] }))
+        .machine(
+            "eg",
+            json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"] }),
+        )
         .await;
     let id = m["id"].as_str().unwrap().to_owned();
     let echo = format!("https://api.test:{}/echo", up.https.port());
@@ -608,8 +621,23 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     // back to the same gateway.
     d.stop_daemon(libc::SIGKILL);
     let ctl = std::process::Command::new("nsenter")
-        .args(["-t", &machine_pid(&d, &id), "-n", "-m", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
-        .args(["-x", "http://127.0.0.1:3128", &format!("http://api.test:{}/echo", up.http.port())])
+        .args([
+            "-t",
+            &machine_pid(&d, &id),
+            "-n",
+            "-m",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "-x",
+            "http://127.0.0.1:3128",
+            &format!("http://api.test:{}/echo", up.http.port()),
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&ctl.stdout), "200", "{ctl:?}");
@@ -618,9 +646,11 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
 
     // A stop and start keeps it too.
-    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/stop"), None).await;
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/stop"), None)
+        .await;
     d.wait_state("eg", &id, "stopped").await;
-    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/start"), None).await;
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/start"), None)
+        .await;
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
 
     // Rotation: the next request carries the new value.
@@ -643,7 +673,11 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     // in its files, is refused there.
     d.sh("eg", &id, "echo $GH_TOKEN > /root/token").await;
     let fork = d
-        .ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/fork"), Some(json!({})))
+        .ok(
+            Method::POST,
+            &format!("/v1/apps/eg/machines/{id}/fork"),
+            Some(json!({})),
+        )
         .await;
     let fork_id = fork["id"].as_str().unwrap().to_owned();
     let (code, _) = run(&d, "eg", &fork_id, "printenv GH_TOKEN").await;
@@ -655,7 +689,10 @@ async fn gateway_survives_restarts_rotation_and_forks() {
         &format!("curl -s -H \"Authorization: Bearer $(cat /root/token)\" {echo}"),
     )
     .await;
-    assert!(out.contains("egress_exfiltration") && out.contains("not one of this machine's"), "{out}");
+    assert!(
+        out.contains("egress_exfiltration") && out.contains("not one of this machine's"),
+        "{out}"
+    );
     let heir = d
         .ok(
             Method::POST,

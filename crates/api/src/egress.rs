@@ -359,6 +359,16 @@ impl std::fmt::Debug for SealedPayload {
     }
 }
 
+/// `GET /v1/egress/seal-key`: the key secrets are sealed to, for clients
+/// that seal their own (as with Fly's tokenizer and its `Proxy-Tokenizer`
+/// header).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SealKey {
+    /// X25519 public key, hex (tokenizer's `SEAL_KEY`). Seal with a NaCl
+    /// sealed box (libsodium `crypto_box_seal`).
+    pub seal_key: String,
+}
+
 /// How the gateway decided on a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -333,6 +333,33 @@ async fn egress_through_the_gateway() {
         "{leak}"
     );
 
+    // Fly tokenizer's wire format: a secret sealed by the client to the
+    // gateway's key, usable with the proxy token whose digest it holds.
+    let seal_key = d.ok(Method::GET, "/v1/egress/seal-key", None).await["seal_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seal_key = crypto_box::PublicKey::from_slice(&hex::decode(seal_key).unwrap()).unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let sealed = json!({
+        "inject_processor": { "token": SECRET_VALUE },
+        "bearer_auth": { "digest": b64(&<sha2::Sha256 as sha2::Digest>::digest(b"trustno1")) },
+        "allowed_hosts": [format!("api.test:{}", up.https.port())],
+    });
+    let sealed = b64(&seal_key
+        .seal(&mut crypto_box::aead::OsRng, sealed.to_string().as_bytes())
+        .unwrap());
+    let tokenizer = |proxy_token: &str| {
+        format!(
+            "curl -s -H 'Proxy-Tokenizer: {sealed}' -H 'Proxy-Authorization: Bearer {proxy_token}' http://api.test:{}/echo",
+            up.https.port()
+        )
+    };
+    let out = d.sh("eg", &id, &tokenizer("trustno1")).await;
+    assert!(out.contains("\"auth\":\"ok\""), "{out}");
+    let out = d.sh("eg", &id, &tokenizer("guess")).await;
+    assert!(out.contains("Proxy-Authorization"), "{out}");
+
     // Plain HTTP too, and a header without a placeholder passes as it is.
     let out = d
         .sh(

@@ -134,6 +134,7 @@ fn api_router() -> OpenApiRouter<AppState> {
             egress::delete_secret
         ))
         .routes(routes!(egress::egress_log))
+        .routes(routes!(egress::seal_key))
 }
 
 /// The OpenAPI document, as served and as committed.

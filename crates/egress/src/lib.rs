@@ -22,6 +22,7 @@ pub mod audit;
 mod proxy;
 mod secrets;
 pub mod tls;
+mod tokenizer;
 mod upstream;
 
 use std::collections::HashMap;

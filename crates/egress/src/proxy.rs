@@ -67,6 +67,18 @@ struct Target {
 }
 
 impl Target {
+    fn of(authority: &hyper::http::uri::Authority, tls: bool, default_port: u16) -> Target {
+        Target {
+            tls,
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: authority.port_u16().unwrap_or(default_port),
+        }
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }
@@ -96,16 +108,39 @@ async fn handle(gw: Arc<Gateway>, cell: Cell, req: Request<Incoming>) -> Result<
             ));
         }
     };
-    let target = Target {
-        tls,
-        host: authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-    };
-    Ok(forward(&gw, &current(&cell), &target, req).await)
+    let mut target = Target::of(authority, tls, if tls { 443 } else { 80 });
+    let rules = current(&cell);
+    if !req.headers().contains_key(crate::tokenizer::HEADER) {
+        return Ok(forward(&gw, &rules, &target, req, Vec::new()).await);
+    }
+    // Fly tokenizer's shape: plain HTTP to the proxy, HTTPS to the upstream
+    // (port 80 becomes 443, any other keeps its number).
+    let start = Instant::now();
+    let rec = record(&rules, req.method().as_str(), &target, req.uri().path());
+    if tls || authority.port_u16() == Some(443) {
+        let r = Refused::failed(
+            StatusCode::BAD_REQUEST,
+            "with Proxy-Tokenizer, send the request as http://host/ (the gateway uses HTTPS upstream)".into(),
+        );
+        return Ok(refuse(&gw, rec, start, r));
+    }
+    let host_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(authority.as_str())
+        .to_owned();
+    let (mut parts, body) = req.into_parts();
+    match crate::tokenizer::apply(&gw.seal_key, &mut parts.headers, &host_header) {
+        Ok(labels) => {
+            target.tls = true;
+            if target.port == 80 {
+                target.port = 443;
+            }
+            Ok(forward(&gw, &rules, &target, Request::from_parts(parts, body), labels).await)
+        }
+        Err(e) => Ok(refuse(&gw, rec, start, Refused::denied(e.reason).with_status(e.status))),
+    }
 }
 
 /// Why the gateway answers a request itself.
@@ -124,6 +159,10 @@ impl Refused {
             reason,
             secret: None,
         }
+    }
+
+    fn with_status(self, status: StatusCode) -> Refused {
+        Refused { status, ..self }
     }
 
     fn failed(status: StatusCode, reason: String) -> Refused {
@@ -284,8 +323,15 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 }
 
 /// Sends one request upstream, with the policy checked and placeholders
-/// swapped, and streams the answer back.
-async fn forward(gw: &Arc<Gateway>, rules: &Rules, target: &Target, req: Request<Incoming>) -> Response<Body> {
+/// swapped, and streams the answer back. `injected` names secrets already
+/// put in (tokenizer's), for the audit log.
+async fn forward(
+    gw: &Arc<Gateway>,
+    rules: &Rules,
+    target: &Target,
+    req: Request<Incoming>,
+    injected: Vec<String>,
+) -> Response<Body> {
     let start = Instant::now();
     let mut rec = record(rules, req.method().as_str(), target, req.uri().path());
     let (rule, addr) = match approve(gw, rules, target).await {
@@ -296,7 +342,7 @@ async fn forward(gw: &Arc<Gateway>, rules: &Rules, target: &Target, req: Request
     let (mut parts, body) = req.into_parts();
     let mut sub = Substitution::new(&rules.secrets, &target.host, target.port);
     let prepared = prepare(&mut sub, &mut parts, body).await;
-    rec.secrets = sub.used.iter().cloned().collect();
+    rec.secrets = sub.used.iter().cloned().chain(injected).collect();
     let (body, sent) = match prepared {
         Ok(ok) => ok,
         Err(r) => return refuse(gw, rec, start, r),
@@ -544,15 +590,7 @@ async fn connect(gw: Arc<Gateway>, cell: Cell, req: Request<Incoming>) -> Respon
     let Some(authority) = req.uri().authority().cloned() else {
         return json_error(StatusCode::BAD_REQUEST, "bad_request", "CONNECT needs host:port");
     };
-    let target = Target {
-        tls: true,
-        host: authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port: authority.port_u16().unwrap_or(443),
-    };
+    let target = Target::of(&authority, true, 443);
     let rules = current(&cell);
     let rec = record(&rules, "CONNECT", &target, "");
     let addr = match approve(&gw, &rules, &target).await {
@@ -594,7 +632,7 @@ async fn tunnel(
         let tls = tokio_rustls::TlsAcceptor::from(config).accept(io).await?;
         let service = hyper::service::service_fn(move |req| {
             let (gw, cell, target) = (gw.clone(), cell.clone(), target.clone());
-            async move { Ok::<_, Infallible>(forward(&gw, &current(&cell), &target, req).await) }
+            async move { Ok::<_, Infallible>(forward(&gw, &current(&cell), &target, req, Vec::new()).await) }
         });
         hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(tls), service)

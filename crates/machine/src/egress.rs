@@ -432,6 +432,11 @@ impl Manager {
 
     // ---- the API's operations ----
 
+    /// The gateway's public key, hex.
+    pub fn seal_key(&self) -> Result<String> {
+        Ok(hex::encode(self.inner.egress.seal_key()?.as_bytes()))
+    }
+
     pub async fn get_egress_policy(&self, app: &str) -> Result<EgressPolicy> {
         self.get_app(app).await?;
         Ok(self.inner.store.get_egress_policy(app).await?.unwrap_or_default())

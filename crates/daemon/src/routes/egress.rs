@@ -3,7 +3,7 @@
 //! left a machine.
 
 use axum::extract::State;
-use hangar_api::egress::{CreateSecretRequest, EgressLog, EgressLogQuery, EgressPolicy, Secret, SecretList};
+use hangar_api::egress::{CreateSecretRequest, EgressLog, EgressLogQuery, EgressPolicy, SealKey, Secret, SecretList};
 use hangar_api::{ErrorBody, Machine};
 
 use crate::AppState;
@@ -138,4 +138,15 @@ pub async fn egress_log(
     Query(q): Query<EgressLogQuery>,
 ) -> Ok200<EgressLog> {
     Ok(axum::Json(s.mgr.egress_log(&app, &q).await?))
+}
+
+/// The egress gateway's public key, for clients that seal secrets
+/// themselves and send them in `Proxy-Tokenizer` (Fly tokenizer's wire
+/// format: `inject_processor` with `bearer_auth`).
+#[utoipa::path(get, path = "/v1/egress/seal-key", tag = "egress",
+    responses((status = 200, body = SealKey), (status = 503, body = ErrorBody)))]
+pub async fn seal_key(State(s): State<AppState>) -> Ok200<SealKey> {
+    Ok(axum::Json(SealKey {
+        seal_key: s.mgr.seal_key()?,
+    }))
 }

@@ -459,8 +459,14 @@ pub mod gateway {
     #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct MachineEgress {
         pub app: String,
-        /// The init process whose network namespace gets the listener.
-        pub pid: u32,
+        /// The sandbox this registration is for: an unregistration names
+        /// it, so that a newer sandbox of the machine keeps its own.
+        pub instance: String,
+        /// The init process whose network namespace gets the listener; if
+        /// `None` (gVisor, whose network stack is its own), the listener is
+        /// the unix socket [`socket_path`], which the machine's init relays
+        /// its 127.0.0.1:3128 to.
+        pub pid: Option<u32>,
         pub policy: EgressPolicy,
         pub secrets: Vec<MachineSecret>,
     }
@@ -473,6 +479,15 @@ pub mod gateway {
         /// The sealed [`SealedPayload`], base64.
         pub sealed: String,
     }
+
+    /// Where the gateway listens for a machine it can't enter: a directory
+    /// per machine, so that the daemon can bind-mount it into the machine
+    /// before the socket exists (and it survives a gateway restart).
+    pub fn socket_dir(gateway_dir: &std::path::Path, machine_id: &str) -> std::path::PathBuf {
+        gateway_dir.join("machines").join(machine_id)
+    }
+
+    pub const SOCKET_NAME: &str = "proxy.sock";
 
     /// `PUT /v1/machines`: the full set; machines not in it are dropped.
     #[derive(Debug, Clone, Default, Serialize, Deserialize)]

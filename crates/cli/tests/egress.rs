@@ -746,3 +746,59 @@ fn machine_pid(d: &Daemon, id: &str) -> String {
     let state: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
     state["pid"].to_string()
 }
+
+/// gVisor's network stack is its own: there the init relays the proxy's
+/// address to the gateway's socket. Egress works the same, also after a
+/// suspend to disk and resume.
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_from_gvisor() {
+    let root = tempfile::tempdir().unwrap();
+    let up = Upstream::start(root.path().to_owned(), &["api.test"]);
+    let ca = up.ca.display().to_string();
+    let d = Daemon::start_with(&["--egress-upstream-ca", &ca, "--egress-resolve", "api.test=127.0.0.1"]);
+    d.create_app("eg").await;
+    d.ok(
+        Method::POST,
+        "/v1/apps/eg/secrets",
+        Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
+    )
+    .await;
+    d.ok(
+        Method::PUT,
+        "/v1/apps/eg/egress-policy",
+        Some(json!({ "allow": ["api.test"] })),
+    )
+    .await;
+    let m = d
+        .machine(
+            "eg",
+            json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"], "runtime": "runsc" }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let echo = format!("https://api.test:{}/echo", up.https.port());
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+    let (_, out) = run(
+        &d,
+        "eg",
+        &id,
+        &format!("curl -s https://other.test:{}/", up.https.port()),
+    )
+    .await;
+    assert!(!out.contains("\"auth\""), "denied: {out}");
+    let (code, _) = run(
+        &d,
+        "eg",
+        &id,
+        &format!("curl -sS --noproxy '*' -m 5 http://127.0.0.1:{}/", up.http.port()),
+    )
+    .await;
+    assert_ne!(code, 0, "no way around the gateway");
+
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/suspend"), None)
+        .await;
+    d.wait_state("eg", &id, "suspended").await;
+    d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/start"), None)
+        .await;
+    wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+}

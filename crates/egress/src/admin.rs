@@ -93,11 +93,11 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Reply {
             }
         }
         (Method::DELETE, ["v1", "machines", id]) => {
-            let pid = form_pairs(req.uri().query().unwrap_or(""))
+            let instance = form_pairs(req.uri().query().unwrap_or(""))
                 .into_iter()
-                .find(|(k, _)| k == "pid")
-                .and_then(|(_, v)| v.parse().ok());
-            gw.unregister(id, pid);
+                .find(|(k, _)| k == "instance")
+                .map(|(_, v)| v);
+            gw.unregister(id, instance.as_deref());
             json(StatusCode::OK, &serde_json::json!({}))
         }
         (Method::PUT, ["v1", "config"]) => match body::<DenyConfig>(req).await {

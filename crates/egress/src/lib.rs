@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use hangar_api::egress::EgressPolicy;
-use hangar_api::egress::gateway::MachineEgress;
+use hangar_api::egress::gateway::{MachineEgress, SOCKET_NAME, socket_dir};
 
 /// Request and response bodies as they pass through.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -68,7 +68,7 @@ pub(crate) struct Rules {
 
 #[derive(Debug)]
 struct Registered {
-    pid: u32,
+    instance: String,
     rules: Arc<RwLock<Arc<Rules>>>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -138,6 +138,9 @@ impl Gateway {
     /// Places (or updates) a machine's listener and rules. The new rules
     /// apply from the next request.
     pub async fn register(self: &Arc<Self>, id: &str, m: MachineEgress) -> Result<(), String> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!("bad machine id {id:?}"));
+        }
         m.policy.validate()?;
         let rules = Arc::new(Rules {
             machine_id: id.to_owned(),
@@ -148,20 +151,23 @@ impl Gateway {
         {
             let machines = self.machines.lock().expect("machines");
             if let Some(r) = machines.get(id)
-                && r.pid == m.pid
+                && r.instance == m.instance
                 && !r.listener.is_finished()
             {
                 *r.rules.write().expect("rules") = rules;
                 return Ok(());
             }
         }
-        let listener = self.bind_in_machine(m.pid).await?;
+        let listener = match m.pid {
+            Some(pid) => proxy::Listener::Tcp(self.bind_in_machine(pid).await?),
+            None => proxy::Listener::Unix(self.bind_socket(id)?),
+        };
         let shared = Arc::new(RwLock::new(rules));
         let task = tokio::spawn(proxy::serve(self.clone(), listener, shared.clone()));
         let old = self.machines.lock().expect("machines").insert(
             id.to_owned(),
             Registered {
-                pid: m.pid,
+                instance: m.instance,
                 rules: shared,
                 listener: task,
             },
@@ -170,12 +176,16 @@ impl Gateway {
         Ok(())
     }
 
-    /// Drops a machine's listener; with `pid`, only if it is that
+    /// Drops a machine's listener; with `instance`, only if it is that
     /// sandbox's (a newer sandbox of the machine keeps its own).
-    pub fn unregister(&self, id: &str, pid: Option<u32>) {
+    pub fn unregister(&self, id: &str, instance: Option<&str>) {
         let mut machines = self.machines.lock().expect("machines");
-        if machines.get(id).is_some_and(|r| pid.is_none_or(|p| p == r.pid)) {
+        if machines
+            .get(id)
+            .is_some_and(|r| instance.is_none_or(|i| i == r.instance))
+        {
             machines.remove(id);
+            let _ = std::fs::remove_file(socket_dir(&self.cfg.dir, id).join(SOCKET_NAME));
         }
     }
 
@@ -238,6 +248,15 @@ impl Gateway {
         .map_err(|_| "the binding thread panicked".to_string())?
         .map_err(|e| format!("listening on {addr} in process {pid}'s network namespace: {e}"))?;
         tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())
+    }
+
+    /// The unix socket a machine's init relays to (see [`socket_dir`]).
+    fn bind_socket(&self, id: &str) -> Result<tokio::net::UnixListener, String> {
+        let dir = socket_dir(&self.cfg.dir, id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let path = dir.join(SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        tokio::net::UnixListener::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))
     }
 
     /// Whether `addr` is one of the daemon's own.

@@ -35,18 +35,40 @@ fn current(cell: &Cell) -> Arc<Rules> {
     cell.read().expect("rules").clone()
 }
 
+/// Where a machine's connections arrive: inside its network namespace, or
+/// on a unix socket its init relays to.
+pub(crate) enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
 /// Accepts the machine's connections until the machine is unregistered.
-pub(crate) async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener, cell: Cell) {
+pub(crate) async fn serve(gw: Arc<Gateway>, listener: Listener, cell: Cell) {
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!("accepting a machine's connection: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let (gw, cell) = (gw.clone(), cell.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(gw.clone(), cell.clone(), req));

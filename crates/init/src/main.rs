@@ -11,6 +11,7 @@
 
 mod exec;
 mod files;
+mod forward;
 mod ps;
 mod server;
 mod spawn;
@@ -30,7 +31,7 @@ use hangar_init_protocol::{ExitStatus, io_message};
 
 use crate::state::{Init, configure_child, kill, reset_inherited_dispositions, wait_any};
 
-const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] -- CMD [ARGS...]";
+const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] [--egress-forward PORT:SOCKET] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -59,6 +60,8 @@ struct Args {
     /// image's choice: give the main process its user's home instead.
     home_from_passwd: bool,
     exit_file: PathBuf,
+    /// Relay 127.0.0.1:PORT to the egress gateway's unix socket.
+    egress_forward: Option<(u16, PathBuf)>,
     command: Vec<String>,
 }
 
@@ -70,6 +73,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         hold: false,
         home_from_passwd: false,
         exit_file: PathBuf::from("/.hangar/run/exit.json"),
+        egress_forward: None,
         command: Vec::new(),
     };
     let mut args = args.into_iter();
@@ -98,6 +102,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--home-from-passwd" => parsed.home_from_passwd = true,
             "--hold" => parsed.hold = true,
             "--exit-file" => parsed.exit_file = PathBuf::from(value("--exit-file")?),
+            "--egress-forward" => {
+                let v = value("--egress-forward")?;
+                let forward = v
+                    .split_once(':')
+                    .and_then(|(port, path)| Some((port.parse().ok()?, PathBuf::from(path))));
+                parsed.egress_forward = Some(forward.ok_or(format!("bad --egress-forward {v:?}: want PORT:SOCKET"))?);
+            }
             "--" => {
                 parsed.command = args.collect();
                 break;
@@ -138,6 +149,9 @@ fn main() {
     };
     // Not our business to pass on whatever else the runtime left open.
     cloexec_inherited_fds();
+    if let Some((port, socket)) = args.egress_forward.clone() {
+        forward::start(port, socket);
+    }
     // Orphans must come to us even when we are not PID 1 (tests, or a
     // runtime that shares the pid namespace) so we can reap them.
     // SAFETY: prctl with integer arguments only.
@@ -398,9 +412,13 @@ mod tests {
                 hold: false,
                 home_from_passwd: false,
                 exit_file: "/x".into(),
+                egress_forward: None,
                 command: vec!["sleep".into(), "--help".into()]
             }
         );
+        let a = parse(&["--egress-forward", "3128:/s/proxy.sock", "true"]).unwrap();
+        assert_eq!(a.egress_forward, Some((3128, PathBuf::from("/s/proxy.sock"))));
+        assert!(parse(&["--egress-forward", "/s/proxy.sock", "true"]).is_err());
         let a = parse(&["sh", "-c", "true"]).unwrap();
         assert_eq!((a.listen_fd, a.command.len()), (3, 3));
         assert_eq!(a.exit_file, PathBuf::from("/.hangar/run/exit.json"));

@@ -84,6 +84,15 @@ impl Egress {
         &self.public_dir
     }
 
+    /// Where the gateway listens for a runsc machine (see
+    /// `hangar_api::egress::gateway::socket_dir`); made here so that it can
+    /// be mounted before the gateway binds its socket in it.
+    pub(crate) fn socket_dir(&self, machine_id: &str) -> Result<PathBuf> {
+        let dir = hangar_api::egress::gateway::socket_dir(&self.dir, machine_id);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::internal(&format!("creating {}", dir.display()), e))?;
+        Ok(dir)
+    }
+
     async fn call<R: serde::de::DeserializeOwned>(
         &self,
         method: Method,
@@ -271,19 +280,13 @@ impl Manager {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (id, slot) in slots {
-            let sandbox = slot
-                .running
-                .lock()
-                .expect("running lock")
-                .clone()
-                .or_else(|| slot.prepared.lock().expect("prepared lock").clone());
+            let sandbox = slot.sandbox();
             let Some(sandbox) = sandbox else { continue };
             let Some(rec) = self.inner.store.get_machine(&id).await? else {
                 continue;
             };
-            if let Some(m) = self.machine_egress(&rec, sandbox.pid).await? {
-                set.machines.insert(id, m);
-            }
+            let m = self.machine_egress(&rec, sandbox.pid, &sandbox.instance_id).await?;
+            set.machines.insert(id, m);
         }
         let body = serde_json::to_vec(&set).expect("serializes");
         let answer: serde_json::Value = self.inner.egress.call(Method::PUT, "/v1/machines", Some(body)).await?;
@@ -293,13 +296,12 @@ impl Manager {
         Ok(())
     }
 
-    /// What the gateway needs to know about a machine; `None` for machines
-    /// it can't serve (runsc: gVisor's network stack is its own, so a
-    /// listener in the sandbox's namespace would not be reachable).
-    async fn machine_egress(&self, rec: &MachineRecord, pid: u32) -> Result<Option<MachineEgress>> {
-        if self.runtime(rec.config.runtime).kind == RuntimeKind::Runsc {
-            return Ok(None);
-        }
+    /// What the gateway needs to know about one sandbox of a machine.
+    /// gVisor's network stack is its own, so a listener in a runsc
+    /// sandbox's namespace would not be reachable: there the gateway
+    /// listens on a unix socket instead, which the init relays to.
+    async fn machine_egress(&self, rec: &MachineRecord, pid: u32, instance: &str) -> Result<MachineEgress> {
+        let pid = (self.runtime(rec.config.runtime).kind == RuntimeKind::Runc).then_some(pid);
         let policy = match &rec.config.egress {
             Some(p) => p.clone(),
             None => self.inner.store.get_egress_policy(&rec.app).await?.unwrap_or_default(),
@@ -316,21 +318,21 @@ impl Manager {
                 });
             }
         }
-        Ok(Some(MachineEgress {
+        Ok(MachineEgress {
             app: rec.app.clone(),
+            instance: instance.to_owned(),
             pid,
             policy,
             secrets,
-        }))
+        })
     }
 
-    /// Registers a new sandbox with the gateway. A gateway that is down
-    /// doesn't stop the machine: it registers it when it is back.
-    pub(crate) async fn egress_attach(&self, rec: &MachineRecord, pid: u32) {
+    /// Registers a sandbox with the gateway (again, to update its rules). A
+    /// gateway that is down doesn't stop the machine: it registers it when
+    /// it is back.
+    pub(crate) async fn egress_attach(&self, rec: &MachineRecord, pid: u32, instance: &str) {
         let result = async {
-            let Some(m) = self.machine_egress(rec, pid).await? else {
-                return Ok(());
-            };
+            let m = self.machine_egress(rec, pid, instance).await?;
             let _sync = self.inner.egress.sync_lock.lock().await;
             let body = serde_json::to_vec(&m).expect("serializes");
             self.inner
@@ -347,9 +349,9 @@ impl Manager {
 
     /// Tells the gateway a sandbox is gone (only that one: a newer sandbox
     /// of the same machine keeps its registration).
-    pub(crate) async fn egress_detach(&self, id: &str, pid: u32) {
+    pub(crate) async fn egress_detach(&self, id: &str, instance: &str) {
         let _sync = self.inner.egress.sync_lock.lock().await;
-        let path = format!("/v1/machines/{id}?pid={pid}");
+        let path = format!("/v1/machines/{id}?instance={instance}");
         if let Err(e) = self
             .inner
             .egress
@@ -371,14 +373,9 @@ impl Manager {
                 continue;
             }
             let slot = self.slot(&rec.id, rec.state);
-            let sandbox = slot
-                .running
-                .lock()
-                .expect("running lock")
-                .clone()
-                .or_else(|| slot.prepared.lock().expect("prepared lock").clone());
+            let sandbox = slot.sandbox();
             if let Some(sandbox) = sandbox {
-                self.egress_attach(&rec, sandbox.pid).await;
+                self.egress_attach(&rec, sandbox.pid, &sandbox.instance_id).await;
             }
         }
     }
@@ -468,14 +465,9 @@ impl Manager {
         rec.config.egress = policy;
         rec.updated_at_ms = now_ms();
         self.inner.store.update_machine(&rec, None).await?;
-        let sandbox = slot
-            .running
-            .lock()
-            .expect("running lock")
-            .clone()
-            .or_else(|| slot.prepared.lock().expect("prepared lock").clone());
+        let sandbox = slot.sandbox();
         if let Some(sandbox) = sandbox {
-            self.egress_attach(&rec, sandbox.pid).await;
+            self.egress_attach(&rec, sandbox.pid, &sandbox.instance_id).await;
         }
         Ok(crate::ops::machine_view(&rec))
     }

@@ -89,6 +89,14 @@ struct Slot {
     prepared: Mutex<Option<Arc<sandbox::Running>>>,
 }
 
+impl Slot {
+    /// The machine's sandbox, started or prepared, if it has one.
+    fn sandbox(&self) -> Option<Arc<sandbox::Running>> {
+        let running = self.running.lock().expect("running lock").clone();
+        running.or_else(|| self.prepared.lock().expect("prepared lock").clone())
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     cfg: ManagerConfig,

@@ -21,6 +21,9 @@ use crate::{Error, Manager, Result, Slot, now_ms, random_hex, rfc3339};
 
 const DEFAULT_PIDS_LIMIT: u32 = 4096;
 
+/// Where a runsc machine finds the egress gateway's socket.
+const EGRESS_SOCKET_DIR: &str = "/.hangar/egress-socket";
+
 /// How a start brought its sandbox up; recorded in the start event.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum StartPath {
@@ -263,8 +266,15 @@ impl Manager {
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
             listen: runtime.init_listen(),
-            hold: prepare_only,
+            // Held even for a cold start, and started below once the egress
+            // gateway listens for it: the main process's first request must
+            // find the proxy there.
+            hold: true,
             mounts: self.sandbox_mounts(rec).await?,
+            egress_forward: (runtime.kind == RuntimeKind::Runsc).then(|| {
+                let socket = format!("{EGRESS_SOCKET_DIR}/{}", hangar_api::egress::gateway::SOCKET_NAME);
+                (hangar_api::egress::PROXY_PORT, socket)
+            }),
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)
@@ -280,14 +290,16 @@ impl Manager {
         let pid = runtime.run(&rec.id, &paths.bundle, listener.as_fd(), output).await?;
         drop(listener);
         let running = self.watch_sandbox(rec, pid, plan.env.clone(), random_hex(10))?;
-        // Registered before the main process runs, so its first request
-        // finds the proxy listening.
-        self.egress_attach(rec, pid).await;
+        self.egress_attach(rec, pid, &running.instance_id).await;
         running.wait_serving(&rec.id).await?;
+        if !prepare_only {
+            crate::agent::call(&running.agent, &hangar_init_protocol::Request::Start).await?;
+        }
         Ok(running)
     }
 
-    /// Volumes, and the gateway's CA and settings (read-only).
+    /// Volumes, and the gateway's CA and settings (read-only); for runsc,
+    /// the directory of the gateway's socket for the machine.
     async fn sandbox_mounts(&self, rec: &MachineRecord) -> Result<Vec<BindMount>> {
         let mut mounts = self.mount_sources(&rec.config.mounts).await?;
         mounts.push(BindMount {
@@ -295,6 +307,13 @@ impl Manager {
             destination: crate::egress::GUEST_DIR.into(),
             readonly: true,
         });
+        if self.runtime(rec.config.runtime).kind == RuntimeKind::Runsc {
+            mounts.push(BindMount {
+                source: self.inner.egress.socket_dir(&rec.id)?,
+                destination: EGRESS_SOCKET_DIR.into(),
+                readonly: false,
+            });
+        }
         Ok(mounts)
     }
 
@@ -343,7 +362,7 @@ impl Manager {
                 }
             };
             let _ = tx.send(Some(status));
-            mgr.egress_detach(&id, raw_pid).await;
+            mgr.egress_detach(&id, &instance).await;
             mgr.on_sandbox_exit(&id, &instance).await;
         });
         Ok(running)

@@ -157,6 +157,8 @@ impl Manager {
             .restore(&rec.id, &paths.bundle, &paths.suspend_image, output)
             .await?;
         let running = self.watch_sandbox(rec, pid, plan.env, random_hex(10))?;
+        // The suspended sandbox's registration ended with its process.
+        self.egress_attach(rec, pid, &running.instance_id).await;
         *slot.running.lock().expect("running lock") = Some(running.clone());
         rec.instance_id = running.instance_id.clone();
         running.wait_serving(&rec.id).await?;

@@ -43,8 +43,9 @@ impl OciRuntime {
         cmd.arg("--root").arg(&self.state_root);
         if self.kind == RuntimeKind::Runsc {
             // gVisor's default network stack would need a veth; machines
-            // have loopback only, which "none" gives.
-            cmd.args(["--network", "none", "--host-uds", "create"]);
+            // have loopback only, which "none" gives. Host sockets: the init
+            // creates its own, and connects to the egress gateway's.
+            cmd.args(["--network", "none", "--host-uds", "all"]);
         }
         cmd.stdin(Stdio::null()).kill_on_drop(true);
         cmd

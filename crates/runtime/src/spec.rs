@@ -50,6 +50,9 @@ pub struct SandboxSpec {
     pub listen: InitListen,
     /// Host directories bind-mounted at paths inside (volumes, egress settings).
     pub mounts: Vec<BindMount>,
+    /// Have the init relay 127.0.0.1:PORT to this unix socket inside the
+    /// machine (the egress gateway's, where it can't listen itself).
+    pub egress_forward: Option<(u16, String)>,
 }
 
 /// A host directory made visible inside the machine.
@@ -196,6 +199,9 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
     if spec.hold {
         args.push("--hold".to_owned());
     }
+    if let Some((port, socket)) = &spec.egress_forward {
+        args.extend(["--egress-forward".to_owned(), format!("{port}:{socket}")]);
+    }
     args.push("--".to_owned());
     args.extend(spec.args.iter().cloned());
     args
@@ -275,6 +281,7 @@ mod tests {
         SandboxSpec {
             hostname: "m1".into(),
             mounts: Vec::new(),
+            egress_forward: None,
             rootfs: "/data/m1/rootfs".into(),
             init_binary: "/usr/lib/hangar/hangar-init".into(),
             run_dir: "/data/m1/run".into(),

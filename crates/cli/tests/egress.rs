@@ -382,6 +382,26 @@ async fn egress_through_the_gateway() {
     let (_, out) = run(&d, "eg", &id, &format!("curl -s \"{echo}?t=$GH_TOKEN\"")).await;
     assert!(out.contains("egress_denied") && out.contains("URL"), "{out}");
 
+    // Bodies too large to hold are streamed, and cut off if a placeholder
+    // shows up in them.
+    let big = "head -c 9437184 /dev/zero | tr '\\0' a > /root/big";
+    let out = d
+        .sh(
+            "eg",
+            &id,
+            &format!("{big} && curl -sS --fail-with-body --data-binary @/root/big {echo}"),
+        )
+        .await;
+    assert!(out.contains("\"method\":\"POST\""), "{out}");
+    let (_, out) = run(
+        &d,
+        "eg",
+        &id,
+        &format!("echo $GH_TOKEN >> /root/big && curl -s --data-binary @/root/big {echo}; rm /root/big"),
+    )
+    .await;
+    assert!(out.contains("egress_denied") && out.contains("cut off"), "{out}");
+
     // Wildcards match subdomains, not the name itself.
     let out = d
         .sh(
@@ -671,6 +691,49 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     d.start_daemon();
     assert_eq!(d.gateway_pid(), Some(second));
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
+
+    // Another machine's port is out of reach, directly or through the
+    // gateway (which connects from the host, where nothing listens on it).
+    let web = d
+        .machine(
+            "eg",
+            json!({ "image": common::busybox_image(), "init": { "cmd": ["httpd", "-f", "-p", "8080"] } }),
+        )
+        .await;
+    let web_id = web["id"].as_str().unwrap().to_owned();
+    let page = d
+        .sh(
+            "eg",
+            &web_id,
+            "wget -Y off -q -O - http://127.0.0.1:8080/from-image.txt",
+        )
+        .await;
+    assert_eq!(page, "image layer\n");
+    d.ok(
+        Method::PUT,
+        &format!("/v1/apps/eg/machines/{id}/egress-policy"),
+        Some(json!({ "allow": ["api.test", "127.0.0.1:8080"] })),
+    )
+    .await;
+    let (code, out) = run(
+        &d,
+        "eg",
+        &id,
+        "curl -sS --noproxy '*' -m 5 http://127.0.0.1:8080/from-image.txt",
+    )
+    .await;
+    assert_ne!(code, 0, "{out}");
+    let (_, out) = run(
+        &d,
+        "eg",
+        &id,
+        "curl -s -x http://127.0.0.1:3128 --noproxy '' http://127.0.0.1:8080/from-image.txt",
+    )
+    .await;
+    assert!(
+        out.contains("egress_upstream_failed") && !out.contains("image layer"),
+        "{out}"
+    );
 
     // A stop and start keeps it too.
     d.ok(Method::POST, &format!("/v1/apps/eg/machines/{id}/stop"), None)

@@ -86,14 +86,16 @@ fn outcome_str(o: EgressOutcome) -> &'static str {
 }
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<AuditLog> {
+    /// Opens the log; entries older than `retention` are deleted, at most
+    /// hourly.
+    pub fn open(path: &Path, retention: std::time::Duration) -> Result<AuditLog> {
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA).context("creating the audit schema")?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn(move || write_loop(conn, rx, retention))
             .context("starting the audit writer")?;
         Ok(AuditLog {
             tx,
@@ -156,10 +158,18 @@ impl AuditLog {
     }
 }
 
-fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Message>) {
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Message>, retention: std::time::Duration) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
+    let mut pruned: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
+        if pruned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(3600)) {
+            let cutoff = now_ms() - retention.as_millis() as i64;
+            if let Err(e) = conn.execute("DELETE FROM egress_log WHERE at_ms < ?", [cutoff]) {
+                tracing::warn!("pruning the audit log: {e}");
+            }
+            pruned = Some(std::time::Instant::now());
+        }
         // Whatever else arrives within 50 ms goes into the same commit.
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
         let mut next = Some(first);

@@ -54,6 +54,8 @@ pub struct Config {
     pub resolve: HashMap<String, IpAddr>,
     /// CAs trusted for upstreams besides the system's.
     pub upstream_cas: Vec<PathBuf>,
+    /// How long audit log entries are kept.
+    pub audit_retention: std::time::Duration,
 }
 
 /// One machine's rules as the next request sees them. Replaced whole on
@@ -116,7 +118,7 @@ impl Gateway {
             client,
             cfg.resolve.iter().map(|(k, v)| (k.to_ascii_lowercase(), *v)).collect(),
         );
-        let audit = audit::AuditLog::open(&cfg.dir.join("audit.db"))?;
+        let audit = audit::AuditLog::open(&cfg.dir.join("audit.db"), cfg.audit_retention)?;
         let own_netns = netns_inode(Path::new("/proc/self/ns/net"))?;
         Ok(Arc::new(Gateway {
             deny: RwLock::new(cfg.deny.clone()),

@@ -26,6 +26,9 @@ struct Args {
     /// A CA (PEM) trusted for upstream TLS besides the system roots; repeatable.
     #[arg(long = "upstream-ca")]
     upstream_ca: Vec<PathBuf>,
+    /// Days audit log entries are kept.
+    #[arg(long, default_value_t = 30)]
+    audit_retention_days: u64,
 }
 
 fn parse_resolve(s: &str) -> Result<(String, IpAddr), String> {
@@ -52,6 +55,7 @@ async fn main() -> Result<()> {
         deny: args.deny,
         resolve: args.resolve.into_iter().collect::<HashMap<_, _>>(),
         upstream_cas: args.upstream_ca,
+        audit_retention: std::time::Duration::from_secs(args.audit_retention_days * 86_400),
     })?;
     std::fs::write(args.dir.join("pid"), std::process::id().to_string())?;
     let socket = args.dir.join("admin.sock");

@@ -5,12 +5,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use hangar_api::egress::{EgressOutcome, SecretPlacement};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -365,7 +366,7 @@ async fn forward(
     let mut sub = Substitution::new(&rules.secrets, &target.host, target.port);
     let prepared = prepare(&mut sub, &mut parts, body).await;
     rec.secrets = sub.used.iter().cloned().chain(injected).collect();
-    let (body, sent) = match prepared {
+    let (body, sent, caught) = match prepared {
         Ok(ok) => ok,
         Err(r) => return refuse(gw, rec, start, r),
     };
@@ -390,6 +391,14 @@ async fn forward(
     let response = sender.send_request(Request::from_parts(parts, body)).await;
     let response = match response {
         Ok(r) => r,
+        Err(_) if caught.load(Ordering::Relaxed) => {
+            let reason = format!(
+                "a secret placeholder in a request body over {} MiB (streamed, so nothing can be swapped \
+                 in): the request was cut off",
+                BODY_SCAN_LIMIT >> 20
+            );
+            return refuse(gw, rec, start, Refused::denied(reason));
+        }
         Err(e) => {
             return refuse(
                 gw,
@@ -431,12 +440,13 @@ async fn forward(
 }
 
 /// Checks and rewrites the URL, headers and body of a request. Returns the
-/// body to send and a counter of the bytes sent.
+/// body to send, a counter of the bytes sent, and a flag raised if a
+/// streamed body was cut off for carrying a placeholder.
 async fn prepare(
     sub: &mut Substitution<'_>,
     parts: &mut hyper::http::request::Parts,
-    body: Incoming,
-) -> Result<(Body, Arc<AtomicU64>), Refused> {
+    mut body: Incoming,
+) -> Result<(Body, Arc<AtomicU64>, Arc<AtomicBool>), Refused> {
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
     let path_and_query = match sub.rewrite(path_and_query.as_bytes(), SecretPlacement::Url)? {
         Some(v) => {
@@ -478,39 +488,72 @@ async fn prepare(
             })
             .map_err(BoxError::from)
             .boxed_unsync();
-        return Ok((body, sent));
+        return Ok((body, sent, Arc::default()));
     }
-    // A machine with secrets: read the body whole so a placeholder can be
-    // swapped in (where allowed) or caught (where not) before anything is sent.
-    let collected = http_body_util::Limited::new(body, BODY_SCAN_LIMIT)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Refused {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    outcome: EgressOutcome::Denied,
-                    reason: format!(
-                        "request bodies from machines holding secrets are checked for placeholders, \
-                         up to {} MiB; this one is larger",
-                        BODY_SCAN_LIMIT >> 20
-                    ),
-                    secret: None,
-                }
-            } else {
-                Refused::failed(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))
+    // A machine with secrets: read the body whole (up to a limit) so a
+    // placeholder can be swapped in (where allowed) or caught (where not)
+    // before anything is sent.
+    let mut head = Vec::new();
+    let complete = loop {
+        match body.frame().await {
+            None => break true,
+            Some(Err(e)) => {
+                return Err(Refused::failed(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                ));
             }
-        })?
-        .to_bytes();
-    let bytes = match sub.rewrite(&collected, SecretPlacement::Body)? {
-        Some(v) => {
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(v.len()));
-            Bytes::from(v)
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    head.extend_from_slice(d);
+                }
+                if head.len() > BODY_SCAN_LIMIT {
+                    break false;
+                }
+            }
         }
-        None => collected,
     };
-    sent.store(bytes.len() as u64, Ordering::Relaxed);
-    Ok((full(bytes), sent))
+    if complete {
+        let bytes = match sub.rewrite(&head, SecretPlacement::Body)? {
+            Some(v) => {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(v.len()));
+                v
+            }
+            None => head,
+        };
+        sent.store(bytes.len() as u64, Ordering::Relaxed);
+        return Ok((full(bytes), sent, Arc::default()));
+    }
+    // Too large to hold: stream it on, cut off where a placeholder shows
+    // (a value can't be swapped into a stream of known length).
+    if crate::secrets::has_placeholder(&head) {
+        return Err(Refused::denied(format!(
+            "a secret placeholder in a request body over {} MiB: secrets are swapped into bodies \
+             only up to that size",
+            BODY_SCAN_LIMIT >> 20
+        )));
+    }
+    sent.store(head.len() as u64, Ordering::Relaxed);
+    let caught = Arc::new(AtomicBool::new(false));
+    let keep = hangar_api::egress::PLACEHOLDER_LEN - 1;
+    let mut tail = head[head.len() - keep..].to_vec();
+    let (counter, flag) = (sent.clone(), caught.clone());
+    let rest = http_body_util::BodyStream::new(body).map(move |frame| {
+        let frame = frame.map_err(BoxError::from)?;
+        if let Some(d) = frame.data_ref() {
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(d);
+            if crate::secrets::has_placeholder(&window) {
+                flag.store(true, Ordering::Relaxed);
+                return Err(BoxError::from("a secret placeholder in a streamed request body"));
+            }
+            tail = window[window.len().saturating_sub(keep)..].to_vec();
+            counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        Ok(frame)
+    });
+    let stream = futures_util::stream::once(async move { Ok(Frame::data(Bytes::from(head))) }).chain(rest);
+    Ok((http_body_util::StreamBody::new(stream).boxed_unsync(), sent, caught))
 }
 
 /// What to do when a response has been passed on: log the request and,

@@ -96,6 +96,11 @@ fn is_placeholder(s: &[u8]) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
+/// Whether `text` holds anything shaped like a placeholder.
+pub fn has_placeholder(text: &[u8]) -> bool {
+    placeholders(text).next().is_some()
+}
+
 /// Positions of everything shaped like a placeholder in `text`.
 fn placeholders(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let prefix = PLACEHOLDER_PREFIX.as_bytes();

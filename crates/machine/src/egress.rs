@@ -223,9 +223,13 @@ fn placeholder(key: &[u8], machine_id: &str, secret: &str) -> String {
 impl Manager {
     /// Connects to the gateway (starting it if need be), tells it which
     /// addresses are the daemon's, registers every live sandbox, and keeps
-    /// doing so whenever the gateway restarts.
-    pub async fn start_egress(&self, deny: Vec<SocketAddr>) -> Result<()> {
-        self.ensure_gateway(&deny).await?;
+    /// doing so whenever the gateway restarts. Machines run without a
+    /// gateway too, with no way out; secrets can't be sealed until it
+    /// answers.
+    pub async fn start_egress(&self, deny: Vec<SocketAddr>) {
+        if let Err(e) = self.ensure_gateway(&deny).await {
+            tracing::error!("egress gateway: {e}; machines have no egress until it answers");
+        }
         let mgr = self.clone();
         tokio::spawn(async move {
             loop {
@@ -235,7 +239,6 @@ impl Manager {
                 }
             }
         });
-        Ok(())
     }
 
     async fn ensure_gateway(&self, deny: &[SocketAddr]) -> Result<()> {

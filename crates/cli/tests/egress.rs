@@ -865,3 +865,23 @@ async fn egress_from_gvisor() {
         .await;
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
 }
+
+/// Without a gateway, machines still run (with no way out), and secrets
+/// can't be sealed: a clear 503, not a daemon that refuses to start.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_gateway() {
+    let d = Daemon::start_with(&["--egress-binary", "/nonexistent/hangar-egress"]);
+    d.create_app("eg").await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/apps/eg/secrets",
+            Some(json!({ "name": "T", "value": "v", "allowed_hosts": ["h"] })),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("egress gateway"), "{body}");
+    let m = d.machine("eg", json!({ "image": common::busybox_image() })).await;
+    assert_eq!(m["state"], "started", "{m}");
+    assert!(d.log().contains("machines have no egress until it answers"));
+}

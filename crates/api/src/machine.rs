@@ -48,6 +48,48 @@ pub struct MachineConfig {
     /// Replaces the app's egress policy for this machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<crate::egress::EgressPolicy>,
+    /// Ports the ingress proxy routes to, as in Fly's `services`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MachineService>,
+}
+
+/// A port of the machine reachable through the ingress proxy, at
+/// `{machine}.{app}.{domain}` (and `{app}.{domain}`, across the app's
+/// machines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineService {
+    /// The port the machine's process listens on (on 127.0.0.1 or any).
+    pub internal_port: u16,
+    /// Start the machine when a request comes for it while it is stopped
+    /// or suspended (default true).
+    #[serde(default = "default_true")]
+    pub autostart: bool,
+    /// What to do once the machine has had no requests or connections for
+    /// `idle_timeout_s` (default `off`).
+    #[serde(default)]
+    pub autostop: Autostop,
+    /// Seconds without traffic before `autostop` acts (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// Autostop never leaves fewer than this many of the app's machines
+    /// running (default 0).
+    #[serde(default)]
+    pub min_machines_running: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Autostop {
+    #[default]
+    Off,
+    Stop,
+    /// Keep the memory (fast to wake; see suspend).
+    Suspend,
 }
 
 /// A volume mounted into a machine, as in Fly's `mounts`.

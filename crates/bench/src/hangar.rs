@@ -230,7 +230,7 @@ impl Daemon {
             .arg("serve")
             .arg("--data-dir")
             .arg(d.data_dir.path())
-            .args(["--listen", "127.0.0.1:0", "--pool-dir"])
+            .args(["--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--pool-dir"])
             .arg(&d.pool_dir)
             .arg("--init-binary")
             .arg(&cfg.init_binary)

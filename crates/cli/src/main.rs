@@ -245,6 +245,14 @@ enum CheckpointCommand {
 struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: SocketAddr,
+    /// Where the ingress proxy listens: requests for
+    /// `{machine}.{app}.{proxy-domain}` reach the machine's service.
+    #[arg(long, default_value = "127.0.0.1:4281")]
+    proxy_listen: SocketAddr,
+    /// The domain the proxy routes under (`localhost` names resolve to
+    /// loopback).
+    #[arg(long, default_value = "localhost")]
+    proxy_domain: String,
     /// The static hangar-init binary (default: next to this binary, or the
     /// workspace's static build).
     #[arg(long, env = "HANGAR_INIT_BINARY")]
@@ -877,7 +885,13 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
             upstream_cas: args.egress_upstream_cas,
         },
     };
-    hangar_daemon::serve(args.listen, cfg).await.map_err(anyhow::Error::msg)
+    let proxy = hangar_ingress::Config {
+        domain: args.proxy_domain,
+        ..Default::default()
+    };
+    hangar_daemon::serve(args.listen, args.proxy_listen, proxy, cfg)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// hangar-init must be static (it runs inside arbitrary images), so it is

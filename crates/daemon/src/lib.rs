@@ -234,7 +234,12 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running when the
 /// daemon stops; the next start re-attaches to them.
-pub async fn serve(listen: SocketAddr, cfg: ManagerConfig) -> anyhow_like::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    proxy_listen: SocketAddr,
+    proxy: hangar_ingress::Config,
+    cfg: ManagerConfig,
+) -> anyhow_like::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
     let token = load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
     let mgr = Manager::open(cfg).await.map_err(|e| e.to_string())?;
@@ -244,11 +249,20 @@ pub async fn serve(listen: SocketAddr, cfg: ManagerConfig) -> anyhow_like::Resul
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let proxy_listener = tokio::net::TcpListener::bind(proxy_listen)
+        .await
+        .map_err(|e| format!("listening on {proxy_listen} (the ingress proxy): {e}"))?;
+    let proxy_local = proxy_listener.local_addr().map_err(|e| e.to_string())?;
     // Machines may never reach the daemon, whatever an egress policy says.
-    mgr.start_egress(vec![local]).await;
+    mgr.start_egress(vec![local, proxy_local]).await;
+    tokio::spawn(hangar_ingress::serve(mgr.clone(), proxy_listener, proxy));
     let url = format!("http://{local}");
     // Lets a CLI on this host find the daemon from the data dir alone.
-    let about = serde_json::json!({ "url": url, "pid": std::process::id() });
+    let about = serde_json::json!({
+        "url": url,
+        "proxy_url": format!("http://{proxy_local}"),
+        "pid": std::process::id(),
+    });
     std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())
         .map_err(|e| format!("writing daemon.json: {e}"))?;
     tracing::info!(

@@ -19,6 +19,7 @@ mod egress;
 mod error;
 mod export;
 mod images;
+mod ingress;
 pub mod launch;
 mod ops;
 mod paths;

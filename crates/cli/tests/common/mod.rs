@@ -182,6 +182,8 @@ pub struct Daemon {
     pub pool_dir: PathBuf,
     pub volume_pool_dir: PathBuf,
     pub url: String,
+    /// The ingress proxy.
+    pub proxy_url: String,
     pub token: String,
     child: Option<Child>,
     serve_args: Vec<String>,
@@ -204,6 +206,7 @@ impl Daemon {
             pool_dir,
             volume_pool_dir,
             url: String::new(),
+            proxy_url: String::new(),
             token: String::new(),
             child: None,
             serve_args: args.iter().map(|a| a.to_string()).collect(),
@@ -228,7 +231,7 @@ impl Daemon {
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir.path())
-            .args(["--listen", "127.0.0.1:0", "--pool-dir"])
+            .args(["--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--pool-dir"])
             .arg(&self.pool_dir)
             .arg("--volume-pool-dir")
             .arg(&self.volume_pool_dir)
@@ -248,6 +251,7 @@ impl Daemon {
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
             {
                 self.url = v["url"].as_str().unwrap().to_owned();
+                self.proxy_url = v["proxy_url"].as_str().unwrap().to_owned();
                 break;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

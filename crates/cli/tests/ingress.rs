@@ -1,0 +1,125 @@
+//! The ingress proxy: routing by Host to a machine's service port (reached
+//! from inside its network namespace), wake on request, autostop when idle.
+
+mod common;
+
+use common::Daemon;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+async fn get(d: &Daemon, host: &str, path: &str) -> (StatusCode, String) {
+    let r = d
+        .http
+        .get(format!("{}{path}", d.proxy_url))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.text().await.unwrap())
+}
+
+async fn starts(d: &Daemon, id: &str) -> usize {
+    let events = d
+        .ok(Method::GET, &format!("/v1/apps/shop/machines/{id}/events"), None)
+        .await;
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["status"] == "started")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_wakes_and_stops_idle_machines() {
+    let d = Daemon::start();
+    d.create_app("shop").await;
+    let mut config = json!({
+        "image": common::busybox_image(),
+        "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+        "services": [{ "internal_port": 8080, "autostop": "stop", "idle_timeout_s": 2 }],
+    });
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/shop/machines",
+            Some(json!({ "name": "web", "config": config.clone() })),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+
+    // By machine name, by port, by app.
+    for host in ["web.shop.localhost", "8080-web.shop.localhost", "shop.localhost"] {
+        let (status, body) = get(&d, host, "/from-image.txt").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "image layer\n"), "{host}");
+    }
+    let (status, body) = get(&d, "nope.localhost", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = get(&d, "example.com", "/").await;
+    assert!(status == StatusCode::NOT_FOUND && body.contains("no_route"), "{body}");
+
+    // Wake on request: a stopped machine is started and the request served,
+    // with no error or retry for the client; concurrent requests share one start.
+    d.ok(Method::POST, &format!("/v1/apps/shop/machines/{id}/stop"), None)
+        .await;
+    d.wait_state("shop", &id, "stopped").await;
+    let before = starts(&d, &id).await;
+    let mut requests = Vec::new();
+    for _ in 0..5 {
+        let (http, url) = (d.http.clone(), format!("{}/from-image.txt", d.proxy_url));
+        requests.push(tokio::spawn(async move {
+            let r = http.get(url).header("host", "web.shop.localhost").send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap(), (StatusCode::OK, "image layer\n".to_owned()));
+    }
+    assert_eq!(starts(&d, &id).await, before + 1, "one start for all five");
+
+    // Autostop: idle for its timeout, the machine is stopped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let m = d.ok(Method::GET, &format!("/v1/apps/shop/machines/{id}"), None).await;
+        if m["state"] == "stopped" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not stopped when idle: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // ... and wakes again on the next request.
+    assert_eq!(get(&d, "web.shop.localhost", "/from-image.txt").await.0, StatusCode::OK);
+
+    // No autostart: a clear error instead of a start.
+    config["services"][0]["autostart"] = json!(false);
+    config["services"][0]["autostop"] = json!("off");
+    let m = d
+        .ok(
+            Method::POST,
+            "/v1/apps/shop/machines",
+            Some(json!({ "name": "manual", "config": config, "skip_launch": true })),
+        )
+        .await;
+    let (status, body) = get(&d, "manual.shop.localhost", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("does not autostart"), "{body}");
+    assert_eq!(m["state"], "created");
+
+    // A machine without services has nothing to route to.
+    d.machine("shop", json!({ "image": common::busybox_image() })).await;
+    let plain = d.ok(Method::GET, "/v1/apps/shop/machines", None).await;
+    let plain_id = plain
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["config"]["services"].is_null())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = get(&d, &format!("{plain_id}.shop.localhost"), "/").await;
+    assert!(
+        status == StatusCode::NOT_FOUND && body.contains("no services"),
+        "{body}"
+    );
+}

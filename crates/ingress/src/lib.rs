@@ -1,0 +1,369 @@
+//! The ingress proxy. A request's Host picks the machine:
+//! `{machine}.{app}.{domain}` one machine, `{port}-{machine}.{app}.{domain}`
+//! another of its ports, `{app}.{domain}` the least busy of the app's
+//! machines. The proxy reaches the port from inside the machine's network
+//! namespace (machines have no routable address), starts a stopped or
+//! suspended machine first when its service says `autostart`, and stops
+//! (or suspends) machines whose service says `autostop` once they have
+//! been idle for their timeout.
+
+mod route;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hangar_api::{Autostop, Machine, MachineService, MachineState, StopRequest};
+use hangar_machine::{Error, Manager};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+pub use route::Route;
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How the proxy is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Hosts are `….{domain}`; `localhost` resolves to loopback everywhere.
+    pub domain: String,
+    /// How long a woken machine has to accept connections on its port.
+    pub wake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            domain: "localhost".into(),
+            wake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Traffic to one machine, for load balancing and autostop.
+#[derive(Debug)]
+struct Activity {
+    /// Requests and upgraded connections in flight.
+    active: usize,
+    /// When the last one ended (or the machine was first seen idle).
+    last: Instant,
+}
+
+#[derive(Debug)]
+struct Ingress {
+    mgr: Manager,
+    cfg: Config,
+    activity: Mutex<HashMap<String, Activity>>,
+}
+
+/// Serves the proxy on `listener`, and runs autostop, until the task ends.
+pub async fn serve(mgr: Manager, listener: tokio::net::TcpListener, cfg: Config) {
+    let ing = Arc::new(Ingress {
+        mgr,
+        cfg,
+        activity: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(autostop_loop(ing.clone()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ing = ing.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let ing = ing.clone();
+                async move { Ok::<_, Infallible>(ing.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message, "code": code }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error_response(e: &Error) -> Response<Body> {
+    let (status, code) = match e {
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        _ => (StatusCode::BAD_GATEWAY, "machine_unavailable"),
+    };
+    json_error(status, code, &e.to_string())
+}
+
+impl Ingress {
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host())
+            .unwrap_or("")
+            .to_owned();
+        let Some(route) = Route::parse(&host, &self.cfg.domain) else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                &format!(
+                    "no route for host {host:?}: use {{machine}}.{{app}}.{d}, {{port}}-{{machine}}.{{app}}.{d} \
+                     or {{app}}.{d}",
+                    d = self.cfg.domain
+                ),
+            );
+        };
+        let machine = match self.pick(&route).await {
+            Ok(m) => m,
+            Err(e) => return error_response(&e),
+        };
+        let service = machine.config.services.first().cloned();
+        let Some(port) = route.port().or(service.as_ref().map(|s| s.internal_port)) else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "no_service",
+                &format!(
+                    "machine {} has no services: set config.services [{{\"internal_port\": …}}]",
+                    machine.id
+                ),
+            );
+        };
+        let _busy = self.begin(&machine.id);
+        let stream = match self.reach(&machine, service.as_ref(), port).await {
+            Ok(s) => s,
+            Err(e) => return error_response(&e),
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(ok) => ok,
+            Err(e) => return json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &e.to_string()),
+        };
+        tokio::spawn(conn.with_upgrades());
+        let client_upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .expect("a path is a valid URI");
+        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "machine_unavailable",
+                    &format!("machine {}: {e}", machine.id),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            // WebSocket and the like: relay both ways for as long as they last.
+            let machine_upgrade = hyper::upgrade::on(&mut resp);
+            let busy = self.begin(&machine.id);
+            tokio::spawn(async move {
+                let _busy = busy;
+                if let (Ok(client), Ok(machine)) = (client_upgrade.await, machine_upgrade.await) {
+                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(machine));
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|e| match e {}).boxed_unsync());
+        }
+        let (parts, body) = resp.into_parts();
+        let tracked = Tracked {
+            inner: body,
+            _busy: self.begin(&machine.id),
+        };
+        Response::from_parts(parts, tracked.boxed_unsync())
+    }
+
+    /// The machine a route names, or for an app route the least busy of
+    /// its started machines with services (a stopped one if none is).
+    async fn pick(&self, route: &Route) -> Result<Machine, Error> {
+        let app = route.app();
+        if let Some(name) = route.machine() {
+            return self.mgr.get_machine(app, name).await;
+        }
+        let machines = self.mgr.list_machines(app, &[], &BTreeMap::new(), false).await?;
+        let with_services = machines.into_iter().filter(|m| !m.config.services.is_empty());
+        let activity = self.activity.lock().expect("activity");
+        let load = |m: &Machine| activity.get(&m.id).map_or(0, |a| a.active);
+        let (started, idle): (Vec<Machine>, Vec<Machine>) =
+            with_services.partition(|m| m.state == MachineState::Started);
+        if let Some(m) = started.into_iter().min_by_key(load) {
+            return Ok(m);
+        }
+        idle.into_iter()
+            .find(|m| m.config.services.iter().any(|s| s.autostart))
+            .ok_or_else(|| Error::NotFound(format!("app {app} has no machine with services to route to")))
+    }
+
+    /// A connection to the machine's port: woken first if need be, and
+    /// retried until the port accepts (a woken process takes a moment to
+    /// listen).
+    async fn reach(
+        &self,
+        machine: &Machine,
+        service: Option<&MachineService>,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, Error> {
+        if machine.state != MachineState::Started {
+            if !service.is_some_and(|s| s.autostart) {
+                return Err(Error::Unavailable(format!(
+                    "machine {} is {} and its service does not autostart: start it first",
+                    machine.id, machine.state
+                )));
+            }
+            self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?;
+        }
+        let deadline = Instant::now() + self.cfg.wake_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.mgr.connect_port(&machine.app, &machine.id, port).await {
+                Ok(s) => return Ok(s),
+                Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(Error::Unavailable(format!(
+                        "machine {} did not accept connections on port {port} within {:?}: {e}",
+                        machine.id, self.cfg.wake_timeout
+                    )));
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Marks traffic to a machine until the guard is dropped.
+    fn begin(self: &Arc<Self>, id: &str) -> Busy {
+        let mut activity = self.activity.lock().expect("activity");
+        let a = activity.entry(id.to_owned()).or_insert(Activity {
+            active: 0,
+            last: Instant::now(),
+        });
+        a.active += 1;
+        Busy {
+            ing: self.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+/// Traffic in flight to a machine.
+struct Busy {
+    ing: Arc<Ingress>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(a) = self.ing.activity.lock().expect("activity").get_mut(&self.id) {
+            a.active = a.active.saturating_sub(1);
+            a.last = Instant::now();
+        }
+    }
+}
+
+/// A response body on its way out; the machine counts as busy until it ends.
+struct Tracked {
+    inner: Incoming,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Once a second: stops (or suspends) machines whose service asks for it
+/// and that have had no traffic for their idle timeout, never leaving
+/// fewer of the app's machines running than `min_machines_running`.
+async fn autostop_loop(ing: Arc<Ingress>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Err(e) = autostop_once(&ing).await {
+            tracing::warn!("autostop: {e}");
+        }
+    }
+}
+
+async fn autostop_once(ing: &Arc<Ingress>) -> Result<(), Error> {
+    for app in ing.mgr.list_apps().await? {
+        let machines = ing.mgr.list_machines(&app.name, &[], &BTreeMap::new(), false).await?;
+        let mut running = machines
+            .iter()
+            .filter(|m| m.state == MachineState::Started && !m.config.services.is_empty())
+            .count();
+        for m in &machines {
+            let Some(service) = m.config.services.first() else {
+                continue;
+            };
+            if service.autostop == Autostop::Off || m.state != MachineState::Started {
+                continue;
+            }
+            let idle_for = Duration::from_secs(service.idle_timeout_s.unwrap_or(300));
+            let idle = {
+                let mut activity = ing.activity.lock().expect("activity");
+                let a = activity.entry(m.id.clone()).or_insert(Activity {
+                    active: 0,
+                    last: Instant::now(),
+                });
+                a.active == 0 && a.last.elapsed() >= idle_for
+            };
+            if !idle || running <= service.min_machines_running as usize {
+                continue;
+            }
+            let result = match service.autostop {
+                Autostop::Suspend => ing.mgr.suspend_machine(&app.name, &m.id).await,
+                _ => ing.mgr.stop_machine(&app.name, &m.id, StopRequest::default()).await,
+            };
+            match result {
+                Ok(_) => {
+                    tracing::info!(machine = %m.id, "autostop: idle for {idle_for:?}");
+                    running -= 1;
+                }
+                Err(e) => tracing::warn!(machine = %m.id, "autostop: {e}"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! What the ingress proxy needs of machines: waking one for a request, and
+//! reaching a port inside it without routable addresses (a connection
+//! opened from inside its network namespace).
+
+use std::os::fd::AsFd;
+
+use hangar_api::{Machine, MachineState, RuntimeKind};
+
+use crate::{Error, Manager, Result};
+
+impl Manager {
+    /// Starts (or resumes) the machine unless it is started; concurrent
+    /// wakes share one start. `source` is recorded in the start's event.
+    pub async fn wake_machine(&self, app: &str, id: &str, source: &str) -> Result<Machine> {
+        let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
+        if rec.state != MachineState::Started {
+            rec.restart_count = 0;
+            self.start_locked(&slot, &mut rec, source).await?;
+        }
+        Ok(crate::ops::machine_view(&rec))
+    }
+
+    /// A TCP connection to `127.0.0.1:port` in a started machine, made from
+    /// inside its network namespace: a socket belongs to the namespace it
+    /// was created in, so one short-lived thread enters it and connects.
+    pub async fn connect_port(&self, app: &str, id: &str, port: u16) -> Result<tokio::net::TcpStream> {
+        let rec = self.record(app, id).await?;
+        if self.runtime(rec.config.runtime).kind == RuntimeKind::Runsc {
+            return Err(Error::BadRequest(format!(
+                "machine {}: the ingress proxy can't reach runsc machines yet",
+                rec.id
+            )));
+        }
+        let running = self
+            .slot(&rec.id, rec.state)
+            .running
+            .lock()
+            .expect("running lock")
+            .clone();
+        let Some(running) = running else {
+            return Err(crate::ops::wrong_state(&rec, "connect to", "start it first"));
+        };
+        let path = format!("/proc/{}/ns/net", running.pid);
+        let ns = std::fs::File::open(&path).map_err(|e| Error::internal(&format!("opening {path}"), e))?;
+        // A thread of its own, which ends with the namespace it entered
+        // (pooled threads would carry it on to unrelated work).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let connected =
+                rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| std::net::TcpStream::connect(("127.0.0.1", port)));
+            let _ = tx.send(connected);
+        });
+        let stream = rx
+            .await
+            .map_err(|e| Error::internal("connecting into the machine", e))?
+            .map_err(|e| Error::Unavailable(format!("machine {}: port {port}: {e}", rec.id)))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::internal("connecting into the machine", e))?;
+        let _ = stream.set_nodelay(true);
+        tokio::net::TcpStream::from_std(stream).map_err(|e| Error::internal("connecting into the machine", e))
+    }
+}

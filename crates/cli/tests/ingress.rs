@@ -123,3 +123,54 @@ async fn routes_wakes_and_stops_idle_machines() {
         "{body}"
     );
 }
+
+/// An upgraded connection (as a WebSocket's) passes through both ways and
+/// keeps the machine busy while open.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrades_pass_through() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let d = Daemon::start();
+    d.create_app("shop").await;
+    // A server that answers any request with 101 and then echoes lines.
+    let script = "cr=$(printf '\\r'); while read -r line; do [ \"${line%$cr}\" = \"\" ] && break; done; \
+                  printf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: echo\\r\\nConnection: Upgrade\\r\\n\\r\\n'; exec cat";
+    let m = d
+        .machine(
+            "shop",
+            json!({
+                "image": common::busybox_image(),
+                "files": [{ "guest_path": "/srv/echo.sh", "raw_value": base64_of(&format!("#!/bin/sh\n{script}\n")), "mode": 0o755 }],
+                "init": { "cmd": ["nc", "-ll", "-p", "9000", "-e", "/srv/echo.sh"] },
+                "services": [{ "internal_port": 9000 }],
+            }),
+        )
+        .await;
+    let name = m["id"].as_str().unwrap().to_owned();
+    let addr = d.proxy_url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request =
+        format!("GET /chat HTTP/1.1\r\nHost: {name}.shop.localhost\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    for word in ["ping\n", "pong\n"] {
+        reader.get_mut().write_all(word.as_bytes()).await.unwrap();
+        let mut echoed = String::new();
+        reader.read_line(&mut echoed).await.unwrap();
+        assert_eq!(echoed, word);
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}

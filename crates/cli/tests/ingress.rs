@@ -174,3 +174,57 @@ fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+/// MCP sessions stick to the machine that issued them, across many
+/// requests and through a stop (the request wakes that machine, not another).
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_sessions_are_sticky() {
+    let d = Daemon::start();
+    d.create_app("mcp").await;
+    // Each machine issues sessions named after itself (its hostname is its id).
+    let cgi = "#!/bin/sh\nid=$(hostname)\nprintf 'Content-Type: text/plain\\r\\nMcp-Session-Id: %s\\r\\n\\r\\n%s\\n' \"$id\" \"$id\"\n";
+    let config = json!({
+        "image": common::busybox_image(),
+        "files": [{ "guest_path": "/srv/app/cgi-bin/mcp", "raw_value": base64_of(cgi), "mode": 0o755 }],
+        "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+        "services": [{ "internal_port": 8080 }],
+    });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            d.machine("mcp", config.clone()).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let call = |session: Option<String>| {
+        let (http, url) = (d.http.clone(), format!("{}/cgi-bin/mcp", d.proxy_url));
+        async move {
+            let mut req = http.get(url).header("host", "mcp.localhost");
+            if let Some(s) = session {
+                req = req.header("mcp-session-id", s);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let issued = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+            (issued, r.text().await.unwrap().trim().to_owned())
+        }
+    };
+    let (session, served_by) = call(None).await;
+    assert_eq!(session, served_by);
+    assert!(ids.contains(&session));
+    for _ in 0..10 {
+        assert_eq!(
+            call(Some(session.clone())).await.1,
+            session,
+            "every request of the session"
+        );
+    }
+    d.ok(Method::POST, &format!("/v1/apps/mcp/machines/{session}/stop"), None)
+        .await;
+    d.wait_state("mcp", &session, "stopped").await;
+    let (_, other) = call(None).await;
+    assert_ne!(other, session, "without the session, the started machine serves");
+    assert_eq!(call(Some(session.clone())).await.1, session, "woken, not moved");
+}

@@ -61,7 +61,16 @@ struct Ingress {
     mgr: Manager,
     cfg: Config,
     activity: Mutex<HashMap<String, Activity>>,
+    /// MCP sessions: `Mcp-Session-Id` → the (app, machine) that issued it.
+    /// An MCP server keeps a session's state in memory, so every request
+    /// of the session must reach the machine that holds it.
+    sessions: Mutex<HashMap<String, (String, String)>>,
 }
+
+/// The header MCP's streamable HTTP transport names sessions with.
+const SESSION_HEADER: &str = "mcp-session-id";
+/// Sessions remembered; beyond it the oldest knowledge is dropped whole.
+const MAX_SESSIONS: usize = 100_000;
 
 /// Serves the proxy on `listener`, and runs autostop, until the task ends.
 pub async fn serve(mgr: Manager, listener: tokio::net::TcpListener, cfg: Config) {
@@ -69,6 +78,7 @@ pub async fn serve(mgr: Manager, listener: tokio::net::TcpListener, cfg: Config)
         mgr,
         cfg,
         activity: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
     });
     tokio::spawn(autostop_loop(ing.clone()));
     loop {
@@ -129,7 +139,12 @@ impl Ingress {
                 ),
             );
         };
-        let machine = match self.pick(&route).await {
+        let session = req
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let machine = match self.pick(&route, session.as_deref()).await {
             Ok(m) => m,
             Err(e) => return error_response(&e),
         };
@@ -192,6 +207,13 @@ impl Ingress {
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|e| match e {}).boxed_unsync());
         }
+        if let Some(issued) = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+            let mut sessions = self.sessions.lock().expect("sessions");
+            if sessions.len() >= MAX_SESSIONS {
+                sessions.clear();
+            }
+            sessions.insert(issued.to_owned(), (machine.app.clone(), machine.id.clone()));
+        }
         let (parts, body) = resp.into_parts();
         let tracked = Tracked {
             inner: body,
@@ -200,12 +222,27 @@ impl Ingress {
         Response::from_parts(parts, tracked.boxed_unsync())
     }
 
-    /// The machine a route names, or for an app route the least busy of
-    /// its started machines with services (a stopped one if none is).
-    async fn pick(&self, route: &Route) -> Result<Machine, Error> {
+    /// The machine a route names; for an app route, the machine that
+    /// issued the request's MCP session, else the least busy of its started
+    /// machines with services (a stopped one if none is).
+    async fn pick(&self, route: &Route, session: Option<&str>) -> Result<Machine, Error> {
         let app = route.app();
         if let Some(name) = route.machine() {
             return self.mgr.get_machine(app, name).await;
+        }
+        let holder = session.and_then(|s| self.sessions.lock().expect("sessions").get(s).cloned());
+        if let Some((session_app, id)) = holder
+            && session_app == app
+        {
+            match self.mgr.get_machine(app, &id).await {
+                Ok(m) if m.state != MachineState::Destroyed => return Ok(m),
+                _ => {
+                    self.sessions
+                        .lock()
+                        .expect("sessions")
+                        .remove(session.unwrap_or_default());
+                }
+            }
         }
         let machines = self.mgr.list_machines(app, &[], &BTreeMap::new(), false).await?;
         let with_services = machines.into_iter().filter(|m| !m.config.services.is_empty());

@@ -228,3 +228,50 @@ async fn mcp_sessions_are_sticky() {
     assert_ne!(other, session, "without the session, the started machine serves");
     assert_eq!(call(Some(session.clone())).await.1, session, "woken, not moved");
 }
+
+/// Autostop leaves alone a machine with a stream open (an SSE response
+/// lasting longer than the idle timeout), and one that said it is busy.
+#[tokio::test(flavor = "multi_thread")]
+async fn autostop_spares_open_streams_and_busy_machines() {
+    let d = Daemon::start();
+    d.create_app("shop").await;
+    // An event stream: one event a second for 4 seconds.
+    let sse = "#!/bin/sh\nprintf 'Content-Type: text/event-stream\\r\\n\\r\\n'\nfor i in 1 2 3 4; do printf 'data: %s\\n\\n' $i; sleep 1; done\n";
+    let m = d
+        .machine(
+            "shop",
+            json!({
+                "image": common::busybox_image(),
+                "files": [{ "guest_path": "/srv/app/cgi-bin/events", "raw_value": base64_of(sse), "mode": 0o755 }],
+                "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+                "services": [{ "internal_port": 8080, "autostop": "stop", "idle_timeout_s": 1 }],
+            }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let mut stream = d
+        .http
+        .get(format!("{}/cgi-bin/events", d.proxy_url))
+        .header("host", format!("{id}.shop.localhost"))
+        .send()
+        .await
+        .unwrap();
+    let mut events = String::new();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        events.push_str(&String::from_utf8_lossy(&chunk));
+        assert_eq!(state(&d, &id).await, "started", "stopped with a stream open");
+    }
+    assert_eq!(events.matches("data:").count(), 4, "{events}");
+
+    // Busy: left alone past its idle timeout; idle again, it stops.
+    d.sh("shop", &id, "/.hangar/init busy").await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(state(&d, &id).await, "started", "stopped while busy");
+    d.sh("shop", &id, "/.hangar/init idle").await;
+    d.wait_state("shop", &id, "stopped").await;
+}
+
+async fn state(d: &Daemon, id: &str) -> String {
+    let m = d.ok(Method::GET, &format!("/v1/apps/shop/machines/{id}"), None).await;
+    m["state"].as_str().unwrap().to_owned()
+}

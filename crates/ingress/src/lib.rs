@@ -353,7 +353,8 @@ impl hyper::body::Body for Tracked {
 
 /// Once a second: stops (or suspends) machines whose service asks for it
 /// and that have had no traffic for their idle timeout, never leaving
-/// fewer of the app's machines running than `min_machines_running`.
+/// fewer of the app's machines running than `min_machines_running`, and
+/// never a machine that said it is busy.
 async fn autostop_loop(ing: Arc<Ingress>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -386,7 +387,10 @@ async fn autostop_once(ing: &Arc<Ingress>) -> Result<(), Error> {
                 });
                 a.active == 0 && a.last.elapsed() >= idle_for
             };
-            if !idle || running <= service.min_machines_running as usize {
+            if !idle
+                || running <= service.min_machines_running as usize
+                || ing.mgr.machine_is_busy(&app.name, &m.id).await?
+            {
                 continue;
             }
             let result = match service.autostop {

@@ -127,8 +127,47 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     Ok(parsed)
 }
 
+/// Where a machine says it is busy: the daemon's autostop leaves it alone
+/// while this file exists (until the time in it, if not 0).
+const BUSY_FILE: &str = "/.hangar/run/busy";
+
+/// `hangar-init busy [SECONDS]` / `hangar-init idle`, run by anything in
+/// the machine: tell autostop to leave the machine alone (for SECONDS, or
+/// until `idle`), e.g. around a long background job.
+fn busy_command(args: &[String]) -> Option<i32> {
+    let result = match args.first().map(String::as_str) {
+        Some("busy") => {
+            let until = match args.get(1).map(|s| s.parse::<u64>()) {
+                None => Ok(0),
+                Some(Ok(secs)) => Ok(std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    + secs.max(1)),
+                Some(Err(_)) => Err(io::Error::other("usage: hangar-init busy [SECONDS]")),
+            };
+            until.and_then(|u| fs::write(BUSY_FILE, u.to_string()))
+        }
+        Some("idle") => match fs::remove_file(BUSY_FILE) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("hangar-init: {e}");
+            1
+        }
+    })
+}
+
 fn main() {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = busy_command(&argv) {
+        std::process::exit(code);
+    }
+    let args = match parse_args(argv) {
         Ok(a) => a,
         Err(e) if e.is_empty() => {
             println!("{USAGE}");

@@ -20,6 +20,34 @@ impl Manager {
         Ok(crate::ops::machine_view(&rec))
     }
 
+    /// Whether the machine said it is busy (`/.hangar/init busy [SECONDS]`
+    /// inside it), so that autostop leaves it alone.
+    pub async fn machine_is_busy(&self, app: &str, id: &str) -> Result<bool> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let rec = self.record(app, id).await?;
+        // The run dir is the machine's to write: no symlinks, a small read.
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.paths(&rec.id).run.join("busy"))
+        else {
+            return Ok(false);
+        };
+        let mut text = String::new();
+        if !file.metadata().is_ok_and(|m| m.is_file()) || file.take(32).read_to_string(&mut text).is_err() {
+            return Ok(false);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(match text.trim().parse::<u64>() {
+            Ok(0) => true,
+            Ok(until) => until > now,
+            Err(_) => false,
+        })
+    }
+
     /// A TCP connection to `127.0.0.1:port` in a started machine, made from
     /// inside its network namespace: a socket belongs to the namespace it
     /// was created in, so one short-lived thread enters it and connects.

@@ -90,6 +90,38 @@ async fn routes_wakes_and_stops_idle_machines() {
     // ... and wakes again on the next request.
     assert_eq!(get(&d, "web.shop.localhost", "/from-image.txt").await.0, StatusCode::OK);
 
+    // Metrics: requests by machine and route, wakes (one per start) and their latency.
+    let metrics = d
+        .http
+        .get(format!("{}/metrics", d.url))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str, route: &str| -> f64 {
+        let prefix = format!("{name}{{app=\"shop\",machine=\"{id}\",route=\"{route}\"}} ");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{prefix}\n{metrics}"));
+        line[prefix.len()..].parse().unwrap()
+    };
+    assert_eq!(value("hangar_proxy_requests_total", "machine"), 7.0, "{metrics}");
+    assert_eq!(value("hangar_proxy_requests_total", "port"), 1.0);
+    assert_eq!(
+        value("hangar_proxy_wakes_total", "machine"),
+        2.0,
+        "one per start: {metrics}"
+    );
+    assert!(value("hangar_proxy_wake_seconds_sum", "machine") > 0.0);
+    assert!(
+        metrics.contains(&format!("hangar_proxy_active{{app=\"shop\",machine=\"{id}\"}} 0")),
+        "{metrics}"
+    );
+
     // No autostart: a clear error instead of a start.
     config["services"][0]["autostart"] = json!(false);
     config["services"][0]["autostop"] = json!("off");

@@ -185,8 +185,16 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// The whole HTTP service.
-pub fn router(mgr: Manager, token: String) -> axum::Router {
+/// With `proxy`, its metrics are served at `/metrics` (behind the token).
+pub fn router(mgr: Manager, token: String, proxy: Option<hangar_ingress::Proxy>) -> axum::Router {
     let state = AppState { mgr, token };
+    let metrics = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move { proxy.map(|p| p.metrics()).unwrap_or_default() }),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state.clone());
     let (api, _) = api_router().split_for_parts();
     let doc = serde_json::to_value(openapi()).expect("openapi serializes");
     let api = api
@@ -200,6 +208,7 @@ pub fn router(mgr: Manager, token: String) -> axum::Router {
             axum::routing::get(move || async move { axum::Json(doc) }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .merge(metrics)
         .merge(api)
         .fallback(not_found)
 }
@@ -255,7 +264,8 @@ pub async fn serve(
     let proxy_local = proxy_listener.local_addr().map_err(|e| e.to_string())?;
     // Machines may never reach the daemon, whatever an egress policy says.
     mgr.start_egress(vec![local, proxy_local]).await;
-    tokio::spawn(hangar_ingress::serve(mgr.clone(), proxy_listener, proxy));
+    let proxy = hangar_ingress::Proxy::new(mgr.clone(), proxy);
+    tokio::spawn(proxy.clone().serve(proxy_listener));
     let url = format!("http://{local}");
     // Lets a CLI on this host find the daemon from the data dir alone.
     let about = serde_json::json!({
@@ -269,7 +279,7 @@ pub async fn serve(
         "hangar listening on {url} (token in {})",
         mgr.data_dir().join("api-token").display()
     );
-    axum::serve(listener, router(mgr, token))
+    axum::serve(listener, router(mgr, token, Some(proxy)))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("serving: {e}"))?;

@@ -61,10 +61,24 @@ struct Ingress {
     mgr: Manager,
     cfg: Config,
     activity: Mutex<HashMap<String, Activity>>,
+    metrics: Mutex<BTreeMap<MetricKey, Counters>>,
     /// MCP sessions: `Mcp-Session-Id` → the (app, machine) that issued it.
     /// An MCP server keeps a session's state in memory, so every request
     /// of the session must reach the machine that holds it.
     sessions: Mutex<HashMap<String, (String, String)>>,
+}
+
+/// (app, machine, route kind).
+type MetricKey = (String, String, &'static str);
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: u64,
+    /// Answered by the proxy with a 5xx (the machine could not be reached).
+    failures: u64,
+    wakes: u64,
+    /// Request to port accepting, summed over wakes.
+    wake_seconds: f64,
 }
 
 /// The header MCP's streamable HTTP transport names sessions with.
@@ -72,14 +86,102 @@ const SESSION_HEADER: &str = "mcp-session-id";
 /// Sessions remembered; beyond it the oldest knowledge is dropped whole.
 const MAX_SESSIONS: usize = 100_000;
 
-/// Serves the proxy on `listener`, and runs autostop, until the task ends.
-pub async fn serve(mgr: Manager, listener: tokio::net::TcpListener, cfg: Config) {
-    let ing = Arc::new(Ingress {
-        mgr,
-        cfg,
-        activity: Mutex::new(HashMap::new()),
-        sessions: Mutex::new(HashMap::new()),
-    });
+/// The proxy: serve it on a listener; read its metrics.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    ing: Arc<Ingress>,
+}
+
+impl Proxy {
+    pub fn new(mgr: Manager, cfg: Config) -> Proxy {
+        Proxy {
+            ing: Arc::new(Ingress {
+                mgr,
+                cfg,
+                activity: Mutex::new(HashMap::new()),
+                metrics: Mutex::new(BTreeMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Serves the proxy on `listener`, and runs autostop, until the task ends.
+    pub async fn serve(self, listener: tokio::net::TcpListener) {
+        serve(self.ing, listener).await
+    }
+
+    /// Per machine and route kind: requests, failures, wakes and their
+    /// latency, and requests in flight, in Prometheus's text format.
+    pub fn metrics(&self) -> String {
+        let metrics = self.ing.metrics.lock().expect("metrics");
+        let activity = self.ing.activity.lock().expect("activity");
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for l in lines {
+                out += &format!("{name}{l}\n");
+            }
+        };
+        let each = |f: &dyn Fn(&Counters) -> String, with_route: bool| -> Vec<String> {
+            let mut seen = std::collections::BTreeSet::new();
+            metrics
+                .iter()
+                .filter(|((app, machine, _), _)| with_route || seen.insert((app.clone(), machine.clone())))
+                .map(|((app, machine, route), c)| {
+                    let labels = if with_route {
+                        format!("{{app=\"{app}\",machine=\"{machine}\",route=\"{route}\"}}")
+                    } else {
+                        format!("{{app=\"{app}\",machine=\"{machine}\"}}")
+                    };
+                    format!("{labels} {}", f(c))
+                })
+                .collect()
+        };
+        family(
+            "hangar_proxy_requests_total",
+            "counter",
+            "Requests the ingress proxy routed to a machine.",
+            each(&|c| c.requests.to_string(), true),
+        );
+        family(
+            "hangar_proxy_failures_total",
+            "counter",
+            "Requests the proxy answered itself with a 5xx: the machine could not be woken or reached.",
+            each(&|c| c.failures.to_string(), true),
+        );
+        family(
+            "hangar_proxy_wakes_total",
+            "counter",
+            "Starts (or resumes) of a stopped or suspended machine for a request.",
+            each(&|c| c.wakes.to_string(), true),
+        );
+        family(
+            "hangar_proxy_wake_seconds_sum",
+            "counter",
+            "Seconds from the request that started a machine to its port accepting, summed.",
+            each(&|c| format!("{:.6}", c.wake_seconds), true),
+        );
+        let mut active: Vec<String> = Vec::new();
+        for ((app, machine, _), _) in metrics.iter() {
+            let line = format!(
+                "{{app=\"{app}\",machine=\"{machine}\"}} {}",
+                activity.get(machine).map_or(0, |a| a.active)
+            );
+            if !active.contains(&line) {
+                active.push(line);
+            }
+        }
+        family(
+            "hangar_proxy_active",
+            "gauge",
+            "Requests and upgraded connections in flight to a machine.",
+            active,
+        );
+        out
+    }
+}
+
+async fn serve(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
     tokio::spawn(autostop_loop(ing.clone()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -160,9 +262,24 @@ impl Ingress {
             );
         };
         let _busy = self.begin(&machine.id);
+        let key: MetricKey = (machine.app.clone(), machine.id.clone(), route.kind());
+        self.count(&key, |c| c.requests += 1);
+        let arrived = Instant::now();
         let stream = match self.reach(&machine, service.as_ref(), port).await {
-            Ok(s) => s,
-            Err(e) => return error_response(&e),
+            Ok((stream, woke)) => {
+                if woke {
+                    let took = arrived.elapsed().as_secs_f64();
+                    self.count(&key, |c| {
+                        c.wakes += 1;
+                        c.wake_seconds += took;
+                    });
+                }
+                stream
+            }
+            Err(e) => {
+                self.count(&key, |c| c.failures += 1);
+                return error_response(&e);
+            }
         };
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
             Ok(ok) => ok,
@@ -260,13 +377,14 @@ impl Ingress {
 
     /// A connection to the machine's port: woken first if need be, and
     /// retried until the port accepts (a woken process takes a moment to
-    /// listen).
+    /// listen). Says whether this request started the machine.
     async fn reach(
         &self,
         machine: &Machine,
         service: Option<&MachineService>,
         port: u16,
-    ) -> Result<tokio::net::TcpStream, Error> {
+    ) -> Result<(tokio::net::TcpStream, bool), Error> {
+        let mut woke = false;
         if machine.state != MachineState::Started {
             if !service.is_some_and(|s| s.autostart) {
                 return Err(Error::Unavailable(format!(
@@ -274,13 +392,13 @@ impl Ingress {
                     machine.id, machine.state
                 )));
             }
-            self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?;
+            woke = self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?.1;
         }
         let deadline = Instant::now() + self.cfg.wake_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
             match self.mgr.connect_port(&machine.app, &machine.id, port).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, woke)),
                 Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
                 Err(e) if Instant::now() > deadline => {
                     return Err(Error::Unavailable(format!(
@@ -294,6 +412,10 @@ impl Ingress {
                 }
             }
         }
+    }
+
+    fn count(&self, key: &MetricKey, f: impl FnOnce(&mut Counters)) {
+        f(self.metrics.lock().expect("metrics").entry(key.clone()).or_default());
     }
 
     /// Marks traffic to a machine until the guard is dropped.

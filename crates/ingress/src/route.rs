@@ -47,6 +47,15 @@ impl Route {
         }
     }
 
+    /// For metrics: `machine`, `port` (a machine's other port) or `app`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Machine { port: None, .. } => "machine",
+            Route::Machine { .. } => "port",
+            Route::App { .. } => "app",
+        }
+    }
+
     pub fn app(&self) -> &str {
         match self {
             Route::Machine { app, .. } | Route::App { app } => app,

@@ -11,13 +11,15 @@ use crate::{Error, Manager, Result};
 impl Manager {
     /// Starts (or resumes) the machine unless it is started; concurrent
     /// wakes share one start. `source` is recorded in the start's event.
-    pub async fn wake_machine(&self, app: &str, id: &str, source: &str) -> Result<Machine> {
+    /// Returns whether this call did the start.
+    pub async fn wake_machine(&self, app: &str, id: &str, source: &str) -> Result<(Machine, bool)> {
         let (slot, _op, mut rec) = self.lock_machine(app, id).await?;
-        if rec.state != MachineState::Started {
+        let asleep = rec.state != MachineState::Started;
+        if asleep {
             rec.restart_count = 0;
             self.start_locked(&slot, &mut rec, source).await?;
         }
-        Ok(crate::ops::machine_view(&rec))
+        Ok((crate::ops::machine_view(&rec), asleep))
     }
 
     /// Whether the machine said it is busy (`/.hangar/init busy [SECONDS]`

@@ -307,3 +307,44 @@ async fn state(d: &Daemon, id: &str) -> String {
     let m = d.ok(Method::GET, &format!("/v1/apps/shop/machines/{id}"), None).await;
     m["state"].as_str().unwrap().to_owned()
 }
+
+/// A machine can hand a request on to another with `hangar-replay`: the
+/// proxy sends the same request (body included) there instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_hands_requests_on() {
+    let d = Daemon::start();
+    d.create_app("rp").await;
+    // A machine with /srv/target replays to the machine named in it; one
+    // without serves, echoing the request's body.
+    let cgi = "#!/bin/sh\nbody=$(head -c \"${CONTENT_LENGTH:-0}\")\n\
+               if [ -f /srv/target ]; then\n\
+               printf 'Content-Type: text/plain\\r\\nhangar-replay: instance=%s;state=s1\\r\\n\\r\\nreplaying\\n' \"$(cat /srv/target)\"\n\
+               else\n\
+               printf 'Content-Type: text/plain\\r\\n\\r\\nserved by %s: %s\\n' \"$(hostname)\" \"$body\"\n\
+               fi\n";
+    let config = json!({
+        "image": common::busybox_image(),
+        "files": [{ "guest_path": "/srv/app/cgi-bin/route", "raw_value": base64_of(cgi), "mode": 0o755 }],
+        "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+        "services": [{ "internal_port": 8080 }],
+    });
+    let front = d.machine("rp", config.clone()).await["id"].as_str().unwrap().to_owned();
+    let back = d.machine("rp", config).await["id"].as_str().unwrap().to_owned();
+    d.sh("rp", &front, &format!("echo {back} > /srv/target")).await;
+    let r = d
+        .http
+        .post(format!("{}/cgi-bin/route", d.proxy_url))
+        .header("host", format!("{front}.rp.localhost"))
+        .body("the body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.text().await.unwrap(), format!("served by {back}: the body\n"));
+
+    // A replay to a machine that doesn't exist: a clear error.
+    d.sh("rp", &front, "echo nosuch > /srv/target").await;
+    let (status, body) = get(&d, &format!("{front}.rp.localhost"), "/cgi-bin/route").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("nosuch"), "{body}");
+}

@@ -203,9 +203,57 @@ async fn serve(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
     }
 }
 
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A machine's answer that sends the request on: `instance=ID` or
+/// `app=NAME`, optionally `;state=…` passed to the target (as Fly's
+/// `fly-replay`).
+const REPLAY_HEADER: &str = "hangar-replay";
+/// On a replayed request: `instance=ID[;state=…]` of the machine that
+/// asked for the replay.
+const REPLAY_SOURCE_HEADER: &str = "hangar-replay-src";
+/// Requests are kept for a replay up to this size.
+const REPLAY_BODY_LIMIT: usize = 1 << 20;
+
+/// The body limit to keep a request for a replay with, if it is small
+/// enough: a known length up to the limit, or no body at all.
+fn small_body_len(parts: &hyper::http::request::Parts) -> Option<usize> {
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match length {
+        Some(n) if n <= REPLAY_BODY_LIMIT => Some(REPLAY_BODY_LIMIT),
+        Some(_) => None,
+        None if parts.headers.contains_key(header::TRANSFER_ENCODING) => None,
+        None => Some(REPLAY_BODY_LIMIT),
+    }
+}
+
+fn clone_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    *builder.headers_mut().expect("a fresh builder") = parts.headers.clone();
+    builder.body(()).expect("parts of a valid request").into_parts().0
+}
+
+/// `key=value` out of `a=1;b=2`.
+fn replay_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    header
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+}
+
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": message, "code": code }).to_string();
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
+    let mut resp = Response::new(full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -250,8 +298,105 @@ impl Ingress {
             Ok(m) => m,
             Err(e) => return error_response(&e),
         };
+        let client_upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .expect("a path is a valid URI");
+        // A small request is kept, so that the machine can hand it on with
+        // `hangar-replay`; a replayed one is not replayed again.
+        let may_replay = client_upgrade.is_none() && !parts.headers.contains_key(REPLAY_SOURCE_HEADER);
+        let (body, kept) = match may_replay.then(|| small_body_len(&parts)).flatten() {
+            Some(limit) => match http_body_util::Limited::new(body, limit).collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (full(bytes.clone()), Some(bytes))
+                }
+                Err(e) => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!("reading the body: {e}"),
+                    );
+                }
+            },
+            None => (body.map_err(Into::into).boxed_unsync(), None),
+        };
+        let copy = kept.map(|bytes| (clone_parts(&parts), bytes));
+        let resp = self
+            .exchange(
+                &machine,
+                route.port(),
+                route.kind(),
+                Request::from_parts(parts, body),
+                client_upgrade,
+            )
+            .await;
+        let Some(replay) = resp
+            .headers()
+            .get(REPLAY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+        else {
+            return resp;
+        };
+        let Some((mut parts, bytes)) = copy else {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "replay_refused",
+                "the machine asked for a replay, but the request can't be replayed (a body over 1 MiB, an \
+                 upgrade, or a replay already)",
+            );
+        };
+        let target = match self.replay_target(&machine, &replay).await {
+            Ok(m) => m,
+            Err(e) => return error_response(&e),
+        };
+        let mut source = format!("instance={}", machine.id);
+        if let Some(state) = replay_field(&replay, "state") {
+            source += &format!(";state={state}");
+        }
+        if let Ok(v) = HeaderValue::from_str(&source) {
+            parts.headers.insert(REPLAY_SOURCE_HEADER, v);
+        }
+        self.exchange(&target, None, "replay", Request::from_parts(parts, full(bytes)), None)
+            .await
+    }
+
+    /// Where a `hangar-replay` answer sends a request: `instance=ID` (a
+    /// machine of the same app) or `app=NAME` (the least busy of that app's).
+    async fn replay_target(&self, from: &Machine, replay: &str) -> Result<Machine, Error> {
+        if let Some(id) = replay_field(replay, "instance") {
+            return self.mgr.get_machine(&from.app, id).await;
+        }
+        if let Some(app) = replay_field(replay, "app") {
+            return self.pick(&Route::App { app: app.to_owned() }, None).await;
+        }
+        Err(Error::BadRequest(format!(
+            "machine {} answered hangar-replay {replay:?}: name instance=ID or app=NAME",
+            from.id
+        )))
+    }
+
+    /// Sends one request to a machine's service (woken if need be) and
+    /// passes its answer on.
+    async fn exchange(
+        self: &Arc<Self>,
+        machine: &Machine,
+        port: Option<u16>,
+        route_kind: &'static str,
+        req: Request<Body>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
         let service = machine.config.services.first().cloned();
-        let Some(port) = route.port().or(service.as_ref().map(|s| s.internal_port)) else {
+        let Some(port) = port.or(service.as_ref().map(|s| s.internal_port)) else {
             return json_error(
                 StatusCode::NOT_FOUND,
                 "no_service",
@@ -262,10 +407,10 @@ impl Ingress {
             );
         };
         let _busy = self.begin(&machine.id);
-        let key: MetricKey = (machine.app.clone(), machine.id.clone(), route.kind());
+        let key: MetricKey = (machine.app.clone(), machine.id.clone(), route_kind);
         self.count(&key, |c| c.requests += 1);
         let arrived = Instant::now();
-        let stream = match self.reach(&machine, service.as_ref(), port).await {
+        let stream = match self.reach(machine, service.as_ref(), port).await {
             Ok((stream, woke)) => {
                 if woke {
                     let took = arrived.elapsed().as_secs_f64();
@@ -286,19 +431,7 @@ impl Ingress {
             Err(e) => return json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &e.to_string()),
         };
         tokio::spawn(conn.with_upgrades());
-        let client_upgrade = req
-            .headers()
-            .contains_key(header::UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .expect("a path is a valid URI");
-        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+        let mut resp = match sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
                 return json_error(
@@ -322,7 +455,7 @@ impl Ingress {
                 }
             });
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|e| match e {}).boxed_unsync());
+            return Response::from_parts(parts, full(Bytes::new()));
         }
         if let Some(issued) = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
             let mut sessions = self.sessions.lock().expect("sessions");

@@ -361,17 +361,7 @@ fn pull(common: &Common, iterations: usize, size_mb: u64) -> Result<i32> {
 }
 
 fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i32> {
-    let (bin_dir, hangar_bin) = common.binaries()?;
-    check_hangar(&hangar_bin)?;
-    let (work, rootfs) = scratch_rootfs()?;
-    let layout = image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?;
-    let cfg = hangar::Config {
-        hangar: hangar_bin.clone(),
-        init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
-        pool_root: common.pool_root.clone(),
-        serve_args: Vec::new(),
-    };
-    let image = format!("oci:{}:latest", layout.display());
+    let (cfg, image, _work) = daemon_and_image(common)?;
     let run = checkpoint::bench(&cfg, &image, sizes_mb, iterations)?;
     process::check_interrupt()?;
     let report = report::SectionsReport::new(std::env::args().collect(), report::Host::collect(), iterations, run);
@@ -380,20 +370,28 @@ fn checkpoints(common: &Common, iterations: usize, sizes_mb: &[u64]) -> Result<i
 }
 
 fn egress_overhead(common: &Common, seconds: u32) -> Result<i32> {
+    let (cfg, image, _work) = daemon_and_image(common)?;
+    let report = egress::bench(&cfg, &image, seconds)?;
+    process::check_interrupt()?;
+    common.print(&report, egress::Report::table)?;
+    Ok(0)
+}
+
+/// What the checkpoint and egress modes start from: the daemon's config,
+/// and the busybox image as an OCI layout in a scratch directory (removed
+/// when the last value is dropped).
+fn daemon_and_image(common: &Common) -> Result<(hangar::Config, String, tempfile::TempDir)> {
     let (bin_dir, hangar_bin) = common.binaries()?;
     check_hangar(&hangar_bin)?;
     let (work, rootfs) = scratch_rootfs()?;
     let layout = image::make_layout(&hangar_bin, &rootfs, &work.path().join("layout"))?;
     let cfg = hangar::Config {
-        hangar: hangar_bin.clone(),
+        hangar: hangar_bin,
         init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
         pool_root: common.pool_root.clone(),
         serve_args: Vec::new(),
     };
-    let report = egress::bench(&cfg, &format!("oci:{}:latest", layout.display()), seconds)?;
-    process::check_interrupt()?;
-    common.print(&report, egress::Report::table)?;
-    Ok(0)
+    Ok((cfg, format!("oci:{}:latest", layout.display()), work))
 }
 
 /// A scratch directory (removed when dropped) holding the busybox rootfs

@@ -608,6 +608,34 @@ async fn egress_through_the_gateway() {
     assert_eq!(status, 400, "{body}");
 }
 
+/// A daemon whose gateway trusts an upstream at `api.test`, an app `eg`
+/// allowed to reach it with a secret GH_TOKEN bound to it, and a Debian
+/// machine (with `extra` config) holding that secret; and the upstream's
+/// (empty) file root, to keep until the test ends.
+async fn one_secret_one_machine(extra: Value) -> (Daemon, Upstream, String, tempfile::TempDir) {
+    let root = tempfile::tempdir().unwrap();
+    let up = Upstream::start(root.path().to_owned(), &["api.test"]);
+    let ca = up.ca.display().to_string();
+    let d = Daemon::start_with(&["--egress-upstream-ca", &ca, "--egress-resolve", "api.test=127.0.0.1"]);
+    d.create_app("eg").await;
+    d.ok(
+        Method::POST,
+        "/v1/apps/eg/secrets",
+        Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
+    )
+    .await;
+    d.ok(
+        Method::PUT,
+        "/v1/apps/eg/egress-policy",
+        Some(json!({ "allow": ["api.test"] })),
+    )
+    .await;
+    let mut config = json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"] });
+    common::merge(&mut config, extra);
+    let id = d.machine("eg", config).await["id"].as_str().unwrap().to_owned();
+    (d, up, id, root)
+}
+
 /// Polls until the machine's request through the gateway gets `auth`.
 async fn wait_for_auth(d: &Daemon, app: &str, id: &str, url: &str, want: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -629,30 +657,7 @@ async fn wait_for_auth(d: &Daemon, app: &str, id: &str, url: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_survives_restarts_rotation_and_forks() {
-    let root = tempfile::tempdir().unwrap();
-    let up = Upstream::start(root.path().to_owned(), &["api.test"]);
-    let ca = up.ca.display().to_string();
-    let mut d = Daemon::start_with(&["--egress-upstream-ca", &ca, "--egress-resolve", "api.test=127.0.0.1"]);
-    d.create_app("eg").await;
-    d.ok(
-        Method::POST,
-        "/v1/apps/eg/secrets",
-        Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
-    )
-    .await;
-    d.ok(
-        Method::PUT,
-        "/v1/apps/eg/egress-policy",
-        Some(json!({ "allow": ["api.test"] })),
-    )
-    .await;
-    let m = d
-        .machine(
-            "eg",
-            json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"] }),
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_owned();
+    let (mut d, up, id, _root) = one_secret_one_machine(json!({})).await;
     let echo = format!("https://api.test:{}/echo", up.https.port());
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
 
@@ -815,30 +820,7 @@ fn machine_pid(d: &Daemon, id: &str) -> String {
 /// suspend to disk and resume.
 #[tokio::test(flavor = "multi_thread")]
 async fn egress_from_gvisor() {
-    let root = tempfile::tempdir().unwrap();
-    let up = Upstream::start(root.path().to_owned(), &["api.test"]);
-    let ca = up.ca.display().to_string();
-    let d = Daemon::start_with(&["--egress-upstream-ca", &ca, "--egress-resolve", "api.test=127.0.0.1"]);
-    d.create_app("eg").await;
-    d.ok(
-        Method::POST,
-        "/v1/apps/eg/secrets",
-        Some(json!({ "name": "GH_TOKEN", "value": SECRET_VALUE, "allowed_hosts": ["api.test"] })),
-    )
-    .await;
-    d.ok(
-        Method::PUT,
-        "/v1/apps/eg/egress-policy",
-        Some(json!({ "allow": ["api.test"] })),
-    )
-    .await;
-    let m = d
-        .machine(
-            "eg",
-            json!({ "image": common::debian_image(), "secrets": ["GH_TOKEN"], "runtime": "runsc" }),
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_owned();
+    let (d, up, id, _root) = one_secret_one_machine(json!({ "runtime": "runsc" })).await;
     let echo = format!("https://api.test:{}/echo", up.https.port());
     wait_for_auth(&d, "eg", &id, &echo, "ok").await;
     let (_, out) = run(

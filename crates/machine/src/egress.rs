@@ -54,6 +54,8 @@ pub(crate) struct Egress {
     /// Serialises registrations so a full sync and a single one can't
     /// interleave.
     sync_lock: tokio::sync::Mutex<()>,
+    /// The key placeholders are derived with, read (or made) once.
+    placeholder_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl Egress {
@@ -77,6 +79,7 @@ impl Egress {
             public_dir,
             known: std::sync::RwLock::new(None),
             sync_lock: tokio::sync::Mutex::new(()),
+            placeholder_key: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -316,7 +319,7 @@ impl Manager {
             if let Some(s) = self.inner.store.get_secret(&rec.app, name).await? {
                 secrets.push(MachineSecret {
                     name: name.clone(),
-                    placeholder: placeholder(&key, &rec.id, name),
+                    placeholder: placeholder(key, &rec.id, name),
                     sealed: s.sealed,
                 });
             }
@@ -383,16 +386,25 @@ impl Manager {
         }
     }
 
-    async fn placeholder_key(&self) -> Result<Vec<u8>> {
-        if let Some(k) = self.inner.store.get_setting("placeholder_key").await? {
-            return hex::decode(k).map_err(|e| Error::internal("the placeholder key", e));
-        }
-        let key: [u8; 32] = rand::random();
-        self.inner
-            .store
-            .put_setting("placeholder_key", &hex::encode(key))
+    /// Read from the store once (every start needs it), made on first use.
+    async fn placeholder_key(&self) -> Result<&[u8]> {
+        let key = self
+            .inner
+            .egress
+            .placeholder_key
+            .get_or_try_init(|| async {
+                if let Some(k) = self.inner.store.get_setting("placeholder_key").await? {
+                    return hex::decode(k).map_err(|e| Error::internal("the placeholder key", e));
+                }
+                let key: [u8; 32] = rand::random();
+                self.inner
+                    .store
+                    .put_setting("placeholder_key", &hex::encode(key))
+                    .await?;
+                Ok(key.to_vec())
+            })
             .await?;
-        Ok(key.to_vec())
+        Ok(key)
     }
 
     /// The environment egress adds to a machine: proxy settings and the CA
@@ -425,7 +437,7 @@ impl Manager {
             .config
             .secrets
             .iter()
-            .map(|name| (name.clone(), placeholder(&key, &rec.id, name)))
+            .map(|name| (name.clone(), placeholder(key, &rec.id, name)))
             .collect();
         Ok(crate::launch::EgressEnv { defaults, secrets })
     }

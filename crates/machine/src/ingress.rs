@@ -54,22 +54,15 @@ impl Manager {
     /// inside its network namespace: a socket belongs to the namespace it
     /// was created in, so one short-lived thread enters it and connects.
     pub async fn connect_port(&self, app: &str, id: &str, port: u16) -> Result<tokio::net::TcpStream> {
-        let rec = self.record(app, id).await?;
-        if self.runtime(rec.config.runtime).kind == RuntimeKind::Runsc {
+        // The sandbox in memory: the proxy calls this for every request,
+        // and again while a woken machine's port comes up.
+        let running = self.live_sandbox(app, id).await?;
+        if running.runtime_kind() == RuntimeKind::Runsc {
             return Err(Error::BadRequest(format!(
                 "machine {}: the ingress proxy can't reach runsc machines yet",
-                rec.id
+                running.id
             )));
         }
-        let running = self
-            .slot(&rec.id, rec.state)
-            .running
-            .lock()
-            .expect("running lock")
-            .clone();
-        let Some(running) = running else {
-            return Err(crate::ops::wrong_state(&rec, "connect to", "start it first"));
-        };
         let path = format!("/proc/{}/ns/net", running.pid);
         let ns = std::fs::File::open(&path).map_err(|e| Error::internal(&format!("opening {path}"), e))?;
         // A thread of its own, which ends with the namespace it entered
@@ -85,7 +78,7 @@ impl Manager {
         let stream = rx
             .await
             .map_err(|e| Error::internal("connecting into the machine", e))?
-            .map_err(|e| Error::Unavailable(format!("machine {}: port {port}: {e}", rec.id)))?;
+            .map_err(|e| Error::Unavailable(format!("machine {}: port {port}: {e}", running.id)))?;
         stream
             .set_nonblocking(true)
             .map_err(|e| Error::internal("connecting into the machine", e))?;

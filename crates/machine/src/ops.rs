@@ -673,7 +673,7 @@ impl Manager {
     /// The live sandbox of a started machine. Exec and file requests are the
     /// hot path, so a machine named by id is found in memory; only names and
     /// machines that aren't running need the database (for the error, too).
-    async fn live_sandbox(&self, app: &str, id_or_name: &str) -> Result<Arc<crate::sandbox::Running>> {
+    pub(crate) async fn live_sandbox(&self, app: &str, id_or_name: &str) -> Result<Arc<crate::sandbox::Running>> {
         let slot = self.inner.slots.lock().expect("slots lock").get(id_or_name).cloned();
         if let Some(slot) = slot
             && *slot.state.borrow() == MachineState::Started

@@ -67,6 +67,10 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    pub fn runtime_kind(&self) -> RuntimeKind {
+        self.runtime.kind
+    }
+
     /// Signals the sandbox's init, which passes the signal on to the main
     /// process (or dies, for SIGKILL).
     pub async fn signal(&self, sig: i32) -> Result<()> {

@@ -76,6 +76,58 @@ pub struct MachineService {
     /// running (default 0).
     #[serde(default)]
     pub min_machines_running: u32,
+    /// The proxy's listening ports this service takes requests from (every
+    /// `--proxy-listen` port when empty). With several services, a request
+    /// goes to the first whose `ports` holds the port it came in on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServicePort>,
+    /// How much traffic the machine takes (no limit when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ServiceConcurrency>,
+}
+
+impl MachineService {
+    /// Whether requests that came in on the proxy's `listen_port` are for
+    /// this service.
+    pub fn takes(&self, listen_port: u16) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|p| p.port == listen_port)
+    }
+}
+
+/// One of the proxy's listening ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+}
+
+/// A machine's load limits, as Fly's `services.concurrency`. An app route
+/// prefers machines below `soft_limit` (and wakes a stopped one before
+/// going over it); no machine gets more than `hard_limit`: further requests
+/// wait in the proxy's bounded queue, then get a 503.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConcurrency {
+    /// What counts as load: open client `connections` (default, as Fly's)
+    /// or `requests` in flight.
+    #[serde(rename = "type", default)]
+    pub kind: ConcurrencyKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyKind {
+    /// A client connection counts from its first request to the machine
+    /// until it closes (an upgraded connection too).
+    #[default]
+    Connections,
+    /// A request counts until its answer has been sent (an upgraded
+    /// connection until it closes).
+    Requests,
 }
 
 fn default_true() -> bool {

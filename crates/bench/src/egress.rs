@@ -109,6 +109,27 @@ fn start_upstream(name: &str, ca_path: &Path) -> Result<(SocketAddr, SocketAddr)
     Ok(addrs)
 }
 
+/// Serves "hello world" on `listener` (which may be bound in a machine's
+/// network namespace), from a thread of its own.
+pub fn serve_hello(listener: std::net::TcpListener) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(serve(s));
+            }
+        });
+    });
+    Ok(())
+}
+
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(stream: S) {
     let service = hyper::service::service_fn(|_req| async {
         Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from_static(
@@ -160,11 +181,7 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<R
     if placeholder.is_empty() {
         bail!("the machine has no placeholder for TOKEN: {env}");
     }
-    let state = run(Command::new("runc")
-        .arg("--root")
-        .arg(d.data_dir().join("runtime/runc"))
-        .args(["state", &id]))?;
-    let pid = serde_json::from_str::<serde_json::Value>(&state)?["pid"].to_string();
+    let pid = d.machine_pid(&id)?.to_string();
 
     let script = |path: &str, auth: bool| -> Result<std::path::PathBuf> {
         let file = work.path().join(format!("{}.lua", results_key(path)));
@@ -228,21 +245,25 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<R
     }
     Ok(Report {
         command: std::env::args().collect(),
-        // `wrk -v` prints its version and exits 1.
-        wrk: Command::new(&wrk)
-            .arg("-v")
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .unwrap_or_default(),
+        wrk: wrk_version(&wrk),
         seconds,
         results,
     })
+}
+
+/// `wrk -v` prints its version and exits 1.
+pub fn wrk_version(wrk: &Path) -> String {
+    Command::new(wrk)
+        .arg("-v")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default()
 }
 
 fn results_key(path: &str) -> &'static str {
@@ -250,7 +271,7 @@ fn results_key(path: &str) -> &'static str {
 }
 
 /// Reads wrk's `--latency` report: the 50 % and 99 % lines and Requests/sec.
-fn parse_wrk(case: &str, connections: u32, out: &str) -> Result<WrkResult> {
+pub fn parse_wrk(case: &str, connections: u32, out: &str) -> Result<WrkResult> {
     let us = |v: &str| -> Option<f64> {
         let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
         let n: f64 = num.parse().ok()?;

@@ -299,6 +299,31 @@ impl Daemon {
         eprintln!("hangar daemon log (tail):\n{}", self.log_tail(40));
     }
 
+    /// The ingress proxy's address.
+    pub fn proxy_addr(&self) -> Result<std::net::SocketAddr> {
+        let about: Value = serde_json::from_str(&std::fs::read_to_string(self.data_dir.path().join("daemon.json"))?)?;
+        let url = about["proxy_url"].as_str().context("daemon.json has no proxy_url")?;
+        url.trim_start_matches("http://")
+            .parse()
+            .with_context(|| format!("proxy_url {url}"))
+    }
+
+    /// The pid of the machine's sandbox init: running, or created (a
+    /// sandbox prepared for the next start).
+    pub fn machine_pid(&self, id: &str) -> Result<u32> {
+        let state = crate::process::run(
+            Command::new("runc")
+                .arg("--root")
+                .arg(self.data_dir().join("runtime/runc"))
+                .args(["state", id]),
+        )?;
+        let state: Value = serde_json::from_str(&state)?;
+        match (state["status"].as_str(), state["pid"].as_u64()) {
+            (Some("created" | "running"), Some(pid)) if pid > 0 => Ok(pid as u32),
+            _ => bail!("machine {id} has no live sandbox: {state}"),
+        }
+    }
+
     /// One API call; a non-2xx answer is an error carrying the body.
     pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut req = self

@@ -2,7 +2,8 @@
 //! measured beside podman with runc on the same busybox image, and beside
 //! the floor (bare namespaces + chroot, one runc invocation), in one run.
 //! `hangar-bench pull`: an image pull from a registry on loopback, Hangar's
-//! beside skopeo's.
+//! beside skopeo's. `checkpoint`, `egress` and `ingress` time those parts
+//! beside their peers (see each module).
 //!
 //! Runs as root. Everything it makes (daemon, machines, containers, images,
 //! directories) is removed when it ends, also on error or Ctrl-C.
@@ -12,6 +13,7 @@ mod egress;
 mod floor;
 mod hangar;
 mod image;
+mod ingress;
 mod podman;
 mod process;
 mod pull;
@@ -210,6 +212,20 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+    /// Times requests through the ingress proxy beside the same requests
+    /// sent directly and through nginx, with wrk; and a request that wakes
+    /// a stopped machine beside starting it through the API. Run as root;
+    /// needs wrk and nginx.
+    Ingress {
+        /// Seconds of wrk per case.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+        /// Wakes timed (and as many API starts).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+        wakes: u32,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// What both modes take.
@@ -279,6 +295,13 @@ fn run(cli: Cli) -> Result<i32> {
             common,
         }) => checkpoints(&common, iterations as usize, &sizes_mb),
         Some(Mode::Egress { seconds, common }) => egress_overhead(&common, seconds),
+        Some(Mode::Ingress { seconds, wakes, common }) => {
+            let (cfg, image, _work) = daemon_and_image(&common)?;
+            let report = ingress::bench(&cfg, &image, seconds, wakes as usize)?;
+            process::check_interrupt()?;
+            common.print(&report, ingress::Report::table)?;
+            Ok(0)
+        }
         None => lifecycle(&cli),
     }
 }

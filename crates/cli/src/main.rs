@@ -247,12 +247,31 @@ struct ServeArgs {
     listen: SocketAddr,
     /// Where the ingress proxy listens: requests for
     /// `{machine}.{app}.{proxy-domain}` reach the machine's service.
+    /// Repeatable; a service's `ports` pick among these.
     #[arg(long, default_value = "127.0.0.1:4281")]
-    proxy_listen: SocketAddr,
+    proxy_listen: Vec<SocketAddr>,
     /// The domain the proxy routes under (`localhost` names resolve to
     /// loopback).
     #[arg(long, default_value = "localhost")]
     proxy_domain: String,
+    /// A request header naming a session that must stay on the machine
+    /// that issued it, besides `Mcp-Session-Id`; repeatable.
+    #[arg(long = "proxy-session-header")]
+    proxy_session_headers: Vec<String>,
+    /// A cookie naming such a session; repeatable.
+    #[arg(long = "proxy-session-cookie")]
+    proxy_session_cookies: Vec<String>,
+    /// Seconds a streamed answer (SSE, chunked) or an upgraded connection
+    /// (WebSocket) may pass nothing before the proxy cuts it.
+    #[arg(long, default_value_t = 3600)]
+    proxy_stream_idle_timeout: u64,
+    /// Requests that may wait, per machine (or app), while machines are at
+    /// their concurrency hard_limit.
+    #[arg(long, default_value_t = 100)]
+    proxy_queue_limit: usize,
+    /// Seconds a request waits for room before it gets a 503.
+    #[arg(long, default_value_t = 10)]
+    proxy_queue_timeout: u64,
     /// The static hangar-init binary (default: next to this binary, or the
     /// workspace's static build).
     #[arg(long, env = "HANGAR_INIT_BINARY")]
@@ -885,10 +904,17 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
             upstream_cas: args.egress_upstream_cas,
         },
     };
-    let proxy = hangar_ingress::Config {
+    let mut proxy = hangar_ingress::Config {
         domain: args.proxy_domain,
+        stream_idle_timeout: std::time::Duration::from_secs(args.proxy_stream_idle_timeout),
+        queue_limit: args.proxy_queue_limit,
+        queue_timeout: std::time::Duration::from_secs(args.proxy_queue_timeout),
+        session_cookies: args.proxy_session_cookies,
         ..Default::default()
     };
+    proxy
+        .session_headers
+        .extend(args.proxy_session_headers.iter().map(|h| h.to_ascii_lowercase()));
     hangar_daemon::serve(args.listen, args.proxy_listen, proxy, cfg)
         .await
         .map_err(anyhow::Error::msg)

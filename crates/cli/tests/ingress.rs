@@ -32,7 +32,7 @@ async fn starts(d: &Daemon, id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_wakes_and_stops_idle_machines() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(&["--proxy-listen", "127.0.0.1:0"]);
     d.create_app("shop").await;
     let mut config = json!({
         "image": common::busybox_image(),
@@ -154,6 +154,48 @@ async fn routes_wakes_and_stops_idle_machines() {
         status == StatusCode::NOT_FOUND && body.contains("no services"),
         "{body}"
     );
+
+    // Services by proxy port: a request on the second listener reaches the
+    // service that names that port, on the first the one that names none.
+    let second: u16 = d.proxy_urls[1].rsplit(':').next().unwrap().parse().unwrap();
+    let m = d
+        .machine(
+            "shop",
+            json!({
+                "image": common::busybox_image(),
+                "files": [{ "guest_path": "/srv/other/which.txt", "raw_value": base64_of("other\n") }],
+                "init": { "cmd": ["sh", "-c", "httpd -p 8081 -h /srv/other; exec httpd -f -p 8080 -h /srv/app"] },
+                "services": [
+                    { "internal_port": 8081, "ports": [{ "port": second }] },
+                    { "internal_port": 8080 },
+                ],
+            }),
+        )
+        .await;
+    let host = format!("{}.shop.localhost", m["id"].as_str().unwrap());
+    assert_eq!(get(&d, &host, "/from-image.txt").await.1, "image layer\n");
+    let r = d
+        .http
+        .get(format!("{}/which.txt", d.proxy_urls[1]))
+        .header("host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "other\n");
+
+    // Bad services are refused and change nothing.
+    let bad = json!({ "image": common::busybox_image(), "services": [{ "internal_port": 80,
+        "concurrency": { "soft_limit": 5, "hard_limit": 2 } }] });
+    let r = d
+        .http
+        .post(format!("{}/v1/apps/shop/machines", d.url))
+        .bearer_auth(&d.token)
+        .json(&json!({ "config": bad }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("soft_limit at most hard_limit"));
 }
 
 /// An upgraded connection (as a WebSocket's) passes through both ways and
@@ -211,10 +253,10 @@ fn base64_of(s: &str) -> String {
 /// requests and through a stop (the request wakes that machine, not another).
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_sessions_are_sticky() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(&["--proxy-session-cookie", "sid"]);
     d.create_app("mcp").await;
     // Each machine issues sessions named after itself (its hostname is its id).
-    let cgi = "#!/bin/sh\nid=$(hostname)\nprintf 'Content-Type: text/plain\\r\\nMcp-Session-Id: %s\\r\\n\\r\\n%s\\n' \"$id\" \"$id\"\n";
+    let cgi = "#!/bin/sh\nid=$(hostname)\nprintf 'Content-Type: text/plain\\r\\nMcp-Session-Id: %s\\r\\nSet-Cookie: sid=%s; Path=/\\r\\n\\r\\n%s\\n' \"$id\" \"$id\" \"$id\"\n";
     let config = json!({
         "image": common::busybox_image(),
         "files": [{ "guest_path": "/srv/app/cgi-bin/mcp", "raw_value": base64_of(cgi), "mode": 0o755 }],
@@ -259,6 +301,21 @@ async fn mcp_sessions_are_sticky() {
     let (_, other) = call(None).await;
     assert_ne!(other, session, "without the session, the started machine serves");
     assert_eq!(call(Some(session.clone())).await.1, session, "woken, not moved");
+
+    // A configured cookie names sessions too.
+    for id in &ids {
+        for _ in 0..3 {
+            let r = d
+                .http
+                .get(format!("{}/cgi-bin/mcp", d.proxy_url))
+                .header("host", "mcp.localhost")
+                .header("cookie", format!("theme=dark; sid={id}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.text().await.unwrap().trim(), id, "the cookie's machine");
+        }
+    }
 }
 
 /// Autostop leaves alone a machine with a stream open (an SSE response
@@ -347,4 +404,222 @@ async fn replay_hands_requests_on() {
     let (status, body) = get(&d, &format!("{front}.rp.localhost"), "/cgi-bin/route").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(body.contains("nosuch"), "{body}");
+}
+
+/// A CGI that takes `?SECONDS` to answer, and says whether another request
+/// was in flight on the machine meanwhile.
+const SLOW_CGI: &str = "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+                        if mkdir /tmp/inflight 2>/dev/null; then sleep \"${QUERY_STRING:-1}\"; rmdir /tmp/inflight; \
+                        echo \"ok $(hostname)\"; else echo overlap; fi\n";
+
+fn slow_machine(concurrency: serde_json::Value) -> serde_json::Value {
+    json!({
+        "image": common::busybox_image(),
+        "files": [{ "guest_path": "/srv/app/cgi-bin/slow", "raw_value": base64_of(SLOW_CGI), "mode": 0o755 }],
+        "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+        "services": [{ "internal_port": 8080, "concurrency": concurrency }],
+    })
+}
+
+/// Above `hard_limit`, requests wait in a bounded queue, then get a clear
+/// 503; an app route wakes a stopped machine rather than load one past its
+/// `soft_limit`; a connection limit counts open client connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_limits_queue_then_refuse() {
+    let d = Daemon::start_with(&["--proxy-queue-timeout", "3", "--proxy-queue-limit", "1"]);
+    d.create_app("q").await;
+    let limits = json!({ "type": "requests", "soft_limit": 1, "hard_limit": 1 });
+    let one = d.machine("q", slow_machine(limits.clone())).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let send = |host: String, query: &'static str| {
+        let (http, url) = (d.http.clone(), format!("{}/cgi-bin/slow?{query}", d.proxy_url));
+        tokio::spawn(async move {
+            let r = http.get(url).header("host", host).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
+    let host = format!("{one}.q.localhost");
+
+    // Two at once: the second waits for the first, and both are served.
+    let (a, b) = (send(host.clone(), "1"), send(host.clone(), "1"));
+    for r in [a.await.unwrap(), b.await.unwrap()] {
+        assert_eq!(r, (StatusCode::OK, format!("ok {one}\n")), "served one at a time");
+    }
+
+    // One in flight for 5 s: the next waits (queue depth 1), a third finds
+    // the queue full at once, and the waiting one gives up after 3 s.
+    let long = send(host.clone(), "5");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let waiting = send(host.clone(), "1");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let metrics = d
+        .http
+        .get(format!("{}/metrics", d.url))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("hangar_proxy_queue_depth{{app=\"q\",machine=\"{one}\"}} 1")),
+        "{metrics}"
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = send(host.clone(), "1").await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body.contains("already waiting") && body.contains("hard_limit"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "a full queue answers at once"
+    );
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("stayed at its concurrency hard_limit"), "{body}");
+    assert_eq!(long.await.unwrap().0, StatusCode::OK);
+
+    // By app: with `one` at its soft limit, a stopped machine is woken.
+    let two = d.machine("q", slow_machine(limits)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok(Method::POST, &format!("/v1/apps/q/machines/{two}/stop"), None)
+        .await;
+    d.wait_state("q", &two, "stopped").await;
+    let first = send("q.localhost".into(), "2");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (status, body) = send("q.localhost".into(), "0").await.unwrap();
+    assert_eq!((status, body), (StatusCode::OK, format!("ok {two}\n")));
+    assert_eq!(first.await.unwrap(), (StatusCode::OK, format!("ok {one}\n")));
+
+    // A connection limit: an open keep-alive connection holds the machine's
+    // only place until it closes.
+    let three = d
+        .machine("q", slow_machine(json!({ "type": "connections", "hard_limit": 1 })))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("{}/cgi-bin/slow?0", d.proxy_url);
+    let host = format!("{three}.q.localhost");
+    let mut holder = tokio::net::TcpStream::connect(d.proxy_url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let answer = exchange_on(&mut holder, &host, "/cgi-bin/slow?0").await;
+    assert!(answer.contains(&format!("ok {three}")), "{answer}");
+    let r = d.http.get(&url).header("host", &host).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the first connection is still open"
+    );
+    let answer = exchange_on(&mut holder, &host, "/cgi-bin/slow?0").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the holding connection goes on: {answer}"
+    );
+    drop(holder);
+    let r = d.http.get(&url).header("host", &host).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "closed, the place is free");
+}
+
+/// One request on a kept-alive connection; its chunked answer, whole.
+async fn exchange_on(stream: &mut tokio::net::TcpStream, host: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0; 4096];
+    while !answer.ends_with(b"0\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+/// HTTP/2 (prior knowledge) passes an event stream through as it comes;
+/// a stream that passes nothing for the idle cut-off is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_streams_and_idle_cutoff() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::start_with(&["--proxy-stream-idle-timeout", "2"]);
+    d.create_app("shop").await;
+    let sse = "#!/bin/sh\nprintf 'Content-Type: text/event-stream\\r\\n\\r\\n'\nfor i in 1 2 3; do printf 'data: %s\\n\\n' $i; sleep 1; done\n";
+    let echo = "#!/bin/sh\ncr=$(printf '\\r'); while read -r line; do [ \"${line%$cr}\" = \"\" ] && break; done; \
+                printf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: echo\\r\\nConnection: Upgrade\\r\\n\\r\\n'; exec cat\n";
+    let m = d
+        .machine(
+            "shop",
+            json!({
+                "image": common::busybox_image(),
+                "files": [
+                    { "guest_path": "/srv/app/cgi-bin/events", "raw_value": base64_of(sse), "mode": 0o755 },
+                    { "guest_path": "/srv/echo.sh", "raw_value": base64_of(echo), "mode": 0o755 },
+                ],
+                "init": { "cmd": ["sh", "-c", "nc -ll -p 9000 -e /srv/echo.sh & exec httpd -f -p 8080 -h /srv/app"] },
+                "services": [{ "internal_port": 8080 }],
+            }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+
+    // Each event arrives about a second apart over HTTP/2: not buffered.
+    let url = format!("{}/cgi-bin/events", d.proxy_url);
+    let host = format!("Host: {id}.shop.localhost");
+    let script = format!(
+        "curl -sS -N --http2-prior-knowledge -H '{host}' -w 'version %{{http_version}}\\n' {url} | \
+         while IFS= read -r line; do [ -n \"$line\" ] && echo \"$(date +%s.%N) $line\"; done"
+    );
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<(f64, &str)> = text
+        .lines()
+        .map(|l| {
+            let (t, rest) = l.split_once(' ').unwrap();
+            (t.parse().unwrap(), rest)
+        })
+        .collect();
+    let events: Vec<&(f64, &str)> = lines.iter().filter(|(_, l)| l.starts_with("data:")).collect();
+    assert_eq!(events.len(), 3, "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(events[2].0 - events[0].0 > 1.5, "events streamed, not buffered: {text}");
+    assert!(text.contains("version 2"), "{text}");
+
+    // An upgraded connection quiet for longer than the cut-off is closed.
+    let addr = d.proxy_url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request =
+        format!("GET /chat HTTP/1.1\r\nHost: 9000-{id}.shop.localhost\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    stream.write_all(b"ping\n").await.unwrap();
+    let n = stream.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"ping\n");
+    let quiet = std::time::Instant::now();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("cut off")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    assert!(
+        quiet.elapsed() >= std::time::Duration::from_millis(1900),
+        "{:?}",
+        quiet.elapsed()
+    );
 }

@@ -245,7 +245,7 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
 /// daemon stops; the next start re-attaches to them.
 pub async fn serve(
     listen: SocketAddr,
-    proxy_listen: SocketAddr,
+    proxy_listen: Vec<SocketAddr>,
     proxy: hangar_ingress::Config,
     cfg: ManagerConfig,
 ) -> anyhow_like::Result<()> {
@@ -258,19 +258,27 @@ pub async fn serve(
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let proxy_listener = tokio::net::TcpListener::bind(proxy_listen)
-        .await
-        .map_err(|e| format!("listening on {proxy_listen} (the ingress proxy): {e}"))?;
-    let proxy_local = proxy_listener.local_addr().map_err(|e| e.to_string())?;
+    let mut proxy_listeners = Vec::new();
+    let mut proxy_urls = Vec::new();
+    for addr in proxy_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listening on {addr} (the ingress proxy): {e}"))?;
+        proxy_urls.push(format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?));
+        proxy_listeners.push(listener);
+    }
     // Machines may never reach the daemon, whatever an egress policy says.
-    mgr.start_egress(vec![local, proxy_local]).await;
+    let mut own = vec![local];
+    own.extend(proxy_listeners.iter().filter_map(|l| l.local_addr().ok()));
+    mgr.start_egress(own).await;
     let proxy = hangar_ingress::Proxy::new(mgr.clone(), proxy);
-    tokio::spawn(proxy.clone().serve(proxy_listener));
+    tokio::spawn(proxy.clone().serve(proxy_listeners));
     let url = format!("http://{local}");
     // Lets a CLI on this host find the daemon from the data dir alone.
     let about = serde_json::json!({
         "url": url,
-        "proxy_url": format!("http://{proxy_local}"),
+        "proxy_url": proxy_urls.first(),
+        "proxy_urls": proxy_urls,
         "pid": std::process::id(),
     });
     std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())

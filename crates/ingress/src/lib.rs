@@ -1,31 +1,39 @@
 //! The ingress proxy. A request's Host picks the machine:
 //! `{machine}.{app}.{domain}` one machine, `{port}-{machine}.{app}.{domain}`
-//! another of its ports, `{app}.{domain}` the least busy of the app's
+//! another of its ports, `{app}.{domain}` the least loaded of the app's
 //! machines. The proxy reaches the port from inside the machine's network
 //! namespace (machines have no routable address), starts a stopped or
-//! suspended machine first when its service says `autostart`, and stops
+//! suspended machine first when its service says `autostart`, holds
+//! requests above a machine's `hard_limit` in a bounded queue, and stops
 //! (or suspends) machines whose service says `autostop` once they have
 //! been idle for their timeout.
 
+mod autostop;
+mod load;
+mod metrics;
 mod route;
+mod stream;
+mod upstream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hangar_api::{Autostop, Machine, MachineService, MachineState, StopRequest};
+use hangar_api::{ConcurrencyKind, Machine, MachineService, MachineState};
 use hangar_machine::{Error, Manager};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use load::{Busy, Count, Load};
+use metrics::{MetricKey, Metrics};
 pub use route::Route;
+use upstream::Upstream;
 
 type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -36,6 +44,18 @@ pub struct Config {
     pub domain: String,
     /// How long a woken machine has to accept connections on its port.
     pub wake_timeout: Duration,
+    /// Request headers that name a session (lowercase): a request carrying
+    /// one reaches the machine whose answer issued it.
+    pub session_headers: Vec<String>,
+    /// Cookies that name a session, learned from `Set-Cookie`.
+    pub session_cookies: Vec<String>,
+    /// A streamed answer or upgraded connection with nothing passing for
+    /// this long is cut off.
+    pub stream_idle_timeout: Duration,
+    /// Requests waiting for room, per machine (or per app, for app routes).
+    pub queue_limit: usize,
+    /// How long a request waits for room before its 503.
+    pub queue_timeout: Duration,
 }
 
 impl Default for Config {
@@ -43,50 +63,33 @@ impl Default for Config {
         Config {
             domain: "localhost".into(),
             wake_timeout: Duration::from_secs(30),
+            // MCP's streamable HTTP transport names sessions with it, and
+            // an MCP server keeps a session's state in its memory.
+            session_headers: vec!["mcp-session-id".into()],
+            session_cookies: Vec::new(),
+            stream_idle_timeout: Duration::from_secs(3600),
+            queue_limit: 100,
+            queue_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// Traffic to one machine, for load balancing and autostop.
-#[derive(Debug)]
-struct Activity {
-    /// Requests and upgraded connections in flight.
-    active: usize,
-    /// When the last one ended (or the machine was first seen idle).
-    last: Instant,
 }
 
 #[derive(Debug)]
 struct Ingress {
     mgr: Manager,
     cfg: Config,
-    activity: Mutex<HashMap<String, Activity>>,
-    metrics: Mutex<BTreeMap<MetricKey, Counters>>,
-    /// MCP sessions: `Mcp-Session-Id` → the (app, machine) that issued it.
-    /// An MCP server keeps a session's state in memory, so every request
-    /// of the session must reach the machine that holds it.
+    load: Arc<Load>,
+    metrics: Metrics,
+    /// Session key (`header:value` or `cookie=value`) → the (app, machine)
+    /// that issued it.
     sessions: Mutex<HashMap<String, (String, String)>>,
+    upstream: Upstream,
 }
 
-/// (app, machine, route kind).
-type MetricKey = (String, String, &'static str);
-
-#[derive(Debug, Default)]
-struct Counters {
-    requests: u64,
-    /// Answered by the proxy with a 5xx (the machine could not be reached).
-    failures: u64,
-    wakes: u64,
-    /// Request to port accepting, summed over wakes.
-    wake_seconds: f64,
-}
-
-/// The header MCP's streamable HTTP transport names sessions with.
-const SESSION_HEADER: &str = "mcp-session-id";
 /// Sessions remembered; beyond it the oldest knowledge is dropped whole.
 const MAX_SESSIONS: usize = 100_000;
 
-/// The proxy: serve it on a listener; read its metrics.
+/// The proxy: serve it on listeners; read its metrics.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     ing: Arc<Ingress>,
@@ -96,108 +99,66 @@ impl Proxy {
     pub fn new(mgr: Manager, cfg: Config) -> Proxy {
         Proxy {
             ing: Arc::new(Ingress {
+                upstream: Upstream::new(mgr.clone(), cfg.wake_timeout),
                 mgr,
                 cfg,
-                activity: Mutex::new(HashMap::new()),
-                metrics: Mutex::new(BTreeMap::new()),
+                load: Arc::default(),
+                metrics: Metrics::default(),
                 sessions: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    /// Serves the proxy on `listener`, and runs autostop, until the task ends.
-    pub async fn serve(self, listener: tokio::net::TcpListener) {
-        serve(self.ing, listener).await
+    /// Serves the proxy on `listeners` (HTTP/1.1, and HTTP/2 with prior
+    /// knowledge), and runs autostop, until the task ends.
+    pub async fn serve(self, listeners: Vec<tokio::net::TcpListener>) {
+        tokio::spawn(autostop::run(self.ing.clone()));
+        let mut accepting = tokio::task::JoinSet::new();
+        for listener in listeners {
+            accepting.spawn(accept(self.ing.clone(), listener));
+        }
+        while accepting.join_next().await.is_some() {}
     }
 
     /// Per machine and route kind: requests, failures, wakes and their
-    /// latency, and requests in flight, in Prometheus's text format.
+    /// latency, requests in flight and queued, in Prometheus's text format.
     pub fn metrics(&self) -> String {
-        let metrics = self.ing.metrics.lock().expect("metrics");
-        let activity = self.ing.activity.lock().expect("activity");
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
-            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
-            for l in lines {
-                out += &format!("{name}{l}\n");
-            }
-        };
-        let each = |f: &dyn Fn(&Counters) -> String, with_route: bool| -> Vec<String> {
-            let mut seen = std::collections::BTreeSet::new();
-            metrics
-                .iter()
-                .filter(|((app, machine, _), _)| with_route || seen.insert((app.clone(), machine.clone())))
-                .map(|((app, machine, route), c)| {
-                    let labels = if with_route {
-                        format!("{{app=\"{app}\",machine=\"{machine}\",route=\"{route}\"}}")
-                    } else {
-                        format!("{{app=\"{app}\",machine=\"{machine}\"}}")
-                    };
-                    format!("{labels} {}", f(c))
-                })
-                .collect()
-        };
-        family(
-            "hangar_proxy_requests_total",
-            "counter",
-            "Requests the ingress proxy routed to a machine.",
-            each(&|c| c.requests.to_string(), true),
-        );
-        family(
-            "hangar_proxy_failures_total",
-            "counter",
-            "Requests the proxy answered itself with a 5xx: the machine could not be woken or reached.",
-            each(&|c| c.failures.to_string(), true),
-        );
-        family(
-            "hangar_proxy_wakes_total",
-            "counter",
-            "Starts (or resumes) of a stopped or suspended machine for a request.",
-            each(&|c| c.wakes.to_string(), true),
-        );
-        family(
-            "hangar_proxy_wake_seconds_sum",
-            "counter",
-            "Seconds from the request that started a machine to its port accepting, summed.",
-            each(&|c| format!("{:.6}", c.wake_seconds), true),
-        );
-        let mut active: Vec<String> = Vec::new();
-        for ((app, machine, _), _) in metrics.iter() {
-            let line = format!(
-                "{{app=\"{app}\",machine=\"{machine}\"}} {}",
-                activity.get(machine).map_or(0, |a| a.active)
-            );
-            if !active.contains(&line) {
-                active.push(line);
-            }
-        }
-        family(
-            "hangar_proxy_active",
-            "gauge",
-            "Requests and upgraded connections in flight to a machine.",
-            active,
-        );
-        out
+        self.ing.metrics.render(&self.ing.load)
     }
 }
 
-async fn serve(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
-    tokio::spawn(autostop_loop(ing.clone()));
+/// A client's connection to the proxy.
+#[derive(Debug)]
+struct ClientConn {
+    /// The proxy port it came in on: picks the machine's service.
+    listen_port: u16,
+    peer: SocketAddr,
+    /// Machines this connection counts against (services with
+    /// `concurrency.type = connections`), until it closes.
+    holds: Mutex<HashMap<String, Busy>>,
+}
+
+async fn accept(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
+    let listen_port = listener.local_addr().map_or(0, |a| a.port());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
         let ing = ing.clone();
+        let conn = Arc::new(ClientConn {
+            listen_port,
+            peer,
+            holds: Mutex::new(HashMap::new()),
+        });
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let ing = ing.clone();
-                async move { Ok::<_, Infallible>(ing.handle(req).await) }
+                let (ing, conn) = (ing.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(ing.handle(req, &conn).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
@@ -229,6 +190,7 @@ fn small_body_len(parts: &hyper::http::request::Parts) -> Option<usize> {
         Some(n) if n <= REPLAY_BODY_LIMIT => Some(REPLAY_BODY_LIMIT),
         Some(_) => None,
         None if parts.headers.contains_key(header::TRANSFER_ENCODING) => None,
+        None if parts.version == Version::HTTP_2 => None,
         None => Some(REPLAY_BODY_LIMIT),
     }
 }
@@ -251,6 +213,30 @@ fn replay_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim())
 }
 
+/// Headers about one hop, not the request: not passed on. An upgrade's
+/// `Connection` and `Upgrade` are, since they ask for the upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": message, "code": code }).to_string();
     let mut resp = Response::new(full(Bytes::from(body)));
@@ -269,15 +255,43 @@ fn error_response(e: &Error) -> Response<Body> {
     json_error(status, code, &e.to_string())
 }
 
+fn over_capacity(message: String) -> Response<Body> {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, "over_capacity", &message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// A machine that has room for one more request, and the guard that
+/// counts it.
+struct Admitted {
+    machine: Machine,
+    /// The machine's service for the proxy port the request came in on.
+    service: Option<MachineService>,
+    busy: Busy,
+}
+
+fn service_for(machine: &Machine, listen_port: u16) -> Option<MachineService> {
+    machine.config.services.iter().find(|s| s.takes(listen_port)).cloned()
+}
+
+/// What a service's load is counted in.
+fn count_of(service: Option<&MachineService>) -> Count {
+    match service.and_then(|s| s.concurrency.as_ref()).map(|c| c.kind) {
+        Some(ConcurrencyKind::Connections) => Count::Connection,
+        _ => Count::Request,
+    }
+}
+
 impl Ingress {
-    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, conn: &ClientConn) -> Response<Body> {
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().host())
-            .unwrap_or("")
-            .to_owned();
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
         let Some(route) = Route::parse(&host, &self.cfg.domain) else {
             return json_error(
                 StatusCode::NOT_FOUND,
@@ -289,27 +303,28 @@ impl Ingress {
                 ),
             );
         };
-        let session = req
-            .headers()
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let machine = match self.pick(&route, session.as_deref()).await {
-            Ok(m) => m,
-            Err(e) => return error_response(&e),
+        let session = self.session_of(req.headers());
+        let admitted = match self.admit(&route, session.as_deref(), conn).await {
+            Ok(a) => a,
+            Err(resp) => return resp,
         };
         let client_upgrade = req
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .expect("a path is a valid URI");
+        strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, v.clone());
+            parts.headers.insert("x-forwarded-host", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&conn.peer.ip().to_string()) {
+            parts.headers.append("x-forwarded-for", v);
+        }
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        parts.version = Version::HTTP_11;
         // A small request is kept, so that the machine can hand it on with
         // `hangar-replay`; a replayed one is not replayed again.
         let may_replay = client_upgrade.is_none() && !parts.headers.contains_key(REPLAY_SOURCE_HEADER);
@@ -330,9 +345,10 @@ impl Ingress {
             None => (body.map_err(Into::into).boxed_unsync(), None),
         };
         let copy = kept.map(|bytes| (clone_parts(&parts), bytes));
+        let from = admitted.machine.clone();
         let resp = self
             .exchange(
-                &machine,
+                admitted,
                 route.port(),
                 route.kind(),
                 Request::from_parts(parts, body),
@@ -355,47 +371,158 @@ impl Ingress {
                  upgrade, or a replay already)",
             );
         };
-        let target = match self.replay_target(&machine, &replay).await {
-            Ok(m) => m,
+        let target = match replay_route(&from, &replay) {
+            Ok(route) => route,
             Err(e) => return error_response(&e),
         };
-        let mut source = format!("instance={}", machine.id);
+        let admitted = match self.admit(&target, None, conn).await {
+            Ok(a) => a,
+            Err(resp) => return resp,
+        };
+        let mut source = format!("instance={}", from.id);
         if let Some(state) = replay_field(&replay, "state") {
             source += &format!(";state={state}");
         }
         if let Ok(v) = HeaderValue::from_str(&source) {
             parts.headers.insert(REPLAY_SOURCE_HEADER, v);
         }
-        self.exchange(&target, None, "replay", Request::from_parts(parts, full(bytes)), None)
+        self.exchange(admitted, None, "replay", Request::from_parts(parts, full(bytes)), None)
             .await
     }
 
-    /// Where a `hangar-replay` answer sends a request: `instance=ID` (a
-    /// machine of the same app) or `app=NAME` (the least busy of that app's).
-    async fn replay_target(&self, from: &Machine, replay: &str) -> Result<Machine, Error> {
-        if let Some(id) = replay_field(replay, "instance") {
-            return self.mgr.get_machine(&from.app, id).await;
+    /// A machine with room for the request: the one the route names (or
+    /// that issued its session), else the least loaded of the app's. When
+    /// none has room, the request waits in the queue, then gets a 503.
+    async fn admit(&self, route: &Route, session: Option<&str>, conn: &ClientConn) -> Result<Admitted, Response<Body>> {
+        let mut queued = None;
+        let deadline = tokio::time::Instant::now() + self.cfg.queue_timeout;
+        loop {
+            let released = self.load.released();
+            match self.try_admit(route, session, conn).await {
+                Ok(Some(admitted)) => return Ok(admitted),
+                Ok(None) => {}
+                Err(e) => return Err(error_response(&e)),
+            }
+            let target = route
+                .machine()
+                .map_or_else(|| format!("app {}", route.app()), |m| format!("machine {m}"));
+            if queued.is_none() {
+                let key = (route.app().to_owned(), route.machine().unwrap_or("*").to_owned());
+                queued = Some(self.metrics.enqueue(key, self.cfg.queue_limit).ok_or_else(|| {
+                    over_capacity(format!(
+                        "{target} is at its concurrency hard_limit and {} requests are already waiting: retry \
+                         later, or raise services.concurrency.hard_limit or add machines",
+                        self.cfg.queue_limit
+                    ))
+                })?);
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(over_capacity(format!(
+                    "{target} stayed at its concurrency hard_limit for {:?} while this request waited: retry \
+                     later, or raise services.concurrency.hard_limit or add machines",
+                    self.cfg.queue_timeout
+                )));
+            }
         }
-        if let Some(app) = replay_field(replay, "app") {
-            return self.pick(&Route::App { app: app.to_owned() }, None).await;
+    }
+
+    /// `None` when every machine the request may go to is at its hard limit.
+    async fn try_admit(
+        &self,
+        route: &Route,
+        session: Option<&str>,
+        conn: &ClientConn,
+    ) -> Result<Option<Admitted>, Error> {
+        let app = route.app();
+        if let Some(name) = route.machine() {
+            let machine = self.mgr.get_machine(app, name).await?;
+            let service = service_for(&machine, conn.listen_port);
+            if service.is_none() && route.port().is_none() {
+                return Err(Error::NotFound(format!(
+                    "machine {} has no services for proxy port {}: set config.services [{{\"internal_port\": …}}]",
+                    machine.id, conn.listen_port
+                )));
+            }
+            return Ok(self.try_take(machine, service, conn));
         }
-        Err(Error::BadRequest(format!(
-            "machine {} answered hangar-replay {replay:?}: name instance=ID or app=NAME",
-            from.id
-        )))
+        if let Some(machine) = self.session_holder(app, session).await {
+            let service = service_for(&machine, conn.listen_port);
+            return Ok(self.try_take(machine, service, conn));
+        }
+        let machines = self.mgr.list_machines(app, &[], &Default::default(), false).await?;
+        let mut candidates: Vec<(Machine, MachineService)> = machines
+            .into_iter()
+            .filter_map(|m| service_for(&m, conn.listen_port).map(|s| (m, s)))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::NotFound(format!(
+                "app {app} has no machine with services for proxy port {}",
+                conn.listen_port
+            )));
+        }
+        let load = |m: &Machine, s: &MachineService| self.load.of(&m.id, count_of(Some(s)));
+        candidates.sort_by_key(|(m, s)| load(m, s));
+        let (started, stopped): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|(m, _)| m.state == MachineState::Started);
+        let below_soft = |m: &Machine, s: &MachineService| {
+            let soft = s.concurrency.as_ref().and_then(|c| c.soft_limit);
+            soft.is_none_or(|soft| load(m, s) < soft as usize)
+        };
+        // A connection that already counts against a machine stays there.
+        let held = |m: &Machine| conn.holds.lock().expect("holds").contains_key(&m.id);
+        let order = started
+            .iter()
+            .filter(|(m, _)| held(m))
+            .chain(started.iter().filter(|(m, s)| below_soft(m, s)))
+            // Wake a stopped machine rather than load one past its soft limit.
+            .chain(stopped.iter().filter(|(_, s)| s.autostart))
+            .chain(started.iter());
+        for (machine, service) in order {
+            if let Some(admitted) = self.try_take(machine.clone(), Some(service.clone()), conn) {
+                return Ok(Some(admitted));
+            }
+        }
+        if started.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "app {app}'s machines are all stopped and none autostarts: start one, or set services \
+                 autostart"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Counts the request (and the connection, for connection limits)
+    /// against the machine, unless that takes it past its hard limit.
+    fn try_take(&self, machine: Machine, service: Option<MachineService>, conn: &ClientConn) -> Option<Admitted> {
+        let limits = service.as_ref().and_then(|s| s.concurrency.as_ref());
+        let hard = limits.and_then(|c| c.hard_limit);
+        let busy = match limits.map(|c| c.kind) {
+            Some(ConcurrencyKind::Connections) => {
+                let mut holds = conn.holds.lock().expect("holds");
+                if !holds.contains_key(&machine.id) {
+                    let held = self.load.try_begin(&machine.id, Count::Connection, hard)?;
+                    holds.insert(machine.id.clone(), held);
+                }
+                self.load.begin(&machine.id)
+            }
+            Some(ConcurrencyKind::Requests) => self.load.try_begin(&machine.id, Count::Request, hard)?,
+            None => self.load.begin(&machine.id),
+        };
+        Some(Admitted { machine, service, busy })
     }
 
     /// Sends one request to a machine's service (woken if need be) and
     /// passes its answer on.
     async fn exchange(
-        self: &Arc<Self>,
-        machine: &Machine,
+        &self,
+        admitted: Admitted,
         port: Option<u16>,
         route_kind: &'static str,
         req: Request<Body>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
-        let service = machine.config.services.first().cloned();
+        let Admitted { machine, service, busy } = admitted;
         let Some(port) = port.or(service.as_ref().map(|s| s.internal_port)) else {
             return json_error(
                 StatusCode::NOT_FOUND,
@@ -406,260 +533,153 @@ impl Ingress {
                 ),
             );
         };
-        let _busy = self.begin(&machine.id);
         let key: MetricKey = (machine.app.clone(), machine.id.clone(), route_kind);
-        self.count(&key, |c| c.requests += 1);
+        self.metrics.count(&key, |c| c.requests += 1);
         let arrived = Instant::now();
-        let stream = match self.reach(machine, service.as_ref(), port).await {
-            Ok((stream, woke)) => {
-                if woke {
-                    let took = arrived.elapsed().as_secs_f64();
-                    self.count(&key, |c| {
-                        c.wakes += 1;
-                        c.wake_seconds += took;
-                    });
-                }
-                stream
-            }
+        let woke = match self.wake(&machine, service.as_ref()).await {
+            Ok(woke) => woke,
             Err(e) => {
-                self.count(&key, |c| c.failures += 1);
+                self.metrics.count(&key, |c| c.failures += 1);
                 return error_response(&e);
             }
         };
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(ok) => ok,
-            Err(e) => return json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &e.to_string()),
-        };
-        tokio::spawn(conn.with_upgrades());
-        let mut resp = match sender.send_request(req).await {
-            Ok(r) => r,
+        let mut resp = match self.upstream.send(&machine.app, &machine.id, port, req).await {
+            Ok(resp) => resp,
             Err(e) => {
-                return json_error(
-                    StatusCode::BAD_GATEWAY,
-                    "machine_unavailable",
-                    &format!("machine {}: {e}", machine.id),
-                );
+                self.metrics.count(&key, |c| c.failures += 1);
+                return error_response(&e);
             }
         };
+        if woke {
+            let took = arrived.elapsed().as_secs_f64();
+            self.metrics.count(&key, |c| {
+                c.wakes += 1;
+                c.wake_seconds += took;
+            });
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
             // WebSocket and the like: relay both ways for as long as they last.
             let machine_upgrade = hyper::upgrade::on(&mut resp);
-            let busy = self.begin(&machine.id);
+            let idle = self.cfg.stream_idle_timeout;
             tokio::spawn(async move {
                 let _busy = busy;
                 if let (Ok(client), Ok(machine)) = (client_upgrade.await, machine_upgrade.await) {
-                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(machine));
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    stream::tunnel(TokioIo::new(client), TokioIo::new(machine), idle).await;
                 }
             });
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, full(Bytes::new()));
         }
-        if let Some(issued) = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
-            let mut sessions = self.sessions.lock().expect("sessions");
-            if sessions.len() >= MAX_SESSIONS {
-                sessions.clear();
-            }
-            sessions.insert(issued.to_owned(), (machine.app.clone(), machine.id.clone()));
-        }
+        self.learn_session(resp.headers(), &machine);
+        strip_hop_by_hop(resp.headers_mut(), false);
         let (parts, body) = resp.into_parts();
-        let tracked = Tracked {
-            inner: body,
-            _busy: self.begin(&machine.id),
-        };
-        Response::from_parts(parts, tracked.boxed_unsync())
+        let body = stream::Tracked::new(body, busy, self.cfg.stream_idle_timeout);
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
-    /// The machine a route names; for an app route, the machine that
-    /// issued the request's MCP session, else the least busy of its started
-    /// machines with services (a stopped one if none is).
-    async fn pick(&self, route: &Route, session: Option<&str>) -> Result<Machine, Error> {
-        let app = route.app();
-        if let Some(name) = route.machine() {
-            return self.mgr.get_machine(app, name).await;
+    /// Starts a stopped or suspended machine whose service autostarts;
+    /// says whether this request started it.
+    async fn wake(&self, machine: &Machine, service: Option<&MachineService>) -> Result<bool, Error> {
+        if machine.state == MachineState::Started {
+            return Ok(false);
         }
-        let holder = session.and_then(|s| self.sessions.lock().expect("sessions").get(s).cloned());
-        if let Some((session_app, id)) = holder
-            && session_app == app
-        {
-            match self.mgr.get_machine(app, &id).await {
-                Ok(m) if m.state != MachineState::Destroyed => return Ok(m),
-                _ => {
-                    self.sessions
-                        .lock()
-                        .expect("sessions")
-                        .remove(session.unwrap_or_default());
-                }
+        if !service.is_some_and(|s| s.autostart) {
+            return Err(Error::Unavailable(format!(
+                "machine {} is {} and its service does not autostart: start it first",
+                machine.id, machine.state
+            )));
+        }
+        Ok(self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?.1)
+    }
+
+    /// The request's session, as `header:value` or `cookie=value`.
+    fn session_of(&self, headers: &HeaderMap) -> Option<String> {
+        for name in &self.cfg.session_headers {
+            if let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                return Some(format!("{name}:{v}"));
             }
         }
-        let machines = self.mgr.list_machines(app, &[], &BTreeMap::new(), false).await?;
-        let with_services = machines.into_iter().filter(|m| !m.config.services.is_empty());
-        let activity = self.activity.lock().expect("activity");
-        let load = |m: &Machine| activity.get(&m.id).map_or(0, |a| a.active);
-        let (started, idle): (Vec<Machine>, Vec<Machine>) =
-            with_services.partition(|m| m.state == MachineState::Started);
-        if let Some(m) = started.into_iter().min_by_key(load) {
-            return Ok(m);
-        }
-        idle.into_iter()
-            .find(|m| m.config.services.iter().any(|s| s.autostart))
-            .ok_or_else(|| Error::NotFound(format!("app {app} has no machine with services to route to")))
-    }
-
-    /// A connection to the machine's port: woken first if need be, and
-    /// retried until the port accepts (a woken process takes a moment to
-    /// listen). Says whether this request started the machine.
-    async fn reach(
-        &self,
-        machine: &Machine,
-        service: Option<&MachineService>,
-        port: u16,
-    ) -> Result<(tokio::net::TcpStream, bool), Error> {
-        let mut woke = false;
-        if machine.state != MachineState::Started {
-            if !service.is_some_and(|s| s.autostart) {
-                return Err(Error::Unavailable(format!(
-                    "machine {} is {} and its service does not autostart: start it first",
-                    machine.id, machine.state
-                )));
-            }
-            woke = self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?.1;
-        }
-        let deadline = Instant::now() + self.cfg.wake_timeout;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.mgr.connect_port(&machine.app, &machine.id, port).await {
-                Ok(s) => return Ok((s, woke)),
-                Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(Error::Unavailable(format!(
-                        "machine {} did not accept connections on port {port} within {:?}: {e}",
-                        machine.id, self.cfg.wake_timeout
-                    )));
-                }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-
-    fn count(&self, key: &MetricKey, f: impl FnOnce(&mut Counters)) {
-        f(self.metrics.lock().expect("metrics").entry(key.clone()).or_default());
-    }
-
-    /// Marks traffic to a machine until the guard is dropped.
-    fn begin(self: &Arc<Self>, id: &str) -> Busy {
-        let mut activity = self.activity.lock().expect("activity");
-        let a = activity.entry(id.to_owned()).or_insert(Activity {
-            active: 0,
-            last: Instant::now(),
-        });
-        a.active += 1;
-        Busy {
-            ing: self.clone(),
-            id: id.to_owned(),
-        }
-    }
-}
-
-/// Traffic in flight to a machine.
-struct Busy {
-    ing: Arc<Ingress>,
-    id: String,
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        if let Some(a) = self.ing.activity.lock().expect("activity").get_mut(&self.id) {
-            a.active = a.active.saturating_sub(1);
-            a.last = Instant::now();
-        }
-    }
-}
-
-/// A response body on its way out; the machine counts as busy until it ends.
-struct Tracked {
-    inner: Incoming,
-    _busy: Busy,
-}
-
-impl hyper::body::Body for Tracked {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Once a second: stops (or suspends) machines whose service asks for it
-/// and that have had no traffic for their idle timeout, never leaving
-/// fewer of the app's machines running than `min_machines_running`, and
-/// never a machine that said it is busy.
-async fn autostop_loop(ing: Arc<Ingress>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(e) = autostop_once(&ing).await {
-            tracing::warn!("autostop: {e}");
-        }
-    }
-}
-
-async fn autostop_once(ing: &Arc<Ingress>) -> Result<(), Error> {
-    for app in ing.mgr.list_apps().await? {
-        let machines = ing.mgr.list_machines(&app.name, &[], &BTreeMap::new(), false).await?;
-        let mut running = machines
+        let cookies = headers
+            .get_all(header::COOKIE)
             .iter()
-            .filter(|m| m.state == MachineState::Started && !m.config.services.is_empty())
-            .count();
-        for m in &machines {
-            let Some(service) = m.config.services.first() else {
-                continue;
-            };
-            if service.autostop == Autostop::Off || m.state != MachineState::Started {
-                continue;
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='));
+        for (name, value) in cookies {
+            if self.cfg.session_cookies.iter().any(|c| c == name) {
+                return Some(format!("{name}={value}"));
             }
-            let idle_for = Duration::from_secs(service.idle_timeout_s.unwrap_or(300));
-            let idle = {
-                let mut activity = ing.activity.lock().expect("activity");
-                let a = activity.entry(m.id.clone()).or_insert(Activity {
-                    active: 0,
-                    last: Instant::now(),
-                });
-                a.active == 0 && a.last.elapsed() >= idle_for
-            };
-            if !idle
-                || running <= service.min_machines_running as usize
-                || ing.mgr.machine_is_busy(&app.name, &m.id).await?
-            {
-                continue;
+        }
+        None
+    }
+
+    /// Remembers the sessions an answer issues.
+    fn learn_session(&self, headers: &HeaderMap, machine: &Machine) {
+        let mut issued = Vec::new();
+        for name in &self.cfg.session_headers {
+            if let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                issued.push(format!("{name}:{v}"));
             }
-            let result = match service.autostop {
-                Autostop::Suspend => ing.mgr.suspend_machine(&app.name, &m.id).await,
-                _ => ing.mgr.stop_machine(&app.name, &m.id, StopRequest::default()).await,
-            };
-            match result {
-                Ok(_) => {
-                    tracing::info!(machine = %m.id, "autostop: idle for {idle_for:?}");
-                    running -= 1;
+        }
+        if !self.cfg.session_cookies.is_empty() {
+            let set = headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter_map(|v| v.split(';').next()?.trim().split_once('='));
+            for (name, value) in set {
+                if !value.is_empty() && self.cfg.session_cookies.iter().any(|c| c == name) {
+                    issued.push(format!("{name}={value}"));
                 }
-                Err(e) => tracing::warn!(machine = %m.id, "autostop: {e}"),
+            }
+        }
+        if issued.is_empty() {
+            return;
+        }
+        let mut sessions = self.sessions.lock().expect("sessions");
+        if sessions.len() + issued.len() > MAX_SESSIONS {
+            sessions.clear();
+        }
+        for key in issued {
+            sessions.insert(key, (machine.app.clone(), machine.id.clone()));
+        }
+    }
+
+    /// The machine that issued the session, if it is the app's and still
+    /// exists.
+    async fn session_holder(&self, app: &str, session: Option<&str>) -> Option<Machine> {
+        let session = session?;
+        let (holder_app, id) = self.sessions.lock().expect("sessions").get(session).cloned()?;
+        if holder_app != app {
+            return None;
+        }
+        match self.mgr.get_machine(app, &id).await {
+            Ok(m) if m.state != MachineState::Destroyed => Some(m),
+            _ => {
+                self.sessions.lock().expect("sessions").remove(session);
+                None
             }
         }
     }
-    Ok(())
+}
+
+/// Where a `hangar-replay` answer sends a request: `instance=ID` (a
+/// machine of the same app) or `app=NAME` (any of that app's).
+fn replay_route(from: &Machine, replay: &str) -> Result<Route, Error> {
+    if let Some(id) = replay_field(replay, "instance") {
+        return Ok(Route::Machine {
+            app: from.app.clone(),
+            machine: id.to_owned(),
+            port: None,
+        });
+    }
+    if let Some(app) = replay_field(replay, "app") {
+        return Ok(Route::App { app: app.to_owned() });
+    }
+    Err(Error::BadRequest(format!(
+        "machine {} answered hangar-replay {replay:?}: name instance=ID or app=NAME",
+        from.id
+    )))
 }

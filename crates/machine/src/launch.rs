@@ -135,6 +135,19 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
     if !(argv_ok(&config.init.cmd) && argv_ok(&config.init.entrypoint) && argv_ok(&config.init.exec)) {
         return Err(Error::BadRequest("init commands must not contain NUL".into()));
     }
+    for (i, service) in config.services.iter().enumerate() {
+        if service.internal_port == 0 || service.ports.iter().any(|p| p.port == 0) {
+            return Err(Error::BadRequest(format!("services[{i}]: ports must be 1..=65535")));
+        }
+        if let Some(c) = &service.concurrency {
+            let (soft, hard) = (c.soft_limit.unwrap_or(1), c.hard_limit.unwrap_or(u32::MAX));
+            if soft == 0 || hard == 0 || soft > hard {
+                return Err(Error::BadRequest(format!(
+                    "services[{i}].concurrency: limits must be at least 1, and soft_limit at most hard_limit"
+                )));
+            }
+        }
+    }
     Ok(())
 }
 

@@ -182,8 +182,10 @@ pub struct Daemon {
     pub pool_dir: PathBuf,
     pub volume_pool_dir: PathBuf,
     pub url: String,
-    /// The ingress proxy.
+    /// The ingress proxy (its first listener).
     pub proxy_url: String,
+    /// Every listener of the ingress proxy.
+    pub proxy_urls: Vec<String>,
     pub token: String,
     child: Option<Child>,
     serve_args: Vec<String>,
@@ -207,6 +209,7 @@ impl Daemon {
             volume_pool_dir,
             url: String::new(),
             proxy_url: String::new(),
+            proxy_urls: Vec::new(),
             token: String::new(),
             child: None,
             serve_args: args.iter().map(|a| a.to_string()).collect(),
@@ -252,6 +255,7 @@ impl Daemon {
             {
                 self.url = v["url"].as_str().unwrap().to_owned();
                 self.proxy_url = v["proxy_url"].as_str().unwrap().to_owned();
+                self.proxy_urls = serde_json::from_value(v["proxy_urls"].clone()).unwrap();
                 break;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -1,0 +1,303 @@
+//! `hangar-bench ingress`: what a request pays for the ingress proxy.
+//!
+//! Steady state: wrk sends the same requests, in one run, to a server on a
+//! machine's port three ways: directly (wrk inside the machine's network
+//! namespace), through nginx (also inside it, proxying to the port with
+//! kept-alive upstream connections), and through Hangar's proxy (wrk on the
+//! host, Host naming the machine). The server is the benchmark's own
+//! hyper server, listening inside the machine's namespace, so all three
+//! reach the same thing.
+//!
+//! Wake: a request for a stopped machine (busybox httpd as its process),
+//! sent to the proxy, timed to the answer's first byte; beside it the same
+//! machine started through the API, its port polled from inside its
+//! namespace until it accepts, and the same request sent: the app's own
+//! start time as a client without the proxy would see it. Both use the
+//! prepared sandbox a stop leaves behind.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::egress::{WrkResult, parse_wrk, wrk_version};
+use crate::hangar::{APP, Daemon};
+use crate::stats::Summary;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub command: Vec<String>,
+    pub wrk: String,
+    pub nginx: String,
+    pub seconds: u32,
+    pub throughput: Vec<WrkResult>,
+    /// Request to first byte through the proxy, machine stopped.
+    pub wake: Summary,
+    /// API start, port polled until it accepts, request to first byte.
+    pub start_then_request: Summary,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "ingress proxy, wrk {} s per case ({}, {})\n\n{:<40} {:>5} {:>10} {:>10} {:>12}\n",
+            self.seconds, self.wrk, self.nginx, "case", "conns", "p50 µs", "p99 µs", "req/s"
+        );
+        for r in &self.throughput {
+            out += &format!(
+                "{:<40} {:>5} {:>10.0} {:>10.0} {:>12.0}\n",
+                r.case, r.connections, r.p50_us, r.p99_us, r.requests_per_sec
+            );
+        }
+        let find = |case: &str, c: u32| self.throughput.iter().find(|r| r.case == case && r.connections == c);
+        out += "\nhangar proxy throughput as a share of nginx's:\n";
+        for c in [1, 16] {
+            if let (Some(h), Some(n)) = (find(HANGAR, c), find(NGINX, c)) {
+                out += &format!(
+                    "  {c} connection(s): {:.0} %\n",
+                    100.0 * h.requests_per_sec / n.requests_per_sec
+                );
+            }
+        }
+        out += &format!(
+            "\nwake on request ({} runs; ms)      p50 {:>8.2}  p99 {:>8.2}\n\
+             start via API, then request      p50 {:>8.2}  p99 {:>8.2}\n\
+             wake overhead (p50 difference)   {:.2} ms\n",
+            self.wake.n,
+            self.wake.p50_ms,
+            self.wake.p99_ms,
+            self.start_then_request.p50_ms,
+            self.start_then_request.p99_ms,
+            self.wake.p50_ms - self.start_then_request.p50_ms,
+        );
+        out
+    }
+}
+
+const DIRECT: &str = "direct to the machine's port";
+const NGINX: &str = "via nginx (in the machine's netns)";
+const HANGAR: &str = "via hangar's proxy";
+
+pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usize) -> Result<Report> {
+    let wrk = crate::process::which("wrk").context("wrk is not installed: apt-get install wrk")?;
+    let nginx = crate::process::which("nginx").context("nginx is not installed: apt-get install nginx-light")?;
+    let d = Daemon::start(cfg)?;
+    d.call(Method::POST, "/v1/apps", Some(json!({ "app_name": APP })))?;
+    let proxy = d.proxy_addr()?;
+
+    // Steady state: the benchmark's server on port 8080 of a machine that
+    // otherwise sleeps.
+    let m = d.call(
+        Method::POST,
+        &format!("/v1/apps/{APP}/machines"),
+        Some(json!({ "name": "steady", "config": {
+            "image": image,
+            "init": { "cmd": ["sleep", "1000000"] },
+            "services": [{ "internal_port": 8080 }],
+        } })),
+    )?;
+    let id = m["id"].as_str().context("machine id")?.to_owned();
+    let pid = d.machine_pid(&id)?;
+    let listener = in_netns(pid, || std::net::TcpListener::bind("127.0.0.1:8080"))?;
+    crate::egress::serve_hello(listener)?;
+    let work = tempfile::tempdir()?;
+    let _nginx = NginxInNetns::start(&nginx, pid, work.path())?;
+
+    let mut throughput = Vec::new();
+    for connections in [1u32, 16] {
+        let wrk_args = |c: &mut Command| {
+            c.args([
+                "--latency",
+                "-t",
+                "1",
+                "-c",
+                &connections.to_string(),
+                "-d",
+                &format!("{seconds}s"),
+            ]);
+        };
+        let in_machine = |url: &str| {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n"]).arg(&wrk);
+            wrk_args(&mut c);
+            c.arg(url);
+            c
+        };
+        let cases: Vec<(&str, Command)> = vec![
+            (DIRECT, in_machine("http://127.0.0.1:8080/")),
+            (NGINX, in_machine("http://127.0.0.1:8081/")),
+            (HANGAR, {
+                let mut c = Command::new(&wrk);
+                wrk_args(&mut c);
+                c.args(["-H", &format!("Host: steady.{APP}.localhost")]);
+                c.arg(format!("http://{proxy}/"));
+                c
+            }),
+        ];
+        for (case, mut cmd) in cases {
+            crate::process::check_interrupt()?;
+            eprintln!("ingress: {case}, {connections} connection(s), {seconds} s…");
+            let out = crate::process::run(&mut cmd)?;
+            throughput.push(parse_wrk(case, connections, &out)?);
+        }
+    }
+
+    // Wake: busybox httpd as the machine's process.
+    d.call(
+        Method::POST,
+        &format!("/v1/apps/{APP}/machines"),
+        Some(json!({ "name": "wake", "config": {
+            "image": image,
+            "files": [{ "guest_path": "/srv/index.html", "raw_value": "b2sK" }],
+            "init": { "cmd": ["httpd", "-f", "-p", "8090", "-h", "/srv"] },
+            "services": [{ "internal_port": 8090 }],
+        } })),
+    )?;
+    let (mut woken, mut started) = (Vec::new(), Vec::new());
+    for i in 0..wakes {
+        crate::process::check_interrupt()?;
+        eprintln!("ingress: wake {}/{wakes}…", i + 1);
+        stop_and_prepare(&d, "wake")?;
+        let t0 = Instant::now();
+        first_byte(TcpStream::connect(proxy)?, &format!("wake.{APP}.localhost"))?;
+        woken.push(t0.elapsed());
+
+        let pid = stop_and_prepare(&d, "wake")?;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        let t0 = Instant::now();
+        d.call(Method::POST, &format!("/v1/apps/{APP}/machines/wake/start"), None)?;
+        let stream = in_netns_fd(ns, || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match TcpStream::connect("127.0.0.1:8090") {
+                    Ok(s) => return Ok(s),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_micros(500)),
+                }
+            }
+        })?;
+        first_byte(stream, "wake")?;
+        started.push(t0.elapsed());
+    }
+    Ok(Report {
+        command: std::env::args().collect(),
+        wrk: wrk_version(&wrk),
+        // `nginx -v` prints its version on stderr.
+        nginx: Command::new(&nginx)
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+            .unwrap_or_default(),
+        seconds,
+        throughput,
+        wake: Summary::of(&woken).context("no wake samples")?,
+        start_then_request: Summary::of(&started).context("no start samples")?,
+    })
+}
+
+/// Stops the machine and waits for the prepared sandbox its next start
+/// will use; returns that sandbox's pid.
+fn stop_and_prepare(d: &Daemon, name: &str) -> Result<u32> {
+    d.call(Method::POST, &format!("/v1/apps/{APP}/machines/{name}/stop"), None)?;
+    let id = d.call(Method::GET, &format!("/v1/apps/{APP}/machines/{name}"), None)?["id"]
+        .as_str()
+        .context("machine id")?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(pid) = d.machine_pid(&id) {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            bail!("machine {name} has no prepared sandbox 30 s after its stop");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends a GET for `/` and reads the answer's first byte.
+fn first_byte(mut stream: TcpStream, host: &str) -> Result<()> {
+    write!(stream, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut byte = [0u8; 1];
+    if stream.read(&mut byte)? != 1 {
+        bail!("the answer was empty");
+    }
+    Ok(())
+}
+
+fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    in_netns_fd(ns, f)
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// (sockets made there stay in it).
+fn in_netns_fd<T: Send + 'static>(
+    ns: std::fs::File,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    .context("inside the machine's network namespace")
+}
+
+/// nginx in a machine's network namespace: 127.0.0.1:8081 proxies to the
+/// machine's port 8080 over kept-alive connections.
+struct NginxInNetns(Child);
+
+impl NginxInNetns {
+    fn start(nginx: &std::path::Path, pid: u32, dir: &std::path::Path) -> Result<NginxInNetns> {
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log off;\n  upstream machine {{ server 127.0.0.1:8080; keepalive 64; }}\n\
+                 server {{\n    listen 127.0.0.1:8081;\n    location / {{\n      proxy_pass http://machine;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+                dir = dir.display()
+            ),
+        )?;
+        let child = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n"])
+            .arg(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let up = NginxInNetns(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_netns(pid, || TcpStream::connect("127.0.0.1:8081")).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx did not listen within 10 s: {}",
+                    std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(up)
+    }
+}
+
+impl Drop for NginxInNetns {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child; nginx's master stops its workers on SIGTERM.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}

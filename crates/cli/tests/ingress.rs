@@ -623,3 +623,32 @@ async fn http2_streams_and_idle_cutoff() {
         quiet.elapsed()
     );
 }
+
+/// A gVisor machine's network stack is its own, out of the proxy's reach:
+/// its init carries the proxy's connections. Kept-alive tunnels don't stop
+/// autostop from suspending it, and a request resumes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn reaches_gvisor_machines() {
+    let d = Daemon::start();
+    d.create_app("shop").await;
+    let m = d
+        .machine(
+            "shop",
+            json!({
+                "image": common::busybox_image(),
+                "runtime": "runsc",
+                "init": { "cmd": ["httpd", "-f", "-p", "8080", "-h", "/srv/app"] },
+                "services": [{ "internal_port": 8080, "autostop": "suspend", "idle_timeout_s": 1 }],
+            }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let host = format!("{id}.shop.localhost");
+    for _ in 0..3 {
+        let (status, body) = get(&d, &host, "/from-image.txt").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "image layer\n"));
+    }
+    d.wait_state("shop", &id, "suspended").await;
+    let (status, body) = get(&d, &host, "/from-image.txt").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "image layer\n"), "resumed");
+}

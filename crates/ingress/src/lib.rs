@@ -84,7 +84,23 @@ struct Ingress {
     /// that issued it.
     sessions: Mutex<HashMap<String, (String, String)>>,
     upstream: Upstream,
+    views: Views,
 }
+
+/// Machines as routing last read them from the store, kept for
+/// [`VIEW_TTL`] so that a request costs no database read; their state is
+/// read live (see [`Ingress::fresh`]).
+#[derive(Debug, Default)]
+struct Views {
+    /// (app, machine name or id) → the machine.
+    machines: Mutex<HashMap<(String, String), (Instant, Machine)>>,
+    /// app → its machines.
+    apps: Mutex<HashMap<String, (Instant, Vec<Machine>)>>,
+}
+
+/// How long a machine's config (its services) may be out of date for
+/// routing; a new machine joins its app's routing within this time.
+const VIEW_TTL: Duration = Duration::from_secs(1);
 
 /// Sessions remembered; beyond it the oldest knowledge is dropped whole.
 const MAX_SESSIONS: usize = 100_000;
@@ -105,6 +121,7 @@ impl Proxy {
                 load: Arc::default(),
                 metrics: Metrics::default(),
                 sessions: Mutex::new(HashMap::new()),
+                views: Views::default(),
             }),
         }
     }
@@ -435,7 +452,7 @@ impl Ingress {
     ) -> Result<Option<Admitted>, Error> {
         let app = route.app();
         if let Some(name) = route.machine() {
-            let machine = self.mgr.get_machine(app, name).await?;
+            let machine = self.machine(app, name).await?;
             let service = service_for(&machine, conn.listen_port);
             if service.is_none() && route.port().is_none() {
                 return Err(Error::NotFound(format!(
@@ -449,9 +466,10 @@ impl Ingress {
             let service = service_for(&machine, conn.listen_port);
             return Ok(self.try_take(machine, service, conn));
         }
-        let machines = self.mgr.list_machines(app, &[], &Default::default(), false).await?;
+        let machines = self.app_machines(app).await?;
         let mut candidates: Vec<(Machine, MachineService)> = machines
             .into_iter()
+            .filter(|m| m.state != MachineState::Destroyed)
             .filter_map(|m| service_for(&m, conn.listen_port).map(|s| (m, s)))
             .collect();
         if candidates.is_empty() {
@@ -490,6 +508,49 @@ impl Ingress {
             )));
         }
         Ok(None)
+    }
+
+    async fn machine(&self, app: &str, name: &str) -> Result<Machine, Error> {
+        let key = (app.to_owned(), name.to_owned());
+        let cached = self.views.machines.lock().expect("views").get(&key).cloned();
+        let machine = match cached {
+            Some((read, m)) if read.elapsed() < VIEW_TTL => m,
+            _ => {
+                let m = self.mgr.get_machine(app, name).await?;
+                let mut machines = self.views.machines.lock().expect("views");
+                if machines.len() > 10_000 {
+                    machines.clear();
+                }
+                machines.insert(key, (Instant::now(), m.clone()));
+                m
+            }
+        };
+        Ok(self.fresh(machine))
+    }
+
+    async fn app_machines(&self, app: &str) -> Result<Vec<Machine>, Error> {
+        let cached = self.views.apps.lock().expect("views").get(app).cloned();
+        let machines = match cached {
+            Some((read, ms)) if read.elapsed() < VIEW_TTL => ms,
+            _ => {
+                let ms = self.mgr.list_machines(app, &[], &Default::default(), false).await?;
+                let mut apps = self.views.apps.lock().expect("views");
+                if apps.len() > 10_000 {
+                    apps.clear();
+                }
+                apps.insert(app.to_owned(), (Instant::now(), ms.clone()));
+                ms
+            }
+        };
+        Ok(machines.into_iter().map(|m| self.fresh(m)).collect())
+    }
+
+    /// The machine with its state as of now.
+    fn fresh(&self, mut machine: Machine) -> Machine {
+        if let Some(state) = self.mgr.live_state(&machine.id) {
+            machine.state = state;
+        }
+        machine
     }
 
     /// Counts the request (and the connection, for connection limits)
@@ -655,7 +716,7 @@ impl Ingress {
         if holder_app != app {
             return None;
         }
-        match self.mgr.get_machine(app, &id).await {
+        match self.machine(app, &id).await {
             Ok(m) if m.state != MachineState::Destroyed => Some(m),
             _ => {
                 self.sessions.lock().expect("sessions").remove(session);

@@ -7,10 +7,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hangar_machine::{Error, Manager};
+use hangar_machine::{Error, Manager, PortStream};
 use hyper::body::Incoming;
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::Body;
@@ -24,8 +25,41 @@ struct Connector {
     patience: Duration,
 }
 
+/// A machine's port, as the pool holds it.
+struct MachineIo(PortStream);
+
+impl tokio::io::AsyncRead for MachineIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for MachineIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for MachineIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = TokioIo<MachineIo>;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
 
@@ -44,13 +78,13 @@ impl tower_service::Service<Uri> for Connector {
             let Some((id, app, port)) = target else {
                 return Err(Error::internal("connecting to a machine", format!("bad target {uri}")));
             };
-            this.connect(&app, &id, port).await.map(TokioIo::new)
+            this.connect(&app, &id, port).await.map(|s| TokioIo::new(MachineIo(s)))
         })
     }
 }
 
 impl Connector {
-    async fn connect(&self, app: &str, id: &str, port: u16) -> Result<tokio::net::TcpStream, Error> {
+    async fn connect(&self, app: &str, id: &str, port: u16) -> Result<PortStream, Error> {
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(1);
         loop {

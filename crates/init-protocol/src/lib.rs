@@ -178,6 +178,11 @@ pub enum Request {
     /// [`ATTACH_FILE`] appears beside its socket (after a restore), or at
     /// once if the detach times out. Only for an init listening at a path.
     Detach,
+    /// Connect to 127.0.0.1:`port` inside the machine and, once answered
+    /// `Ok`, carry that connection's bytes both ways: the connection is a
+    /// tunnel from then on. The ingress proxy's way into a machine whose
+    /// network stack it can't enter (gVisor's). A detach closes tunnels.
+    Connect { port: u16 },
 }
 
 /// See [`Request::Detach`].

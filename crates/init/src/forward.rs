@@ -34,16 +34,21 @@ pub fn start(port: u16, socket: PathBuf) {
 }
 
 fn relay(client: TcpStream, socket: &PathBuf) -> io::Result<()> {
-    let gateway = UnixStream::connect(socket)?;
-    let _ = client.set_nodelay(true);
-    let (mut client_r, mut gateway_w) = (client.try_clone()?, gateway.try_clone()?);
-    let upstream = thread::spawn(move || {
-        let _ = io::copy(&mut client_r, &mut gateway_w);
-        let _ = gateway_w.shutdown(Shutdown::Write);
+    splice(client, UnixStream::connect(socket)?)
+}
+
+/// Carries bytes both ways between a TCP connection in the machine and a
+/// host socket until both directions have ended.
+pub fn splice(tcp: TcpStream, unix: UnixStream) -> io::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let (mut tcp_r, mut unix_w) = (tcp.try_clone()?, unix.try_clone()?);
+    let outward = thread::spawn(move || {
+        let _ = io::copy(&mut tcp_r, &mut unix_w);
+        let _ = unix_w.shutdown(Shutdown::Write);
     });
-    let (mut gateway_r, mut client_w) = (gateway, client);
-    let _ = io::copy(&mut gateway_r, &mut client_w);
-    let _ = client_w.shutdown(Shutdown::Write);
-    let _ = upstream.join();
+    let (mut unix_r, mut tcp_w) = (unix, tcp);
+    let _ = io::copy(&mut unix_r, &mut tcp_w);
+    let _ = tcp_w.shutdown(Shutdown::Write);
+    let _ = outward.join();
     Ok(())
 }

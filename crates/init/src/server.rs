@@ -1,11 +1,13 @@
 //! The daemon-facing socket: one thread per connection, serving one request
 //! at a time. The daemon keeps a few connections open between requests.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,10 @@ pub struct Endpoint {
     detaching: AtomicBool,
     /// The listener is closed.
     detached: AtomicBool,
+    /// Connections carrying a tunnel (`Request::Connect`), by number: a
+    /// detach closes them.
+    tunnels: Mutex<HashMap<u64, UnixStream>>,
+    next_tunnel: AtomicU64,
     /// Written to wake the accept loop (a connection to our own socket
     /// would do on Linux, but not in gVisor, where the socket is the
     /// host's).
@@ -49,6 +55,8 @@ impl Endpoint {
             connections: AtomicUsize::new(0),
             detaching: AtomicBool::new(false),
             detached: AtomicBool::new(false),
+            tunnels: Mutex::new(HashMap::new()),
+            next_tunnel: AtomicU64::new(0),
             wake: io::pipe()?,
         })
     }
@@ -160,6 +168,10 @@ fn detach(endpoint: &Endpoint) -> Result<Reply, ErrorReply> {
         ));
     }
     endpoint.detaching.store(true, Ordering::SeqCst);
+    // A tunnel is a kept-alive proxy connection: the proxy opens another.
+    for (_, tunnel) in endpoint.tunnels.lock().expect("tunnels").drain() {
+        let _ = tunnel.shutdown(Shutdown::Both);
+    }
     let _ = io::Write::write(&mut &endpoint.wake.1, &[1]);
     let deadline = Instant::now() + DETACH_TIMEOUT;
     loop {
@@ -268,8 +280,26 @@ fn serve_one(init: &Init, endpoint: &Endpoint, stream: &UnixStream, timeout: Opt
         }
         // The connection closes after the answer: it is a host socket too.
         Request::Detach => return reply(stream, detach(endpoint)).map(|()| false),
+        Request::Connect { port } => {
+            let tcp = match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(tcp) => tcp,
+                Err(e) => return reply(stream, Err(ErrorReply::from_io(&e, format!("port {port}")))).map(|()| true),
+            };
+            reply(stream, Ok(Reply::Ok))?;
+            tunnel(endpoint, tcp, stream)?;
+            return Ok(false);
+        }
     };
     answered.map(|()| true)
+}
+
+/// Carries a `Connect` tunnel until it ends, or a detach closes it.
+fn tunnel(endpoint: &Endpoint, tcp: TcpStream, stream: &UnixStream) -> io::Result<()> {
+    let n = endpoint.next_tunnel.fetch_add(1, Ordering::SeqCst);
+    endpoint.tunnels.lock().expect("tunnels").insert(n, stream.try_clone()?);
+    let carried = crate::forward::splice(tcp, stream.try_clone()?);
+    endpoint.tunnels.lock().expect("tunnels").remove(&n);
+    carried
 }
 
 fn signal_main(init: &Init, signal: i32) -> Result<Reply, ErrorReply> {

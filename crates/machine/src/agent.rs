@@ -133,6 +133,18 @@ pub(crate) async fn detach(agent: &Agent) -> Result<()> {
     }
 }
 
+/// A connection to 127.0.0.1:`port` inside the machine, carried by its
+/// init (see `Request::Connect`). A refused port is `Unavailable`: it may
+/// be listening in a moment.
+pub(crate) async fn tunnel(agent: &Agent, port: u16) -> Result<UnixStream> {
+    let mut conn = connect(&agent.socket).await?;
+    send(&mut conn, &Request::Connect { port }).await?;
+    match read_reply(&mut conn).await {
+        Ok(_) => Ok(conn),
+        Err(e) => Err(Error::Unavailable(e.to_string())),
+    }
+}
+
 /// Sends a request that is answered by one reply.
 pub(crate) async fn call(agent: &Agent, req: &Request) -> Result<Reply> {
     let mut conn = agent.take().await?;

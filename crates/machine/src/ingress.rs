@@ -1,8 +1,13 @@
 //! What the ingress proxy needs of machines: waking one for a request, and
 //! reaching a port inside it without routable addresses (a connection
-//! opened from inside its network namespace).
+//! opened from inside its network namespace, or carried by its init where
+//! the network stack is gVisor's own).
 
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use hangar_api::{Machine, MachineState, RuntimeKind};
 
@@ -20,6 +25,13 @@ impl Manager {
             self.start_locked(&slot, &mut rec, source).await?;
         }
         Ok((crate::ops::machine_view(&rec), asleep))
+    }
+
+    /// The machine's state as the daemon holds it in memory (no database
+    /// read: the proxy asks on every request); `None` if not at hand.
+    pub fn live_state(&self, id: &str) -> Option<MachineState> {
+        let slots = self.inner.slots.lock().expect("slots lock");
+        slots.get(id).map(|slot| *slot.state.borrow())
     }
 
     /// Whether the machine said it is busy (`/.hangar/init busy [SECONDS]`
@@ -53,15 +65,12 @@ impl Manager {
     /// A TCP connection to `127.0.0.1:port` in a started machine, made from
     /// inside its network namespace: a socket belongs to the namespace it
     /// was created in, so one short-lived thread enters it and connects.
-    pub async fn connect_port(&self, app: &str, id: &str, port: u16) -> Result<tokio::net::TcpStream> {
+    pub async fn connect_port(&self, app: &str, id: &str, port: u16) -> Result<PortStream> {
         // The sandbox in memory: the proxy calls this for every request,
         // and again while a woken machine's port comes up.
         let running = self.live_sandbox(app, id).await?;
         if running.runtime_kind() == RuntimeKind::Runsc {
-            return Err(Error::BadRequest(format!(
-                "machine {}: the ingress proxy can't reach runsc machines yet",
-                running.id
-            )));
+            return crate::agent::tunnel(&running.agent, port).await.map(PortStream::Tunnel);
         }
         let path = format!("/proc/{}/ns/net", running.pid);
         let ns = std::fs::File::open(&path).map_err(|e| Error::internal(&format!("opening {path}"), e))?;
@@ -83,6 +92,49 @@ impl Manager {
             .set_nonblocking(true)
             .map_err(|e| Error::internal("connecting into the machine", e))?;
         let _ = stream.set_nodelay(true);
-        tokio::net::TcpStream::from_std(stream).map_err(|e| Error::internal("connecting into the machine", e))
+        tokio::net::TcpStream::from_std(stream)
+            .map(PortStream::Tcp)
+            .map_err(|e| Error::internal("connecting into the machine", e))
+    }
+}
+
+/// A connection to a port inside a machine.
+#[derive(Debug)]
+pub enum PortStream {
+    /// Made in the machine's network namespace (runc).
+    Tcp(tokio::net::TcpStream),
+    /// Carried by the machine's init over its socket (runsc).
+    Tunnel(tokio::net::UnixStream),
+}
+
+impl AsyncRead for PortStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PortStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            PortStream::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PortStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PortStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            PortStream::Tunnel(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PortStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            PortStream::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PortStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            PortStream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

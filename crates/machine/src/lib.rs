@@ -44,6 +44,7 @@ pub use agent::{Exec, ExecOutput, FileReader};
 pub use egress::EgressConfig;
 pub use error::{Error, Result};
 pub use images::Pull;
+pub use ingress::PortStream;
 pub use paths::MachinePaths;
 
 /// How the manager is set up: where it keeps things and what it runs with.

@@ -15,22 +15,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use reqwest::Method;
 use serde_json::json;
 
 use crate::hangar::{APP, Daemon};
-use crate::process::run;
-
-/// One wrk run's numbers.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct WrkResult {
-    pub case: String,
-    pub connections: u32,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub requests_per_sec: f64,
-}
+use crate::wrk::{Wrk, WrkResult};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
@@ -93,12 +82,12 @@ fn start_upstream(name: &str, ca_path: &Path) -> Result<(SocketAddr, SocketAddr)
             let https = tokio::net::TcpListener::from_std(https).expect("listener");
             loop {
                 tokio::select! {
-                    Ok((s, _)) = http.accept() => { tokio::spawn(serve(s)); }
+                    Ok((s, _)) = http.accept() => { tokio::spawn(crate::wrk::serve_hello_on(s)); }
                     Ok((s, _)) = https.accept() => {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             if let Ok(tls) = acceptor.accept(s).await {
-                                serve(tls).await;
+                                crate::wrk::serve_hello_on(tls).await;
                             }
                         });
                     }
@@ -109,40 +98,8 @@ fn start_upstream(name: &str, ca_path: &Path) -> Result<(SocketAddr, SocketAddr)
     Ok(addrs)
 }
 
-/// Serves "hello world" on `listener` (which may be bound in a machine's
-/// network namespace), from a thread of its own.
-pub fn serve_hello(listener: std::net::TcpListener) -> Result<()> {
-    listener.set_nonblocking(true)?;
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(serve(s));
-            }
-        });
-    });
-    Ok(())
-}
-
-async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(stream: S) {
-    let service = hyper::service::service_fn(|_req| async {
-        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from_static(
-            b"hello world\n",
-        ))))
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-        .await;
-}
-
 pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<Report> {
-    let wrk = crate::process::which("wrk").context("wrk is not installed: apt-get install wrk")?;
+    let wrk = Wrk::find(seconds)?;
     let work = tempfile::tempdir()?;
     let ca = work.path().join("upstream.pem");
     let name = "upstream.bench";
@@ -181,7 +138,7 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<R
     if placeholder.is_empty() {
         bail!("the machine has no placeholder for TOKEN: {env}");
     }
-    let pid = d.machine_pid(&id)?.to_string();
+    let pid = d.machine_pid(&id)?;
 
     let script = |path: &str, auth: bool| -> Result<std::path::PathBuf> {
         let file = work.path().join(format!("{}.lua", results_key(path)));
@@ -197,123 +154,37 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<R
     let (http_lua, https_lua) = (script(&http_path, false)?, script(&https_path, true)?);
     let mut results = Vec::new();
     for connections in [1u32, 16] {
-        let wrk_args = |c: &mut Command| {
-            c.args([
-                "--latency",
-                "-t",
-                "1",
-                "-c",
-                &connections.to_string(),
-                "-d",
-                &format!("{seconds}s"),
-            ]);
+        let in_machine = |lua: &Path| {
+            let mut c = wrk.command(connections, Some(pid));
+            c.arg("-s").arg(lua).arg("http://127.0.0.1:3128");
+            c
+        };
+        let from_host = |url: String| {
+            let mut c = wrk.command(connections, None);
+            c.arg(url);
+            c
         };
         let cases: Vec<(&str, Command)> = vec![
-            ("http direct", {
-                let mut c = Command::new(&wrk);
-                wrk_args(&mut c);
-                c.arg(format!("http://127.0.0.1:{}/", http.port()));
-                c
-            }),
-            ("http via gateway", {
-                let mut c = Command::new("nsenter");
-                c.args(["-t", &pid, "-n"]).arg(&wrk);
-                wrk_args(&mut c);
-                c.arg("-s").arg(&http_lua).arg("http://127.0.0.1:3128");
-                c
-            }),
-            ("https direct", {
-                let mut c = Command::new(&wrk);
-                wrk_args(&mut c);
-                c.arg(format!("https://127.0.0.1:{}/", https.port()));
-                c
-            }),
-            ("https via gateway, secret swapped in", {
-                let mut c = Command::new("nsenter");
-                c.args(["-t", &pid, "-n"]).arg(&wrk);
-                wrk_args(&mut c);
-                c.arg("-s").arg(&https_lua).arg("http://127.0.0.1:3128");
-                c
-            }),
+            ("http direct", from_host(format!("http://127.0.0.1:{}/", http.port()))),
+            ("http via gateway", in_machine(&http_lua)),
+            (
+                "https direct",
+                from_host(format!("https://127.0.0.1:{}/", https.port())),
+            ),
+            ("https via gateway, secret swapped in", in_machine(&https_lua)),
         ];
-        for (case, mut cmd) in cases {
-            crate::process::check_interrupt()?;
-            eprintln!("egress: {case}, {connections} connection(s), {seconds} s…");
-            let out = run(&mut cmd)?;
-            results.push(parse_wrk(case, connections, &out)?);
+        for (case, cmd) in cases {
+            results.push(wrk.measure("egress", case, connections, cmd)?);
         }
     }
     Ok(Report {
         command: std::env::args().collect(),
-        wrk: wrk_version(&wrk),
+        wrk: wrk.version(),
         seconds,
         results,
     })
 }
 
-/// `wrk -v` prints its version and exits 1.
-pub fn wrk_version(wrk: &Path) -> String {
-    Command::new(wrk)
-        .arg("-v")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .unwrap_or_default()
-}
-
 fn results_key(path: &str) -> &'static str {
     if path.starts_with("https") { "https" } else { "http" }
-}
-
-/// Reads wrk's `--latency` report: the 50 % and 99 % lines and Requests/sec.
-pub fn parse_wrk(case: &str, connections: u32, out: &str) -> Result<WrkResult> {
-    let us = |v: &str| -> Option<f64> {
-        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
-        let n: f64 = num.parse().ok()?;
-        Some(match unit {
-            "us" => n,
-            "ms" => n * 1e3,
-            "s" => n * 1e6,
-            _ => return None,
-        })
-    };
-    let pct = |p: &str| {
-        out.lines()
-            .map(str::trim)
-            .find_map(|l| l.strip_prefix(p).map(str::trim))
-            .and_then(us)
-    };
-    let rps = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok());
-    if out.contains("Non-2xx") {
-        bail!("{case}: some answers were not 2xx:\n{out}");
-    }
-    match (pct("50%"), pct("99%"), rps) {
-        (Some(p50_us), Some(p99_us), Some(requests_per_sec)) => Ok(WrkResult {
-            case: case.to_owned(),
-            connections,
-            p50_us,
-            p99_us,
-            requests_per_sec,
-        }),
-        _ => bail!("{case}: cannot read wrk's output:\n{out}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_wrk() {
-        let out = "Running 1s test @ http://127.0.0.1:1/\n  Latency Distribution\n     50%   82.00us\n     75%  90.00us\n     90%  1.20ms\n     99%    2.50ms\n  4000 requests in 1.00s\nRequests/sec:   3999.21\nTransfer/sec: 1MB\n";
-        let r = super::parse_wrk("x", 1, out).unwrap();
-        assert_eq!((r.p50_us, r.p99_us, r.requests_per_sec.round()), (82.0, 2500.0, 3999.0));
-        assert!(super::parse_wrk("x", 1, "garbage").is_err());
-    }
 }

@@ -25,9 +25,9 @@ use anyhow::{Context, Result, bail};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::egress::{WrkResult, parse_wrk, wrk_version};
 use crate::hangar::{APP, Daemon};
 use crate::stats::Summary;
+use crate::wrk::{Wrk, WrkResult};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
@@ -84,7 +84,7 @@ const NGINX: &str = "via nginx (in the machine's netns)";
 const HANGAR: &str = "via hangar's proxy";
 
 pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usize) -> Result<Report> {
-    let wrk = crate::process::which("wrk").context("wrk is not installed: apt-get install wrk")?;
+    let wrk = Wrk::find(seconds)?;
     let nginx = crate::process::which("nginx").context("nginx is not installed: apt-get install nginx-light")?;
     let d = Daemon::start(cfg)?;
     d.call(Method::POST, "/v1/apps", Some(json!({ "app_name": APP })))?;
@@ -104,27 +104,14 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
     let id = m["id"].as_str().context("machine id")?.to_owned();
     let pid = d.machine_pid(&id)?;
     let listener = in_netns(pid, || std::net::TcpListener::bind("127.0.0.1:8080"))?;
-    crate::egress::serve_hello(listener)?;
+    crate::wrk::serve_hello(listener)?;
     let work = tempfile::tempdir()?;
     let _nginx = NginxInNetns::start(&nginx, pid, work.path())?;
 
     let mut throughput = Vec::new();
     for connections in [1u32, 16] {
-        let wrk_args = |c: &mut Command| {
-            c.args([
-                "--latency",
-                "-t",
-                "1",
-                "-c",
-                &connections.to_string(),
-                "-d",
-                &format!("{seconds}s"),
-            ]);
-        };
         let in_machine = |url: &str| {
-            let mut c = Command::new("nsenter");
-            c.args(["-t", &pid.to_string(), "-n"]).arg(&wrk);
-            wrk_args(&mut c);
+            let mut c = wrk.command(connections, Some(pid));
             c.arg(url);
             c
         };
@@ -132,23 +119,19 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
             (DIRECT, in_machine("http://127.0.0.1:8080/")),
             (NGINX, in_machine("http://127.0.0.1:8081/")),
             (HANGAR, {
-                let mut c = Command::new(&wrk);
-                wrk_args(&mut c);
+                let mut c = wrk.command(connections, None);
                 c.args(["-H", &format!("Host: steady.{APP}.localhost")]);
                 c.arg(format!("http://{proxy}/"));
                 c
             }),
         ];
-        for (case, mut cmd) in cases {
-            crate::process::check_interrupt()?;
-            eprintln!("ingress: {case}, {connections} connection(s), {seconds} s…");
-            let out = crate::process::run(&mut cmd)?;
-            throughput.push(parse_wrk(case, connections, &out)?);
+        for (case, cmd) in cases {
+            throughput.push(wrk.measure("ingress", case, connections, cmd)?);
         }
     }
 
     // Wake: busybox httpd as the machine's process.
-    d.call(
+    let m = d.call(
         Method::POST,
         &format!("/v1/apps/{APP}/machines"),
         Some(json!({ "name": "wake", "config": {
@@ -158,19 +141,20 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
             "services": [{ "internal_port": 8090 }],
         } })),
     )?;
+    let id = m["id"].as_str().context("machine id")?.to_owned();
     let (mut woken, mut started) = (Vec::new(), Vec::new());
     for i in 0..wakes {
         crate::process::check_interrupt()?;
         eprintln!("ingress: wake {}/{wakes}…", i + 1);
-        stop_and_prepare(&d, "wake")?;
+        stop_and_prepare(&d, &id)?;
         let t0 = Instant::now();
         first_byte(TcpStream::connect(proxy)?, &format!("wake.{APP}.localhost"))?;
         woken.push(t0.elapsed());
 
-        let pid = stop_and_prepare(&d, "wake")?;
+        let pid = stop_and_prepare(&d, &id)?;
         let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
         let t0 = Instant::now();
-        d.call(Method::POST, &format!("/v1/apps/{APP}/machines/wake/start"), None)?;
+        d.call(Method::POST, &format!("/v1/apps/{APP}/machines/{id}/start"), None)?;
         let stream = in_netns_fd(ns, || {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -186,7 +170,7 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
     }
     Ok(Report {
         command: std::env::args().collect(),
-        wrk: wrk_version(&wrk),
+        wrk: wrk.version(),
         // `nginx -v` prints its version on stderr.
         nginx: Command::new(&nginx)
             .arg("-v")
@@ -202,19 +186,15 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
 
 /// Stops the machine and waits for the prepared sandbox its next start
 /// will use; returns that sandbox's pid.
-fn stop_and_prepare(d: &Daemon, name: &str) -> Result<u32> {
-    d.call(Method::POST, &format!("/v1/apps/{APP}/machines/{name}/stop"), None)?;
-    let id = d.call(Method::GET, &format!("/v1/apps/{APP}/machines/{name}"), None)?["id"]
-        .as_str()
-        .context("machine id")?
-        .to_owned();
+fn stop_and_prepare(d: &Daemon, id: &str) -> Result<u32> {
+    d.call(Method::POST, &format!("/v1/apps/{APP}/machines/{id}/stop"), None)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(pid) = d.machine_pid(&id) {
+        if let Ok(pid) = d.machine_pid(id) {
             return Ok(pid);
         }
         if Instant::now() > deadline {
-            bail!("machine {name} has no prepared sandbox 30 s after its stop");
+            bail!("machine {id} has no prepared sandbox 30 s after its stop");
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -19,6 +19,7 @@ mod process;
 mod pull;
 mod report;
 mod stats;
+mod wrk;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

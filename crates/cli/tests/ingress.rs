@@ -18,6 +18,17 @@ async fn get(d: &Daemon, host: &str, path: &str) -> (StatusCode, String) {
     (r.status(), r.text().await.unwrap())
 }
 
+async fn metrics(d: &Daemon) -> String {
+    let r = d
+        .http
+        .get(format!("{}/metrics", d.url))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap();
+    r.text().await.unwrap()
+}
+
 async fn starts(d: &Daemon, id: &str) -> usize {
     let events = d
         .ok(Method::GET, &format!("/v1/apps/shop/machines/{id}/events"), None)
@@ -91,16 +102,7 @@ async fn routes_wakes_and_stops_idle_machines() {
     assert_eq!(get(&d, "web.shop.localhost", "/from-image.txt").await.0, StatusCode::OK);
 
     // Metrics: requests by machine and route, wakes (one per start) and their latency.
-    let metrics = d
-        .http
-        .get(format!("{}/metrics", d.url))
-        .bearer_auth(&d.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&d).await;
     let value = |name: &str, route: &str| -> f64 {
         let prefix = format!("{name}{{app=\"shop\",machine=\"{id}\",route=\"{route}\"}} ");
         let line = metrics
@@ -454,16 +456,7 @@ async fn concurrency_limits_queue_then_refuse() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let waiting = send(host.clone(), "1");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let metrics = d
-        .http
-        .get(format!("{}/metrics", d.url))
-        .bearer_auth(&d.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&d).await;
     assert!(
         metrics.contains(&format!("hangar_proxy_queue_depth{{app=\"q\",machine=\"{one}\"}} 1")),
         "{metrics}"

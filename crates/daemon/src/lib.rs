@@ -259,17 +259,16 @@ pub async fn serve(
         .map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let mut proxy_listeners = Vec::new();
-    let mut proxy_urls = Vec::new();
+    // Machines may never reach the daemon, whatever an egress policy says.
+    let mut own = vec![local];
     for addr in proxy_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("listening on {addr} (the ingress proxy): {e}"))?;
-        proxy_urls.push(format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?));
+        own.push(listener.local_addr().map_err(|e| e.to_string())?);
         proxy_listeners.push(listener);
     }
-    // Machines may never reach the daemon, whatever an egress policy says.
-    let mut own = vec![local];
-    own.extend(proxy_listeners.iter().filter_map(|l| l.local_addr().ok()));
+    let proxy_urls: Vec<String> = own[1..].iter().map(|a| format!("http://{a}")).collect();
     mgr.start_egress(own).await;
     let proxy = hangar_ingress::Proxy::new(mgr.clone(), proxy);
     tokio::spawn(proxy.clone().serve(proxy_listeners));

@@ -87,15 +87,44 @@ struct Ingress {
     views: Views,
 }
 
-/// Machines as routing last read them from the store, kept for
-/// [`VIEW_TTL`] so that a request costs no database read; their state is
-/// read live (see [`Ingress::fresh`]).
+/// Machines as routing last read them from the store, so that a request
+/// costs no database read; their state is read live (see
+/// [`Ingress::fresh`]).
 #[derive(Debug, Default)]
 struct Views {
     /// (app, machine name or id) → the machine.
-    machines: Mutex<HashMap<(String, String), (Instant, Machine)>>,
+    machines: Recent<(String, String), Machine>,
     /// app → its machines.
-    apps: Mutex<HashMap<String, (Instant, Vec<Machine>)>>,
+    apps: Recent<String, Vec<Machine>>,
+}
+
+/// Values read from the store, kept for [`VIEW_TTL`].
+#[derive(Debug)]
+struct Recent<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+
+impl<K, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Recent(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
+    /// The value kept for `key` if it is recent enough, else what `read`
+    /// gives (not polled otherwise), kept from now on.
+    async fn get_or_read(&self, key: K, read: impl Future<Output = Result<V, Error>>) -> Result<V, Error> {
+        if let Some((at, v)) = self.0.lock().expect("views").get(&key)
+            && at.elapsed() < VIEW_TTL
+        {
+            return Ok(v.clone());
+        }
+        let v = read.await?;
+        let mut kept = self.0.lock().expect("views");
+        if kept.len() > 10_000 {
+            kept.clear();
+        }
+        kept.insert(key, (Instant::now(), v.clone()));
+        Ok(v)
+    }
 }
 
 /// How long a machine's config (its services) may be out of date for
@@ -362,7 +391,7 @@ impl Ingress {
             None => (body.map_err(Into::into).boxed_unsync(), None),
         };
         let copy = kept.map(|bytes| (clone_parts(&parts), bytes));
-        let from = admitted.machine.clone();
+        let (from_app, from_id) = (admitted.machine.app.clone(), admitted.machine.id.clone());
         let resp = self
             .exchange(
                 admitted,
@@ -388,7 +417,7 @@ impl Ingress {
                  upgrade, or a replay already)",
             );
         };
-        let target = match replay_route(&from, &replay) {
+        let target = match replay_route(&from_app, &from_id, &replay) {
             Ok(route) => route,
             Err(e) => return error_response(&e),
         };
@@ -396,7 +425,7 @@ impl Ingress {
             Ok(a) => a,
             Err(resp) => return resp,
         };
-        let mut source = format!("instance={}", from.id);
+        let mut source = format!("instance={from_id}");
         if let Some(state) = replay_field(&replay, "state") {
             source += &format!(";state={state}");
         }
@@ -479,7 +508,7 @@ impl Ingress {
             )));
         }
         let load = |m: &Machine, s: &MachineService| self.load.of(&m.id, count_of(Some(s)));
-        candidates.sort_by_key(|(m, s)| load(m, s));
+        candidates.sort_by_cached_key(|(m, s)| load(m, s));
         let (started, stopped): (Vec<_>, Vec<_>) = candidates
             .into_iter()
             .partition(|(m, _)| m.state == MachineState::Started);
@@ -512,36 +541,18 @@ impl Ingress {
 
     async fn machine(&self, app: &str, name: &str) -> Result<Machine, Error> {
         let key = (app.to_owned(), name.to_owned());
-        let cached = self.views.machines.lock().expect("views").get(&key).cloned();
-        let machine = match cached {
-            Some((read, m)) if read.elapsed() < VIEW_TTL => m,
-            _ => {
-                let m = self.mgr.get_machine(app, name).await?;
-                let mut machines = self.views.machines.lock().expect("views");
-                if machines.len() > 10_000 {
-                    machines.clear();
-                }
-                machines.insert(key, (Instant::now(), m.clone()));
-                m
-            }
-        };
+        let machine = self
+            .views
+            .machines
+            .get_or_read(key, self.mgr.get_machine(app, name))
+            .await?;
         Ok(self.fresh(machine))
     }
 
     async fn app_machines(&self, app: &str) -> Result<Vec<Machine>, Error> {
-        let cached = self.views.apps.lock().expect("views").get(app).cloned();
-        let machines = match cached {
-            Some((read, ms)) if read.elapsed() < VIEW_TTL => ms,
-            _ => {
-                let ms = self.mgr.list_machines(app, &[], &Default::default(), false).await?;
-                let mut apps = self.views.apps.lock().expect("views");
-                if apps.len() > 10_000 {
-                    apps.clear();
-                }
-                apps.insert(app.to_owned(), (Instant::now(), ms.clone()));
-                ms
-            }
-        };
+        let any_metadata = Default::default();
+        let read = self.mgr.list_machines(app, &[], &any_metadata, false);
+        let machines = self.views.apps.get_or_read(app.to_owned(), read).await?;
         Ok(machines.into_iter().map(|m| self.fresh(m)).collect())
     }
 
@@ -728,10 +739,10 @@ impl Ingress {
 
 /// Where a `hangar-replay` answer sends a request: `instance=ID` (a
 /// machine of the same app) or `app=NAME` (any of that app's).
-fn replay_route(from: &Machine, replay: &str) -> Result<Route, Error> {
+fn replay_route(from_app: &str, from_id: &str, replay: &str) -> Result<Route, Error> {
     if let Some(id) = replay_field(replay, "instance") {
         return Ok(Route::Machine {
-            app: from.app.clone(),
+            app: from_app.to_owned(),
             machine: id.to_owned(),
             port: None,
         });
@@ -740,7 +751,6 @@ fn replay_route(from: &Machine, replay: &str) -> Result<Route, Error> {
         return Ok(Route::App { app: app.to_owned() });
     }
     Err(Error::BadRequest(format!(
-        "machine {} answered hangar-replay {replay:?}: name instance=ID or app=NAME",
-        from.id
+        "machine {from_id} answered hangar-replay {replay:?}: name instance=ID or app=NAME"
     )))
 }

@@ -62,9 +62,11 @@ impl Manager {
         })
     }
 
-    /// A TCP connection to `127.0.0.1:port` in a started machine, made from
-    /// inside its network namespace: a socket belongs to the namespace it
-    /// was created in, so one short-lived thread enters it and connects.
+    /// A connection to `127.0.0.1:port` in a started machine. For runc, a
+    /// TCP connection made from inside its network namespace: a socket
+    /// belongs to the namespace it was created in, so one short-lived
+    /// thread enters it and connects. For runsc, whose network stack is
+    /// gVisor's own, a tunnel carried by its init.
     pub async fn connect_port(&self, app: &str, id: &str, port: u16) -> Result<PortStream> {
         // The sandbox in memory: the proxy calls this for every request,
         // and again while a woken machine's port comes up.

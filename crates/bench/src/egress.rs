@@ -71,29 +71,22 @@ fn start_upstream(name: &str, ca_path: &Path) -> Result<(SocketAddr, SocketAddr)
     let addrs = (http.local_addr()?, https.local_addr()?);
     http.set_nonblocking(true)?;
     https.set_nonblocking(true)?;
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async move {
-            let http = tokio::net::TcpListener::from_std(http).expect("listener");
-            let https = tokio::net::TcpListener::from_std(https).expect("listener");
-            loop {
-                tokio::select! {
-                    Ok((s, _)) = http.accept() => { tokio::spawn(crate::wrk::serve_hello_on(s)); }
-                    Ok((s, _)) = https.accept() => {
-                        let acceptor = acceptor.clone();
-                        tokio::spawn(async move {
-                            if let Ok(tls) = acceptor.accept(s).await {
-                                crate::wrk::serve_hello_on(tls).await;
-                            }
-                        });
-                    }
+    crate::wrk::spawn_server(move || async move {
+        let http = tokio::net::TcpListener::from_std(http).expect("listener");
+        let https = tokio::net::TcpListener::from_std(https).expect("listener");
+        loop {
+            tokio::select! {
+                Ok((s, _)) = http.accept() => { tokio::spawn(crate::wrk::serve_hello_on(s)); }
+                Ok((s, _)) = https.accept() => {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(s).await {
+                            crate::wrk::serve_hello_on(tls).await;
+                        }
+                    });
                 }
             }
-        });
+        }
     });
     Ok(addrs)
 }

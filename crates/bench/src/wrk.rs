@@ -80,21 +80,27 @@ impl Wrk {
 /// network namespace), from a thread of its own with one worker.
 pub fn serve_hello(listener: std::net::TcpListener) -> Result<()> {
     listener.set_nonblocking(true)?;
+    spawn_server(move || async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(serve_hello_on(s));
+        }
+    });
+    Ok(())
+}
+
+/// Runs a server on a one-worker runtime on a thread of its own, apart
+/// from the benchmark's own work.
+pub fn spawn_server<F: Future<Output = ()>>(serve: impl FnOnce() -> F + Send + 'static) {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("a runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(serve_hello_on(s));
-            }
-        });
+        rt.block_on(serve());
     });
-    Ok(())
 }
 
 /// Answers every request on `stream` with "hello world".

@@ -9,6 +9,7 @@
 //! been idle for their timeout.
 
 mod autostop;
+mod body;
 mod load;
 mod metrics;
 mod route;
@@ -17,25 +18,24 @@ mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hangar_api::{ConcurrencyKind, Machine, MachineService, MachineState};
 use hangar_machine::{Error, Manager};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use load::{Busy, Count, Load};
-use metrics::{MetricKey, Metrics};
+use metrics::{Metrics, RouteKind};
 pub use route::Route;
-use upstream::Upstream;
+use upstream::{Affinity, Upstream};
 
-type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+use body::Body;
 
 /// How the proxy is set up.
 #[derive(Debug, Clone)]
@@ -78,6 +78,8 @@ impl Default for Config {
 struct Ingress {
     mgr: Manager,
     cfg: Config,
+    /// `cfg.session_headers`, parsed once.
+    session_headers: Vec<HeaderName>,
     load: Arc<Load>,
     metrics: Metrics,
     /// Session key (`header:value` or `cookie=value`) → the (app, machine)
@@ -93,9 +95,9 @@ struct Ingress {
 #[derive(Debug, Default)]
 struct Views {
     /// (app, machine name or id) → the machine.
-    machines: Recent<(String, String), Machine>,
+    machines: Recent<(String, String), Arc<Machine>>,
     /// app → its machines.
-    apps: Recent<String, Vec<Machine>>,
+    apps: Recent<String, Arc<[Arc<Machine>]>>,
 }
 
 /// Values read from the store, kept for [`VIEW_TTL`].
@@ -110,14 +112,19 @@ impl<K, V> Default for Recent<K, V> {
 
 impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
     /// The value kept for `key` if it is recent enough, else what `read`
-    /// gives (not polled otherwise), kept from now on.
-    async fn get_or_read(&self, key: K, read: impl Future<Output = Result<V, Error>>) -> Result<V, Error> {
+    /// gives, kept from now on.
+    async fn get_or_read<F>(&self, key: K, read: impl FnOnce() -> F) -> Result<V, Error>
+    where
+        F: Future<Output = Result<V, Error>>,
+    {
         if let Some((at, v)) = self.0.lock().expect("views").get(&key)
             && at.elapsed() < VIEW_TTL
         {
             return Ok(v.clone());
         }
-        let v = read.await?;
+        // Boxed: rare (once a second), and every request's future would
+        // carry its size.
+        let v = Box::pin(read()).await?;
         let mut kept = self.0.lock().expect("views");
         if kept.len() > 10_000 {
             kept.clear();
@@ -145,6 +152,17 @@ impl Proxy {
         Proxy {
             ing: Arc::new(Ingress {
                 upstream: Upstream::new(mgr.clone(), cfg.wake_timeout),
+                session_headers: cfg
+                    .session_headers
+                    .iter()
+                    .filter_map(|name| match HeaderName::from_bytes(name.as_bytes()) {
+                        Ok(name) => Some(name),
+                        Err(e) => {
+                            tracing::warn!("ignoring session header {name:?}: {e}");
+                            None
+                        }
+                    })
+                    .collect(),
                 mgr,
                 cfg,
                 load: Arc::default(),
@@ -159,6 +177,8 @@ impl Proxy {
     /// knowledge), and runs autostop, until the task ends.
     pub async fn serve(self, listeners: Vec<tokio::net::TcpListener>) {
         tokio::spawn(autostop::run(self.ing.clone()));
+        let ing = self.ing.clone();
+        tokio::spawn(async move { ing.upstream.prune().await });
         let mut accepting = tokio::task::JoinSet::new();
         for listener in listeners {
             accepting.spawn(accept(self.ing.clone(), listener));
@@ -178,7 +198,10 @@ impl Proxy {
 struct ClientConn {
     /// The proxy port it came in on: picks the machine's service.
     listen_port: u16,
-    peer: SocketAddr,
+    /// The peer's address, for `X-Forwarded-For`.
+    forwarded_for: Option<HeaderValue>,
+    /// Connections to machines this one's requests went to.
+    upstream: Affinity,
     /// Machines this connection counts against (services with
     /// `concurrency.type = connections`), until it closes.
     holds: Mutex<HashMap<String, Busy>>,
@@ -195,37 +218,42 @@ async fn accept(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
         let ing = ing.clone();
         let conn = Arc::new(ClientConn {
             listen_port,
-            peer,
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            upstream: Affinity::default(),
             holds: Mutex::new(HashMap::new()),
         });
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn({
                 let (ing, conn) = (ing.clone(), conn.clone());
-                async move { Ok::<_, Infallible>(ing.handle(req, &conn).await) }
+                move |req| {
+                    let (ing, conn) = (ing.clone(), conn.clone());
+                    async move { Ok::<_, Infallible>(ing.handle(req, &conn).await) }
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
+            ing.upstream.release(&conn.upstream);
         });
     }
-}
-
-fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
 }
 
 /// A machine's answer that sends the request on: `instance=ID` or
 /// `app=NAME`, optionally `;state=…` passed to the target (as Fly's
 /// `fly-replay`).
-const REPLAY_HEADER: &str = "hangar-replay";
+const REPLAY_HEADER: HeaderName = HeaderName::from_static("hangar-replay");
 /// On a replayed request: `instance=ID[;state=…]` of the machine that
 /// asked for the replay.
-const REPLAY_SOURCE_HEADER: &str = "hangar-replay-src";
+const REPLAY_SOURCE_HEADER: HeaderName = HeaderName::from_static("hangar-replay-src");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// Requests are kept for a replay up to this size.
 const REPLAY_BODY_LIMIT: usize = 1 << 20;
 
-/// The body limit to keep a request for a replay with, if it is small
-/// enough: a known length up to the limit, or no body at all.
+/// The length of a request's body if it is small enough to keep for a
+/// replay: its Content-Length up to the limit, or 0 for an HTTP/1.1
+/// request that has no body.
 fn small_body_len(parts: &hyper::http::request::Parts) -> Option<usize> {
     let length = parts
         .headers
@@ -233,11 +261,12 @@ fn small_body_len(parts: &hyper::http::request::Parts) -> Option<usize> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     match length {
-        Some(n) if n <= REPLAY_BODY_LIMIT => Some(REPLAY_BODY_LIMIT),
+        Some(n) if n <= REPLAY_BODY_LIMIT => Some(n),
         Some(_) => None,
         None if parts.headers.contains_key(header::TRANSFER_ENCODING) => None,
         None if parts.version == Version::HTTP_2 => None,
-        None => Some(REPLAY_BODY_LIMIT),
+        // HTTP/1.1 without a length or chunks: no body.
+        None => Some(0),
     }
 }
 
@@ -262,19 +291,29 @@ fn replay_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 /// Headers about one hop, not the request: not passed on. An upgrade's
 /// `Connection` and `Upgrade` are, since they ask for the upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
         }
     }
-    for name in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"] {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ] {
         headers.remove(name);
     }
     if !upgrade {
@@ -285,7 +324,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": message, "code": code }).to_string();
-    let mut resp = Response::new(full(Bytes::from(body)));
+    let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -308,17 +347,27 @@ fn over_capacity(message: String) -> Response<Body> {
     resp
 }
 
+/// A machine as routing sees it: its config as last read (at most
+/// [`VIEW_TTL`] ago), its state as of now.
+#[derive(Debug, Clone)]
+struct Target {
+    machine: Arc<Machine>,
+    state: MachineState,
+    /// The index of its service for the proxy port the request came in on.
+    service: Option<usize>,
+}
+
+impl Target {
+    fn service(&self) -> Option<&MachineService> {
+        self.service.map(|i| &self.machine.config.services[i])
+    }
+}
+
 /// A machine that has room for one more request, and the guard that
 /// counts it.
 struct Admitted {
-    machine: Machine,
-    /// The machine's service for the proxy port the request came in on.
-    service: Option<MachineService>,
+    target: Target,
     busy: Busy,
-}
-
-fn service_for(machine: &Machine, listen_port: u16) -> Option<MachineService> {
-    machine.config.services.iter().find(|s| s.takes(listen_port)).cloned()
 }
 
 /// What a service's load is counted in.
@@ -331,14 +380,16 @@ fn count_of(service: Option<&MachineService>) -> Count {
 
 impl Ingress {
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, conn: &ClientConn) -> Response<Body> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let Some(route) = Route::parse(&host, &self.cfg.domain) else {
+        // HTTP/2 names the host in the URI's authority.
+        let host = match req.headers().get(header::HOST) {
+            Some(host) => host.clone(),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or(HeaderValue::from_static("")),
+        };
+        let Some(route) = host.to_str().ok().and_then(|h| Route::parse(h, &self.cfg.domain)) else {
             return json_error(
                 StatusCode::NOT_FOUND,
                 "no_route",
@@ -360,25 +411,24 @@ impl Ingress {
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, v.clone());
-            parts.headers.insert("x-forwarded-host", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&conn.peer.ip().to_string()) {
-            parts.headers.append("x-forwarded-for", v);
+        parts.headers.insert(header::HOST, host.clone());
+        parts.headers.insert(X_FORWARDED_HOST, host);
+        if let Some(v) = &conn.forwarded_for {
+            parts.headers.append(X_FORWARDED_FOR, v.clone());
         }
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         parts.version = Version::HTTP_11;
         // A small request is kept, so that the machine can hand it on with
         // `hangar-replay`; a replayed one is not replayed again.
         let may_replay = client_upgrade.is_none() && !parts.headers.contains_key(REPLAY_SOURCE_HEADER);
         let (body, kept) = match may_replay.then(|| small_body_len(&parts)).flatten() {
+            Some(0) => (Body::full(Bytes::new()), Some(Bytes::new())),
             Some(limit) => match http_body_util::Limited::new(body, limit).collect().await {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();
-                    (full(bytes.clone()), Some(bytes))
+                    (Body::full(bytes.clone()), Some(bytes))
                 }
                 Err(e) => {
                     return json_error(
@@ -388,13 +438,14 @@ impl Ingress {
                     );
                 }
             },
-            None => (body.map_err(Into::into).boxed_unsync(), None),
+            None => (Body::Incoming(body), None),
         };
         let copy = kept.map(|bytes| (clone_parts(&parts), bytes));
-        let (from_app, from_id) = (admitted.machine.app.clone(), admitted.machine.id.clone());
+        let from = admitted.target.machine.clone();
         let resp = self
             .exchange(
                 admitted,
+                conn,
                 route.port(),
                 route.kind(),
                 Request::from_parts(parts, body),
@@ -417,23 +468,24 @@ impl Ingress {
                  upgrade, or a replay already)",
             );
         };
-        let target = match replay_route(&from_app, &from_id, &replay) {
+        let target = match replay_route(&from.app, &from.id, &replay) {
             Ok(route) => route,
             Err(e) => return error_response(&e),
         };
-        let admitted = match self.admit(&target, None, conn).await {
+        let admitted = match Box::pin(self.admit(&target, None, conn)).await {
             Ok(a) => a,
             Err(resp) => return resp,
         };
-        let mut source = format!("instance={from_id}");
+        let mut source = format!("instance={}", from.id);
         if let Some(state) = replay_field(&replay, "state") {
             source += &format!(";state={state}");
         }
         if let Ok(v) = HeaderValue::from_str(&source) {
             parts.headers.insert(REPLAY_SOURCE_HEADER, v);
         }
-        self.exchange(admitted, None, "replay", Request::from_parts(parts, full(bytes)), None)
-            .await
+        let req = Request::from_parts(parts, Body::full(bytes));
+        // Boxed: rare, and it would double the size of every request's future.
+        Box::pin(self.exchange(admitted, conn, None, RouteKind::Replay, req, None)).await
     }
 
     /// A machine with room for the request: the one the route names (or
@@ -442,13 +494,20 @@ impl Ingress {
     async fn admit(&self, route: &Route, session: Option<&str>, conn: &ClientConn) -> Result<Admitted, Response<Body>> {
         let mut queued = None;
         let deadline = tokio::time::Instant::now() + self.cfg.queue_timeout;
+        // Set before an attempt, so that a release between that attempt and
+        // the wait is not missed; not before the first, which usually
+        // succeeds.
+        let mut listening = None;
         loop {
-            let released = self.load.released();
             match self.try_admit(route, session, conn).await {
                 Ok(Some(admitted)) => return Ok(admitted),
                 Ok(None) => {}
                 Err(e) => return Err(error_response(&e)),
             }
+            let Some(released) = listening.take() else {
+                listening = Some(self.load.released());
+                continue;
+            };
             let target = route
                 .machine()
                 .map_or_else(|| format!("app {}", route.app()), |m| format!("machine {m}"));
@@ -481,25 +540,24 @@ impl Ingress {
     ) -> Result<Option<Admitted>, Error> {
         let app = route.app();
         if let Some(name) = route.machine() {
-            let machine = self.machine(app, name).await?;
-            let service = service_for(&machine, conn.listen_port);
-            if service.is_none() && route.port().is_none() {
+            let target = self.target(self.machine(app, name).await?, conn.listen_port);
+            if target.service.is_none() && route.port().is_none() {
                 return Err(Error::NotFound(format!(
                     "machine {} has no services for proxy port {}: set config.services [{{\"internal_port\": …}}]",
-                    machine.id, conn.listen_port
+                    target.machine.id, conn.listen_port
                 )));
             }
-            return Ok(self.try_take(machine, service, conn));
+            return Ok(self.try_take(target, conn));
         }
         if let Some(machine) = self.session_holder(app, session).await {
-            let service = service_for(&machine, conn.listen_port);
-            return Ok(self.try_take(machine, service, conn));
+            return Ok(self.try_take(self.target(machine, conn.listen_port), conn));
         }
-        let machines = self.app_machines(app).await?;
-        let mut candidates: Vec<(Machine, MachineService)> = machines
-            .into_iter()
-            .filter(|m| m.state != MachineState::Destroyed)
-            .filter_map(|m| service_for(&m, conn.listen_port).map(|s| (m, s)))
+        let mut candidates: Vec<Target> = self
+            .app_machines(app)
+            .await?
+            .iter()
+            .map(|m| self.target(m.clone(), conn.listen_port))
+            .filter(|t| t.state != MachineState::Destroyed && t.service.is_some())
             .collect();
         if candidates.is_empty() {
             return Err(Error::NotFound(format!(
@@ -507,26 +565,28 @@ impl Ingress {
                 conn.listen_port
             )));
         }
-        let load = |m: &Machine, s: &MachineService| self.load.of(&m.id, count_of(Some(s)));
-        candidates.sort_by_cached_key(|(m, s)| load(m, s));
-        let (started, stopped): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|(m, _)| m.state == MachineState::Started);
-        let below_soft = |m: &Machine, s: &MachineService| {
-            let soft = s.concurrency.as_ref().and_then(|c| c.soft_limit);
-            soft.is_none_or(|soft| load(m, s) < soft as usize)
+        let load = |t: &Target| self.load.of(&t.machine.id, count_of(t.service()));
+        candidates.sort_by_cached_key(load);
+        let (started, stopped): (Vec<_>, Vec<_>) =
+            candidates.into_iter().partition(|t| t.state == MachineState::Started);
+        let below_soft = |t: &Target| {
+            let soft = t
+                .service()
+                .and_then(|s| s.concurrency.as_ref())
+                .and_then(|c| c.soft_limit);
+            soft.is_none_or(|soft| load(t) < soft as usize)
         };
         // A connection that already counts against a machine stays there.
-        let held = |m: &Machine| conn.holds.lock().expect("holds").contains_key(&m.id);
+        let held = |t: &Target| conn.holds.lock().expect("holds").contains_key(&t.machine.id);
         let order = started
             .iter()
-            .filter(|(m, _)| held(m))
-            .chain(started.iter().filter(|(m, s)| below_soft(m, s)))
+            .filter(|t| held(t))
+            .chain(started.iter().filter(|t| below_soft(t)))
             // Wake a stopped machine rather than load one past its soft limit.
-            .chain(stopped.iter().filter(|(_, s)| s.autostart))
+            .chain(stopped.iter().filter(|t| t.service().is_some_and(|s| s.autostart)))
             .chain(started.iter());
-        for (machine, service) in order {
-            if let Some(admitted) = self.try_take(machine.clone(), Some(service.clone()), conn) {
+        for target in order {
+            if let Some(admitted) = self.try_take(target.clone(), conn) {
                 return Ok(Some(admitted));
             }
         }
@@ -539,49 +599,51 @@ impl Ingress {
         Ok(None)
     }
 
-    async fn machine(&self, app: &str, name: &str) -> Result<Machine, Error> {
+    async fn machine(&self, app: &str, name: &str) -> Result<Arc<Machine>, Error> {
         let key = (app.to_owned(), name.to_owned());
-        let machine = self
-            .views
-            .machines
-            .get_or_read(key, self.mgr.get_machine(app, name))
-            .await?;
-        Ok(self.fresh(machine))
+        let read = || async { self.mgr.get_machine(app, name).await.map(Arc::new) };
+        self.views.machines.get_or_read(key, read).await
     }
 
-    async fn app_machines(&self, app: &str) -> Result<Vec<Machine>, Error> {
-        let any_metadata = Default::default();
-        let read = self.mgr.list_machines(app, &[], &any_metadata, false);
-        let machines = self.views.apps.get_or_read(app.to_owned(), read).await?;
-        Ok(machines.into_iter().map(|m| self.fresh(m)).collect())
+    async fn app_machines(&self, app: &str) -> Result<Arc<[Arc<Machine>]>, Error> {
+        let read = || async {
+            let machines = self.mgr.list_machines(app, &[], &Default::default(), false).await?;
+            Ok(machines.into_iter().map(Arc::new).collect())
+        };
+        self.views.apps.get_or_read(app.to_owned(), read).await
     }
 
-    /// The machine with its state as of now.
-    fn fresh(&self, mut machine: Machine) -> Machine {
-        if let Some(state) = self.mgr.live_state(&machine.id) {
-            machine.state = state;
+    /// The machine with its state as of now, and its service for the
+    /// proxy port.
+    fn target(&self, machine: Arc<Machine>, listen_port: u16) -> Target {
+        let state = self.mgr.live_state(&machine.id).unwrap_or(machine.state);
+        let service = machine.config.services.iter().position(|s| s.takes(listen_port));
+        Target {
+            machine,
+            state,
+            service,
         }
-        machine
     }
 
     /// Counts the request (and the connection, for connection limits)
     /// against the machine, unless that takes it past its hard limit.
-    fn try_take(&self, machine: Machine, service: Option<MachineService>, conn: &ClientConn) -> Option<Admitted> {
-        let limits = service.as_ref().and_then(|s| s.concurrency.as_ref());
+    fn try_take(&self, target: Target, conn: &ClientConn) -> Option<Admitted> {
+        let id = &target.machine.id;
+        let limits = target.service().and_then(|s| s.concurrency.as_ref());
         let hard = limits.and_then(|c| c.hard_limit);
         let busy = match limits.map(|c| c.kind) {
             Some(ConcurrencyKind::Connections) => {
                 let mut holds = conn.holds.lock().expect("holds");
-                if !holds.contains_key(&machine.id) {
-                    let held = self.load.try_begin(&machine.id, Count::Connection, hard)?;
-                    holds.insert(machine.id.clone(), held);
+                if !holds.contains_key(id) {
+                    let held = self.load.try_begin(id, Count::Connection, hard)?;
+                    holds.insert(id.clone(), held);
                 }
-                self.load.begin(&machine.id)
+                self.load.begin(id)
             }
-            Some(ConcurrencyKind::Requests) => self.load.try_begin(&machine.id, Count::Request, hard)?,
-            None => self.load.begin(&machine.id),
+            Some(ConcurrencyKind::Requests) => self.load.try_begin(id, Count::Request, hard)?,
+            None => self.load.begin(id),
         };
-        Some(Admitted { machine, service, busy })
+        Some(Admitted { target, busy })
     }
 
     /// Sends one request to a machine's service (woken if need be) and
@@ -589,13 +651,15 @@ impl Ingress {
     async fn exchange(
         &self,
         admitted: Admitted,
+        conn: &ClientConn,
         port: Option<u16>,
-        route_kind: &'static str,
+        route_kind: RouteKind,
         req: Request<Body>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
-        let Admitted { machine, service, busy } = admitted;
-        let Some(port) = port.or(service.as_ref().map(|s| s.internal_port)) else {
+        let Admitted { target, busy } = admitted;
+        let machine = &target.machine;
+        let Some(port) = port.or(target.service().map(|s| s.internal_port)) else {
             return json_error(
                 StatusCode::NOT_FOUND,
                 "no_service",
@@ -605,30 +669,31 @@ impl Ingress {
                 ),
             );
         };
-        let key: MetricKey = (machine.app.clone(), machine.id.clone(), route_kind);
-        self.metrics.count(&key, |c| c.requests += 1);
+        let counters = self.metrics.machine(&machine.app, &machine.id);
+        let counters = counters.route(route_kind);
+        counters.request();
         let arrived = Instant::now();
-        let woke = match self.wake(&machine, service.as_ref()).await {
-            Ok(woke) => woke,
-            Err(e) => {
-                self.metrics.count(&key, |c| c.failures += 1);
-                return error_response(&e);
-            }
-        };
-        let mut resp = match self.upstream.send(&machine.app, &machine.id, port, req).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                self.metrics.count(&key, |c| c.failures += 1);
-                return error_response(&e);
-            }
-        };
-        if woke {
-            let took = arrived.elapsed().as_secs_f64();
-            self.metrics.count(&key, |c| {
-                c.wakes += 1;
-                c.wake_seconds += took;
-            });
+        let sent = async {
+            let woke = self.wake(&target).await?;
+            let resp = self
+                .upstream
+                .send(&conn.upstream, &machine.app, &machine.id, port, req)
+                .await?;
+            Ok::<_, Error>((woke, resp))
         }
+        .await;
+        let mut resp = match sent {
+            Ok((woke, resp)) => {
+                if woke {
+                    counters.wake(arrived.elapsed());
+                }
+                resp
+            }
+            Err(e) => {
+                counters.failure();
+                return error_response(&e);
+            }
+        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
@@ -642,36 +707,43 @@ impl Ingress {
                 }
             });
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, full(Bytes::new()));
+            return Response::from_parts(parts, Body::full(Bytes::new()));
         }
-        self.learn_session(resp.headers(), &machine);
+        self.learn_session(resp.headers(), machine);
         strip_hop_by_hop(resp.headers_mut(), false);
         let (parts, body) = resp.into_parts();
         let body = stream::Tracked::new(body, busy, self.cfg.stream_idle_timeout);
-        Response::from_parts(parts, body.boxed_unsync())
+        Response::from_parts(parts, Body::Tracked(body))
     }
 
     /// Starts a stopped or suspended machine whose service autostarts;
     /// says whether this request started it.
-    async fn wake(&self, machine: &Machine, service: Option<&MachineService>) -> Result<bool, Error> {
-        if machine.state == MachineState::Started {
+    async fn wake(&self, target: &Target) -> Result<bool, Error> {
+        let machine = &target.machine;
+        if target.state == MachineState::Started {
             return Ok(false);
         }
-        if !service.is_some_and(|s| s.autostart) {
+        if !target.service().is_some_and(|s| s.autostart) {
             return Err(Error::Unavailable(format!(
                 "machine {} is {} and its service does not autostart: start it first",
-                machine.id, machine.state
+                machine.id, target.state
             )));
         }
-        Ok(self.mgr.wake_machine(&machine.app, &machine.id, "proxy").await?.1)
+        // Boxed: a start's future is large, and every request's would carry it.
+        Ok(Box::pin(self.mgr.wake_machine(&machine.app, &machine.id, "proxy"))
+            .await?
+            .1)
     }
 
     /// The request's session, as `header:value` or `cookie=value`.
     fn session_of(&self, headers: &HeaderMap) -> Option<String> {
-        for name in &self.cfg.session_headers {
-            if let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+        for name in &self.session_headers {
+            if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
                 return Some(format!("{name}:{v}"));
             }
+        }
+        if self.cfg.session_cookies.is_empty() {
+            return None;
         }
         let cookies = headers
             .get_all(header::COOKIE)
@@ -690,8 +762,8 @@ impl Ingress {
     /// Remembers the sessions an answer issues.
     fn learn_session(&self, headers: &HeaderMap, machine: &Machine) {
         let mut issued = Vec::new();
-        for name in &self.cfg.session_headers {
-            if let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+        for name in &self.session_headers {
+            if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
                 issued.push(format!("{name}:{v}"));
             }
         }
@@ -721,14 +793,14 @@ impl Ingress {
 
     /// The machine that issued the session, if it is the app's and still
     /// exists.
-    async fn session_holder(&self, app: &str, session: Option<&str>) -> Option<Machine> {
+    async fn session_holder(&self, app: &str, session: Option<&str>) -> Option<Arc<Machine>> {
         let session = session?;
         let (holder_app, id) = self.sessions.lock().expect("sessions").get(session).cloned()?;
         if holder_app != app {
             return None;
         }
         match self.machine(app, &id).await {
-            Ok(m) if m.state != MachineState::Destroyed => Some(m),
+            Ok(m) if self.mgr.live_state(&m.id).unwrap_or(m.state) != MachineState::Destroyed => Some(m),
             _ => {
                 self.sessions.lock().expect("sessions").remove(session);
                 None

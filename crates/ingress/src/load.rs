@@ -20,6 +20,8 @@ pub(crate) enum Count {
 
 #[derive(Debug)]
 struct Activity {
+    /// The map's key, shared with the guards.
+    id: Arc<str>,
     requests: usize,
     connections: usize,
     /// When the last request ended (or the machine was first seen idle).
@@ -27,12 +29,20 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Activity {
-        Activity {
-            requests: 0,
-            connections: 0,
-            last: Instant::now(),
+    /// The machine's entry, made on first sight (a lookup allocates
+    /// nothing).
+    fn of<'a>(machines: &'a mut HashMap<Arc<str>, Activity>, id: &str) -> &'a mut Activity {
+        if !machines.contains_key(id) {
+            let id: Arc<str> = id.into();
+            let a = Activity {
+                id: id.clone(),
+                requests: 0,
+                connections: 0,
+                last: Instant::now(),
+            };
+            machines.insert(id, a);
         }
+        machines.get_mut(id).expect("just inserted")
     }
 
     fn counter(&mut self, count: Count) -> &mut usize {
@@ -46,7 +56,7 @@ impl Activity {
 /// Per machine id.
 #[derive(Debug, Default)]
 pub(crate) struct Load {
-    machines: Mutex<HashMap<String, Activity>>,
+    machines: Mutex<HashMap<Arc<str>, Activity>>,
     /// Woken whenever a guard is dropped: queued requests try again.
     released: Notify,
 }
@@ -56,17 +66,16 @@ impl Load {
     /// `limit`.
     pub(crate) fn try_begin(self: &Arc<Self>, id: &str, count: Count, limit: Option<u32>) -> Option<Busy> {
         let mut machines = self.machines.lock().expect("load");
-        let counter = machines
-            .entry(id.to_owned())
-            .or_insert_with(Activity::new)
-            .counter(count);
+        let activity = Activity::of(&mut machines, id);
+        let id = activity.id.clone();
+        let counter = activity.counter(count);
         if limit.is_some_and(|l| *counter >= l as usize) {
             return None;
         }
         *counter += 1;
         Some(Busy {
             load: self.clone(),
-            id: id.to_owned(),
+            id,
             count,
         })
     }
@@ -83,7 +92,7 @@ impl Load {
     /// Whether the machine has had no request in flight for `idle_for`.
     pub(crate) fn idle(&self, id: &str, idle_for: Duration) -> bool {
         let mut machines = self.machines.lock().expect("load");
-        let a = machines.entry(id.to_owned()).or_insert_with(Activity::new);
+        let a = Activity::of(&mut machines, id);
         a.requests == 0 && a.last.elapsed() >= idle_for
     }
 
@@ -101,7 +110,7 @@ impl Load {
 #[derive(Debug)]
 pub(crate) struct Busy {
     load: Arc<Load>,
-    id: String,
+    id: Arc<str>,
     count: Count,
 }
 

@@ -1,35 +1,103 @@
 //! Counters per machine and route kind, in Prometheus's text format.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::load::{Count, Load};
 
-/// (app, machine, route kind).
-pub(crate) type MetricKey = (String, String, &'static str);
+/// How a request reached its machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RouteKind {
+    /// `{machine}.{app}.{domain}`.
+    Machine,
+    /// `{port}-{machine}.{app}.{domain}`.
+    Port,
+    /// `{app}.{domain}`, or a session of the app.
+    App,
+    /// Sent on by a machine's `hangar-replay`.
+    Replay,
+}
+
+impl RouteKind {
+    const ALL: [RouteKind; 4] = [RouteKind::Machine, RouteKind::Port, RouteKind::App, RouteKind::Replay];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Machine => "machine",
+            RouteKind::Port => "port",
+            RouteKind::App => "app",
+            RouteKind::Replay => "replay",
+        }
+    }
+}
+
+/// One machine's counters, by route kind: counted without a lock, since
+/// every request counts.
+#[derive(Debug)]
+pub(crate) struct MachineCounters {
+    app: String,
+    by_route: [Counters; RouteKind::ALL.len()],
+}
+
+impl MachineCounters {
+    pub(crate) fn route(&self, kind: RouteKind) -> &Counters {
+        &self.by_route[kind as usize]
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) requests: u64,
+    requests: AtomicU64,
     /// Answered by the proxy with a 5xx (the machine could not be reached,
     /// or stayed at its hard limit).
-    pub(crate) failures: u64,
-    pub(crate) wakes: u64,
+    failures: AtomicU64,
+    wakes: AtomicU64,
     /// Request to the answer's first byte, summed over wakes.
-    pub(crate) wake_seconds: f64,
+    wake_micros: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn wake(&self, took: Duration) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+        self.wake_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn seen(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+    }
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    counters: Mutex<BTreeMap<MetricKey, Counters>>,
+    /// Machine id (unique across apps) → its counters.
+    machines: Mutex<HashMap<String, Arc<MachineCounters>>>,
     /// Requests waiting for room, by (app, machine); `*` for an app route,
     /// which waits for any of the app's machines.
     queued: Mutex<BTreeMap<(String, String), usize>>,
 }
 
 impl Metrics {
-    pub(crate) fn count(&self, key: &MetricKey, f: impl FnOnce(&mut Counters)) {
-        f(self.counters.lock().expect("metrics").entry(key.clone()).or_default());
+    pub(crate) fn machine(&self, app: &str, id: &str) -> Arc<MachineCounters> {
+        let mut machines = self.machines.lock().expect("metrics");
+        if let Some(c) = machines.get(id) {
+            return c.clone();
+        }
+        let c = Arc::new(MachineCounters {
+            app: app.to_owned(),
+            by_route: Default::default(),
+        });
+        machines.insert(id.to_owned(), c.clone());
+        c
     }
 
     /// One more request queued for `key` unless `limit` are already; the
@@ -45,7 +113,13 @@ impl Metrics {
     }
 
     pub(crate) fn render(&self, load: &Load) -> String {
-        let counters = self.counters.lock().expect("metrics");
+        let machines: BTreeMap<(String, String), Arc<MachineCounters>> = self
+            .machines
+            .lock()
+            .expect("metrics")
+            .iter()
+            .map(|(id, c)| ((c.app.clone(), id.clone()), c.clone()))
+            .collect();
         let mut out = String::new();
         let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
             out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
@@ -54,44 +128,52 @@ impl Metrics {
             }
         };
         let each = |f: &dyn Fn(&Counters) -> String| -> Vec<String> {
-            counters
-                .iter()
-                .map(|((app, machine, route), c)| {
-                    format!("{{app=\"{app}\",machine=\"{machine}\",route=\"{route}\"}} {}", f(c))
-                })
-                .collect()
+            let mut lines = Vec::new();
+            for ((app, machine), c) in &machines {
+                for route in RouteKind::ALL {
+                    let c = c.route(route);
+                    if c.seen() {
+                        let route = route.as_str();
+                        lines.push(format!(
+                            "{{app=\"{app}\",machine=\"{machine}\",route=\"{route}\"}} {}",
+                            f(c)
+                        ));
+                    }
+                }
+            }
+            lines
         };
+        let read = |n: &AtomicU64| n.load(Ordering::Relaxed);
         family(
             "hangar_proxy_requests_total",
             "counter",
             "Requests the ingress proxy routed to a machine.",
-            each(&|c| c.requests.to_string()),
+            each(&|c| read(&c.requests).to_string()),
         );
         family(
             "hangar_proxy_failures_total",
             "counter",
             "Requests the proxy answered itself with a 5xx: the machine could not be woken or reached.",
-            each(&|c| c.failures.to_string()),
+            each(&|c| read(&c.failures).to_string()),
         );
         family(
             "hangar_proxy_wakes_total",
             "counter",
             "Starts (or resumes) of a stopped or suspended machine for a request.",
-            each(&|c| c.wakes.to_string()),
+            each(&|c| read(&c.wakes).to_string()),
         );
         family(
             "hangar_proxy_wake_seconds_sum",
             "counter",
             "Seconds from the request that started a machine to its answer's first byte, summed.",
-            each(&|c| format!("{:.6}", c.wake_seconds)),
+            each(&|c| format!("{:.6}", read(&c.wake_micros) as f64 / 1e6)),
         );
-        let machines: BTreeSet<(&String, &String)> = counters.keys().map(|(a, m, _)| (a, m)).collect();
         family(
             "hangar_proxy_active",
             "gauge",
             "Requests and upgraded connections in flight to a machine.",
             machines
-                .iter()
+                .keys()
                 .map(|(app, m)| format!("{{app=\"{app}\",machine=\"{m}\"}} {}", load.of(m, Count::Request)))
                 .collect(),
         );

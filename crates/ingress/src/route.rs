@@ -1,5 +1,7 @@
 //! Which machine a Host names.
 
+use crate::metrics::RouteKind;
+
 /// A request's destination, from its Host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -16,43 +18,52 @@ pub enum Route {
 impl Route {
     /// `None` if the host is not under `domain` or has too many labels.
     pub fn parse(host: &str, domain: &str) -> Option<Route> {
-        let host = host.trim().to_ascii_lowercase();
+        let host = host.trim();
         // Without the port; an IPv6 literal can't be ours anyway.
-        let host = host.rsplit_once(':').map_or(host.as_str(), |(h, p)| {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host.as_str()
-            }
-        });
+        let host = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
         let host = host.trim_end_matches('.');
-        let rest = host.strip_suffix(&format!(".{}", domain.trim_end_matches('.').to_ascii_lowercase()))?;
-        let labels: Vec<&str> = rest.split('.').collect();
-        match labels.as_slice() {
-            [app] if !app.is_empty() => Some(Route::App { app: app.to_string() }),
-            [machine, app] if !machine.is_empty() && !app.is_empty() => {
-                let (port, machine) = match machine.split_once('-') {
-                    Some((p, m)) if !m.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                        (Some(p.parse().ok()?), m)
-                    }
-                    _ => (None, *machine),
-                };
-                Some(Route::Machine {
-                    app: app.to_string(),
-                    machine: machine.to_owned(),
-                    port,
-                })
-            }
-            _ => None,
+        let domain = domain.trim_end_matches('.');
+        // `….{domain}`, compared without case and without allocating: this
+        // runs for every request.
+        let split = host.len().checked_sub(domain.len() + 1)?;
+        if !host.is_char_boundary(split)
+            || host.as_bytes()[split] != b'.'
+            || !host[split + 1..].eq_ignore_ascii_case(domain)
+        {
+            return None;
         }
+        let rest = host[..split].to_ascii_lowercase();
+        let mut labels = rest.split('.');
+        let (first, second) = (labels.next()?, labels.next());
+        if labels.next().is_some() || first.is_empty() {
+            return None;
+        }
+        let Some(app) = second else {
+            return Some(Route::App { app: rest });
+        };
+        if app.is_empty() {
+            return None;
+        }
+        let (port, machine) = match first.split_once('-') {
+            Some((p, m)) if !m.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (Some(p.parse().ok()?), m),
+            _ => (None, first),
+        };
+        Some(Route::Machine {
+            app: app.to_owned(),
+            machine: machine.to_owned(),
+            port,
+        })
     }
 
-    /// For metrics: `machine`, `port` (a machine's other port) or `app`.
-    pub fn kind(&self) -> &'static str {
+    /// For metrics.
+    pub(crate) fn kind(&self) -> RouteKind {
         match self {
-            Route::Machine { port: None, .. } => "machine",
-            Route::Machine { .. } => "port",
-            Route::App { .. } => "app",
+            Route::Machine { port: None, .. } => RouteKind::Machine,
+            Route::Machine { .. } => RouteKind::Port,
+            Route::App { .. } => RouteKind::App,
         }
     }
 

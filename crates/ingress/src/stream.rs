@@ -21,7 +21,11 @@ pub(crate) struct Tracked {
     inner: Incoming,
     _busy: Busy,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Set only once the machine keeps the body waiting: most answers are
+    /// whole by the time they are read, and cost no timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame went out since the timer was set.
+    moved: bool,
 }
 
 impl Tracked {
@@ -30,7 +34,8 @@ impl Tracked {
             inner,
             _busy: busy,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            moved: false,
         }
     }
 }
@@ -40,20 +45,31 @@ impl hyper::body::Body for Tracked {
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.timer.as_mut().reset(next);
+                this.moved = true;
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the machine's answer sent nothing for {:?}: cut off",
-                    self.idle
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if std::mem::take(&mut this.moved) {
+                            timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "the machine's answer sent nothing for {idle:?}: cut off"
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -1,95 +1,193 @@
 //! Connections to machines' ports, kept alive and reused. Machines have no
 //! routable address: each connection is opened from inside the machine's
-//! network namespace, and the pool knows a machine's port by the
-//! authority `{id}.{app}:{port}`.
+//! network namespace (or through its init, under gVisor).
+//!
+//! A client connection keeps the machine connections it used
+//! ([`Affinity`]), so its next request to the same port goes straight out
+//! on the same connection: no pool lookup, no lock shared with other
+//! clients. When the client goes, they join the shared idle pool for the
+//! next client.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hangar_machine::{Error, Manager, PortStream};
 use hyper::body::Incoming;
-use hyper::{Request, Response, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 
-use crate::Body;
+use crate::body::Body;
 
-/// Opens connections to machines' ports, retrying while a woken machine's
-/// process comes up to listen.
-#[derive(Debug, Clone)]
-struct Connector {
+/// An open HTTP/1.1 connection to one port of one machine.
+struct Conn {
+    id: String,
+    port: u16,
+    sender: SendRequest<Body>,
+}
+
+impl Conn {
+    fn is(&self, id: &str, port: u16) -> bool {
+        self.port == port && self.id == id
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.id, self.port)
+    }
+}
+
+/// The machine connections one client connection has used.
+#[derive(Default)]
+pub(crate) struct Affinity(Mutex<Vec<Conn>>);
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Affinity")
+    }
+}
+
+/// Connections to machines no client holds, by machine id.
+#[derive(Debug)]
+pub(crate) struct Upstream {
     mgr: Manager,
     /// How long a port has to accept connections.
     patience: Duration,
+    idle: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
 }
 
-/// A machine's port, as the pool holds it.
-struct MachineIo(PortStream);
+/// Idle connections are closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl tokio::io::AsyncRead for MachineIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for MachineIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, data)
+impl Upstream {
+    pub(crate) fn new(mgr: Manager, patience: Duration) -> Upstream {
+        Upstream {
+            mgr,
+            patience,
+            idle: Mutex::new(HashMap::new()),
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    /// Sends `req` (its Host set) to the machine's port, on a connection
+    /// `held` has, an idle one, or a new one.
+    pub(crate) async fn send(
+        &self,
+        held: &Affinity,
+        app: &str,
+        id: &str,
+        port: u16,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        // HTTP/2 requests carry an absolute URI; HTTP/1.1 wants the path.
+        if req.uri().authority().is_some() {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = path
+                .parse()
+                .map_err(|e| Error::BadRequest(format!("request target {path:?}: {e}")))?;
+        }
+        while let Some(mut conn) = self.reuse(held, id, port) {
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.keep(held, conn, resp)),
+                Err(mut e) => match e.take_message() {
+                    // The connection closed before the request went out
+                    // (the machine's server dropped it idle): another one.
+                    Some(unsent) => req = unsent,
+                    None => {
+                        return Err(Error::Unavailable(format!(
+                            "machine {id} port {port}: {}",
+                            e.into_error()
+                        )));
+                    }
+                },
+            }
+        }
+        // Boxed: rare, and its future is large.
+        let mut conn = Box::pin(self.connect(app, id, port)).await?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Unavailable(format!("machine {id} port {port}: {e}")))?;
+        Ok(self.keep(held, conn, resp))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    /// A connection to the port that can take a request now.
+    fn reuse(&self, held: &Affinity, id: &str, port: u16) -> Option<Conn> {
+        {
+            let mut held = held.0.lock().expect("affinity");
+            if let Some(i) = held.iter().position(|c| c.is(id, port)) {
+                let conn = held.swap_remove(i);
+                if conn.sender.is_ready() {
+                    return Some(conn);
+                }
+                drop(held);
+                // Busy with another of this client's requests (HTTP/2).
+                self.put_idle(conn);
+            }
+        }
+        let mut idle = self.idle.lock().expect("upstream pool");
+        let conns = idle.get_mut(id)?;
+        conns.retain(|(_, c)| !c.sender.is_closed());
+        let i = conns.iter().position(|(_, c)| c.port == port && c.sender.is_ready())?;
+        Some(conns.swap_remove(i).1)
     }
-}
 
-impl Connection for MachineIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
+    /// Gives the connection back to the client that used it, unless the
+    /// answer took it over (an upgrade).
+    fn keep(&self, held: &Affinity, conn: Conn, resp: Response<Incoming>) -> Response<Incoming> {
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let mut held = held.0.lock().expect("affinity");
+            let older = held
+                .iter()
+                .position(|c| c.is(&conn.id, conn.port))
+                .map(|i| held.swap_remove(i));
+            held.push(conn);
+            drop(held);
+            if let Some(older) = older {
+                self.put_idle(older);
+            }
+        }
+        resp
     }
-}
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<MachineIo>;
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
+    /// The client went: its connections are for anyone now.
+    pub(crate) fn release(&self, held: &Affinity) {
+        let conns = std::mem::take(&mut *held.0.lock().expect("affinity"));
+        for conn in conns {
+            self.put_idle(conn);
+        }
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let target = uri
-                .host()
-                .and_then(|h| h.split_once('.'))
-                .zip(uri.port_u16())
-                .map(|((id, app), port)| (id.to_owned(), app.to_owned(), port));
-            let Some((id, app, port)) = target else {
-                return Err(Error::internal("connecting to a machine", format!("bad target {uri}")));
-            };
-            this.connect(&app, &id, port).await.map(|s| TokioIo::new(MachineIo(s)))
-        })
+    fn put_idle(&self, conn: Conn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("upstream pool");
+        idle.entry(conn.id.clone()).or_default().push((Instant::now(), conn));
     }
-}
 
-impl Connector {
-    async fn connect(&self, app: &str, id: &str, port: u16) -> Result<PortStream, Error> {
+    /// Closes connections idle for [`IDLE_TIMEOUT`], every few seconds.
+    pub(crate) async fn prune(&self) {
+        loop {
+            tokio::time::sleep(IDLE_TIMEOUT / 6).await;
+            let mut idle = self.idle.lock().expect("upstream pool");
+            for conns in idle.values_mut() {
+                conns.retain(|(since, c)| since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+            }
+            idle.retain(|_, conns| !conns.is_empty());
+        }
+    }
+
+    /// A new connection, retrying while a woken machine's process comes up
+    /// to listen.
+    async fn connect(&self, app: &str, id: &str, port: u16) -> Result<Conn, Error> {
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(1);
-        loop {
+        let stream = loop {
             match self.mgr.connect_port(app, id, port).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => break s,
                 Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
                 Err(e) if Instant::now() > deadline => {
                     return Err(Error::Unavailable(format!(
@@ -104,51 +202,30 @@ impl Connector {
                     pause = (pause * 2).min(Duration::from_millis(4));
                 }
             }
+        };
+        let sender = match stream {
+            PortStream::Tcp(s) => handshake(TokioIo::new(s)).await,
+            PortStream::Tunnel(s) => handshake(TokioIo::new(s)).await,
         }
-    }
-}
-
-/// The pool of connections to machines.
-#[derive(Debug, Clone)]
-pub(crate) struct Upstream {
-    client: Client<Connector, Body>,
-}
-
-impl Upstream {
-    pub(crate) fn new(mgr: Manager, patience: Duration) -> Upstream {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(Connector { mgr, patience });
-        Upstream { client }
-    }
-
-    /// Sends `req` (its URI a path) to the machine's port.
-    pub(crate) async fn send(
-        &self,
-        app: &str,
-        id: &str,
-        port: u16,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, Error> {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        *req.uri_mut() = format!("http://{id}.{app}:{port}{path}")
-            .parse()
-            .map_err(|e| Error::BadRequest(format!("request target {path:?}: {e}")))?;
-        self.client.request(req).await.map_err(|e| {
-            // A connect error carries ours (the machine's state, the port's).
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if let Some(ours) = err.downcast_ref::<Error>() {
-                    return match ours {
-                        Error::BadRequest(m) => Error::BadRequest(m.clone()),
-                        Error::NotFound(m) => Error::NotFound(m.clone()),
-                        other => Error::Unavailable(other.to_string()),
-                    };
-                }
-                source = err.source();
-            }
-            Error::Unavailable(format!("machine {id}: {e}"))
+        .map_err(|e| Error::Unavailable(format!("machine {id} port {port}: {e}")))?;
+        Ok(Conn {
+            id: id.to_owned(),
+            port,
+            sender,
         })
     }
+}
+
+/// Starts HTTP/1.1 on a connection, driven by a task of its own until
+/// either side closes it (or an upgrade takes it over).
+async fn handshake<T>(io: T) -> hyper::Result<SendRequest<Body>>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    sender.ready().await?;
+    Ok(sender)
 }

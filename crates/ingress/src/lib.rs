@@ -18,7 +18,7 @@ mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -102,11 +102,11 @@ struct Views {
 
 /// Values read from the store, kept for [`VIEW_TTL`].
 #[derive(Debug)]
-struct Recent<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+struct Recent<K, V>(RwLock<HashMap<K, (Instant, V)>>);
 
 impl<K, V> Default for Recent<K, V> {
     fn default() -> Self {
-        Recent(Mutex::new(HashMap::new()))
+        Recent(RwLock::new(HashMap::new()))
     }
 }
 
@@ -117,7 +117,7 @@ impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
     where
         F: Future<Output = Result<V, Error>>,
     {
-        if let Some((at, v)) = self.0.lock().expect("views").get(&key)
+        if let Some((at, v)) = self.0.read().expect("views").get(&key)
             && at.elapsed() < VIEW_TTL
         {
             return Ok(v.clone());
@@ -125,7 +125,7 @@ impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
         // Boxed: rare (once a second), and every request's future would
         // carry its size.
         let v = Box::pin(read()).await?;
-        let mut kept = self.0.lock().expect("views");
+        let mut kept = self.0.write().expect("views");
         if kept.len() > 10_000 {
             kept.clear();
         }

@@ -2,7 +2,8 @@
 //! autostop look at.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -18,64 +19,87 @@ pub(crate) enum Count {
     Connection,
 }
 
+/// One machine's traffic, counted without a lock: every request counts,
+/// from both of the runtime's workers.
 #[derive(Debug)]
 struct Activity {
-    /// The map's key, shared with the guards.
-    id: Arc<str>,
-    requests: usize,
-    connections: usize,
-    /// When the last request ended (or the machine was first seen idle).
-    last: Instant,
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    /// When the last request ended (or the machine was first seen idle),
+    /// in milliseconds since [`Load::epoch`].
+    last_ms: AtomicU64,
 }
 
 impl Activity {
-    /// The machine's entry, made on first sight (a lookup allocates
-    /// nothing).
-    fn of<'a>(machines: &'a mut HashMap<Arc<str>, Activity>, id: &str) -> &'a mut Activity {
-        if !machines.contains_key(id) {
-            let id: Arc<str> = id.into();
-            let a = Activity {
-                id: id.clone(),
-                requests: 0,
-                connections: 0,
-                last: Instant::now(),
-            };
-            machines.insert(id, a);
-        }
-        machines.get_mut(id).expect("just inserted")
-    }
-
-    fn counter(&mut self, count: Count) -> &mut usize {
+    fn counter(&self, count: Count) -> &AtomicUsize {
         match count {
-            Count::Request => &mut self.requests,
-            Count::Connection => &mut self.connections,
+            Count::Request => &self.requests,
+            Count::Connection => &self.connections,
         }
     }
 }
 
 /// Per machine id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Load {
-    machines: Mutex<HashMap<Arc<str>, Activity>>,
-    /// Woken whenever a guard is dropped: queued requests try again.
+    epoch: Instant,
+    machines: RwLock<HashMap<String, Arc<Activity>>>,
+    /// Woken when a guard is dropped while requests wait: they try again.
     released: Notify,
+    /// Requests waiting for a release.
+    waiting: AtomicUsize,
+}
+
+impl Default for Load {
+    fn default() -> Load {
+        Load {
+            epoch: Instant::now(),
+            machines: RwLock::default(),
+            released: Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Load {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The machine's entry, made on first sight.
+    fn activity(&self, id: &str) -> Arc<Activity> {
+        if let Some(a) = self.machines.read().expect("load").get(id) {
+            return a.clone();
+        }
+        let mut machines = self.machines.write().expect("load");
+        let a = machines.entry(id.to_owned()).or_insert_with(|| {
+            Arc::new(Activity {
+                requests: AtomicUsize::new(0),
+                connections: AtomicUsize::new(0),
+                last_ms: AtomicU64::new(self.now_ms()),
+            })
+        });
+        a.clone()
+    }
+
     /// Counts one more against the machine unless that would take it past
     /// `limit`.
     pub(crate) fn try_begin(self: &Arc<Self>, id: &str, count: Count, limit: Option<u32>) -> Option<Busy> {
-        let mut machines = self.machines.lock().expect("load");
-        let activity = Activity::of(&mut machines, id);
-        let id = activity.id.clone();
+        let activity = self.activity(id);
         let counter = activity.counter(count);
-        if limit.is_some_and(|l| *counter >= l as usize) {
-            return None;
+        let mut n = counter.load(Ordering::SeqCst);
+        loop {
+            if limit.is_some_and(|l| n >= l as usize) {
+                return None;
+            }
+            match counter.compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                Err(now) => n = now,
+            }
         }
-        *counter += 1;
         Some(Busy {
             load: self.clone(),
-            id,
+            activity,
             count,
         })
     }
@@ -85,24 +109,40 @@ impl Load {
     }
 
     pub(crate) fn of(&self, id: &str, count: Count) -> usize {
-        let mut machines = self.machines.lock().expect("load");
-        machines.get_mut(id).map_or(0, |a| *a.counter(count))
+        let machines = self.machines.read().expect("load");
+        machines.get(id).map_or(0, |a| a.counter(count).load(Ordering::SeqCst))
     }
 
     /// Whether the machine has had no request in flight for `idle_for`.
     pub(crate) fn idle(&self, id: &str, idle_for: Duration) -> bool {
-        let mut machines = self.machines.lock().expect("load");
-        let a = Activity::of(&mut machines, id);
-        a.requests == 0 && a.last.elapsed() >= idle_for
+        let a = self.activity(id);
+        let since = self.now_ms().saturating_sub(a.last_ms.load(Ordering::SeqCst));
+        a.requests.load(Ordering::SeqCst) == 0 && Duration::from_millis(since) >= idle_for
     }
 
     /// Resolves after the next guard is dropped, counting from this call
     /// (not from the first poll), so a release between a failed attempt and
     /// the wait is not missed.
     pub(crate) fn released(&self) -> impl Future<Output = ()> + '_ {
+        // Before listening: a guard dropped after this sees the waiter, and
+        // one dropped before has released what the next attempt counts.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiting = Waiting(self);
         let mut notified = Box::pin(self.released.notified());
         notified.as_mut().enable();
-        notified
+        async move {
+            let _waiting = waiting;
+            notified.await
+        }
+    }
+}
+
+/// A request waiting for a release, until dropped.
+struct Waiting<'a>(&'a Load);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -110,20 +150,20 @@ impl Load {
 #[derive(Debug)]
 pub(crate) struct Busy {
     load: Arc<Load>,
-    id: Arc<str>,
+    activity: Arc<Activity>,
     count: Count,
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(a) = self.load.machines.lock().expect("load").get_mut(&self.id) {
-            let counter = a.counter(self.count);
-            *counter = counter.saturating_sub(1);
-            if self.count == Count::Request {
-                a.last = Instant::now();
-            }
+        self.activity.counter(self.count).fetch_sub(1, Ordering::SeqCst);
+        if self.count == Count::Request {
+            self.activity.last_ms.store(self.load.now_ms(), Ordering::SeqCst);
         }
-        self.load.released.notify_waiters();
+        // Notify takes a lock: only when someone waits.
+        if self.load.waiting.load(Ordering::SeqCst) > 0 {
+            self.load.released.notify_waiters();
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::load::{Count, Load};
@@ -80,7 +80,7 @@ impl Counters {
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     /// Machine id (unique across apps) → its counters.
-    machines: Mutex<HashMap<String, Arc<MachineCounters>>>,
+    machines: RwLock<HashMap<String, Arc<MachineCounters>>>,
     /// Requests waiting for room, by (app, machine); `*` for an app route,
     /// which waits for any of the app's machines.
     queued: Mutex<BTreeMap<(String, String), usize>>,
@@ -88,16 +88,17 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn machine(&self, app: &str, id: &str) -> Arc<MachineCounters> {
-        let mut machines = self.machines.lock().expect("metrics");
-        if let Some(c) = machines.get(id) {
+        if let Some(c) = self.machines.read().expect("metrics").get(id) {
             return c.clone();
         }
-        let c = Arc::new(MachineCounters {
-            app: app.to_owned(),
-            by_route: Default::default(),
+        let mut machines = self.machines.write().expect("metrics");
+        let c = machines.entry(id.to_owned()).or_insert_with(|| {
+            Arc::new(MachineCounters {
+                app: app.to_owned(),
+                by_route: Default::default(),
+            })
         });
-        machines.insert(id.to_owned(), c.clone());
-        c
+        c.clone()
     }
 
     /// One more request queued for `key` unless `limit` are already; the
@@ -115,7 +116,7 @@ impl Metrics {
     pub(crate) fn render(&self, load: &Load) -> String {
         let machines: BTreeMap<(String, String), Arc<MachineCounters>> = self
             .machines
-            .lock()
+            .read()
             .expect("metrics")
             .iter()
             .map(|(id, c)| ((c.app.clone(), id.clone()), c.clone()))

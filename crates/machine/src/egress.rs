@@ -280,7 +280,7 @@ impl Manager {
         let slots: Vec<(String, Arc<crate::Slot>)> = self
             .inner
             .slots
-            .lock()
+            .read()
             .expect("slots")
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

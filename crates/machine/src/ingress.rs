@@ -30,7 +30,7 @@ impl Manager {
     /// The machine's state as the daemon holds it in memory (no database
     /// read: the proxy asks on every request); `None` if not at hand.
     pub fn live_state(&self, id: &str) -> Option<MachineState> {
-        let slots = self.inner.slots.lock().expect("slots lock");
+        let slots = self.inner.slots.read().expect("slots lock");
         slots.get(id).map(|slot| *slot.state.borrow())
     }
 

@@ -31,7 +31,7 @@ mod volumes;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hangar_api::{MachineEvent, MachineState, RuntimeKind};
 use hangar_image::ImageStore;
@@ -112,7 +112,7 @@ struct Inner {
     pool: Arc<dyn Pool>,
     runtimes: HashMap<RuntimeKind, OciRuntime>,
     host: String,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
     /// How many machines hold a prepared sandbox.
     prepared_count: std::sync::atomic::AtomicUsize,
     /// Serialises volume changes (see `volumes`).
@@ -231,7 +231,7 @@ impl Manager {
                 pool,
                 runtimes,
                 host,
-                slots: Mutex::new(HashMap::new()),
+                slots: RwLock::new(HashMap::new()),
                 prepared_count: Default::default(),
                 volumes: Default::default(),
                 volume_pool: Default::default(),
@@ -249,7 +249,7 @@ impl Manager {
     }
 
     fn slot(&self, id: &str, state: MachineState) -> Arc<Slot> {
-        let mut slots = self.inner.slots.lock().expect("slots lock");
+        let mut slots = self.inner.slots.write().expect("slots lock");
         slots
             .entry(id.to_owned())
             .or_insert_with(|| {

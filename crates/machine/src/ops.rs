@@ -583,10 +583,22 @@ impl Manager {
             .await
             .map_err(|e| Error::internal("deleting the machine volume", e))??;
         let dir = self.paths(&rec.id).dir;
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(Error::internal(&format!("removing {}", dir.display()), e));
+        let mut retries = 0;
+        loop {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // After a crash, a runtime command the dead daemon started
+                // can still be bringing a sandbox up in here (seen in the
+                // recovery test): tear down again, then retry.
+                Err(e) if retries < 10 && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) => {
+                    retries += 1;
+                    tracing::warn!(machine = %rec.id, "removing {}: {e}; tearing down again", dir.display());
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    self.teardown(&self.slot(&rec.id, rec.state), rec).await;
+                }
+                Err(e) => return Err(Error::internal(&format!("removing {}", dir.display()), e)),
+            }
         }
         self.transition(rec, MachineState::Destroyed, "destroy", source, None)
             .await?;
@@ -674,7 +686,7 @@ impl Manager {
     /// hot path, so a machine named by id is found in memory; only names and
     /// machines that aren't running need the database (for the error, too).
     pub(crate) async fn live_sandbox(&self, app: &str, id_or_name: &str) -> Result<Arc<crate::sandbox::Running>> {
-        let slot = self.inner.slots.lock().expect("slots lock").get(id_or_name).cloned();
+        let slot = self.inner.slots.read().expect("slots lock").get(id_or_name).cloned();
         if let Some(slot) = slot
             && *slot.state.borrow() == MachineState::Started
             && let Some(running) = slot.running.lock().expect("running lock").clone()

@@ -1,7 +1,8 @@
 //! `hangar-bench ingress`: what a request pays for the ingress proxy.
 //!
 //! Steady state: wrk sends the same requests, in one run, to a server on a
-//! machine's port three ways: directly (wrk inside the machine's network
+//! machine's port three ways, taking turns for a number of rounds so that
+//! the host's noise falls on all three (medians are reported): directly (wrk inside the machine's network
 //! namespace), through nginx (also inside it, proxying to the port with
 //! kept-alive upstream connections), and through Hangar's proxy (wrk on the
 //! host, Host naming the machine). The server is the benchmark's own
@@ -30,12 +31,35 @@ use crate::stats::Summary;
 use crate::wrk::{Wrk, WrkResult};
 
 #[derive(Debug, serde::Serialize)]
+pub struct Share {
+    pub connections: u32,
+    /// Percent, one per round.
+    pub per_round: Vec<f64>,
+}
+
+impl Share {
+    fn median(&self) -> f64 {
+        median(self.per_round.iter().copied())
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+#[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub command: Vec<String>,
     pub wrk: String,
     pub nginx: String,
     pub seconds: u32,
+    pub rounds: usize,
+    /// Each case's median over the rounds, field by field.
     pub throughput: Vec<WrkResult>,
+    /// Hangar's requests/s as a share of nginx's, per round.
+    pub shares: Vec<Share>,
     /// Request to first byte through the proxy, machine stopped.
     pub wake: Summary,
     /// API start, port polled until it accepts, request to first byte.
@@ -45,8 +69,8 @@ pub struct Report {
 impl Report {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "ingress proxy, wrk {} s per case ({}, {})\n\n{:<40} {:>5} {:>10} {:>10} {:>12}\n",
-            self.seconds, self.wrk, self.nginx, "case", "conns", "p50 µs", "p99 µs", "req/s"
+            "ingress proxy, wrk {} s per case, {} rounds, medians ({}, {})\n\n{:<40} {:>5} {:>10} {:>10} {:>12}\n",
+            self.seconds, self.rounds, self.wrk, self.nginx, "case", "conns", "p50 µs", "p99 µs", "req/s"
         );
         for r in &self.throughput {
             out += &format!(
@@ -54,15 +78,15 @@ impl Report {
                 r.case, r.connections, r.p50_us, r.p99_us, r.requests_per_sec
             );
         }
-        let find = |case: &str, c: u32| self.throughput.iter().find(|r| r.case == case && r.connections == c);
-        out += "\nhangar proxy throughput as a share of nginx's:\n";
-        for c in [1, 16] {
-            if let (Some(h), Some(n)) = (find(HANGAR, c), find(NGINX, c)) {
-                out += &format!(
-                    "  {c} connection(s): {:.0} %\n",
-                    100.0 * h.requests_per_sec / n.requests_per_sec
-                );
-            }
+        out += "\nhangar proxy throughput as a share of nginx's (median; each round):\n";
+        for share in &self.shares {
+            let rounds: Vec<String> = share.per_round.iter().map(|p| format!("{p:.0}")).collect();
+            out += &format!(
+                "  {} connection(s): {:.0} % ({} %)\n",
+                share.connections,
+                share.median(),
+                rounds.join(", ")
+            );
         }
         out += &format!(
             "\nwake on request ({} runs; ms)      p50 {:>8.2}  p99 {:>8.2}\n\
@@ -83,7 +107,7 @@ const DIRECT: &str = "direct to the machine's port";
 const NGINX: &str = "via nginx (in the machine's netns)";
 const HANGAR: &str = "via hangar's proxy";
 
-pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usize) -> Result<Report> {
+pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, rounds: usize, wakes: usize) -> Result<Report> {
     let wrk = Wrk::find(seconds)?;
     let nginx = crate::process::which("nginx").context("nginx is not installed: apt-get install nginx-light")?;
     let d = Daemon::start(cfg)?;
@@ -108,26 +132,39 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
     let work = tempfile::tempdir()?;
     let _nginx = NginxInNetns::start(&nginx, pid, work.path())?;
 
-    let mut throughput = Vec::new();
+    let (mut throughput, mut shares) = (Vec::new(), Vec::new());
     for connections in [1u32, 16] {
         let in_machine = |url: &str| {
             let mut c = wrk.command(connections, Some(pid));
             c.arg(url);
             c
         };
-        let cases: Vec<(&str, Command)> = vec![
-            (DIRECT, in_machine("http://127.0.0.1:8080/")),
-            (NGINX, in_machine("http://127.0.0.1:8081/")),
-            (HANGAR, {
-                let mut c = wrk.command(connections, None);
-                c.args(["-H", &format!("Host: steady.{APP}.localhost")]);
-                c.arg(format!("http://{proxy}/"));
-                c
-            }),
-        ];
-        for (case, cmd) in cases {
-            throughput.push(wrk.measure("ingress", case, connections, cmd)?);
+        let through_proxy = || {
+            let mut c = wrk.command(connections, None);
+            c.args(["-H", &format!("Host: steady.{APP}.localhost")]);
+            c.arg(format!("http://{proxy}/"));
+            c
+        };
+        let mut runs: Vec<WrkResult> = Vec::new();
+        let mut per_round = Vec::new();
+        for _ in 0..rounds {
+            let nginx = wrk.measure("ingress", NGINX, connections, in_machine("http://127.0.0.1:8081/"))?;
+            let hangar = wrk.measure("ingress", HANGAR, connections, through_proxy())?;
+            let direct = wrk.measure("ingress", DIRECT, connections, in_machine("http://127.0.0.1:8080/"))?;
+            per_round.push(100.0 * hangar.requests_per_sec / nginx.requests_per_sec);
+            runs.extend([direct, nginx, hangar]);
         }
+        for case in [DIRECT, NGINX, HANGAR] {
+            let of_case = || runs.iter().filter(|r| r.case == case);
+            throughput.push(WrkResult {
+                case: case.to_owned(),
+                connections,
+                p50_us: median(of_case().map(|r| r.p50_us)),
+                p99_us: median(of_case().map(|r| r.p99_us)),
+                requests_per_sec: median(of_case().map(|r| r.requests_per_sec)),
+            });
+        }
+        shares.push(Share { connections, per_round });
     }
 
     // Wake: busybox httpd as the machine's process.
@@ -178,7 +215,9 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, wakes: usiz
             .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
             .unwrap_or_default(),
         seconds,
+        rounds,
         throughput,
+        shares,
         wake: Summary::of(&woken).context("no wake samples")?,
         start_then_request: Summary::of(&started).context("no start samples")?,
     })

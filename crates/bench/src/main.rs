@@ -221,6 +221,9 @@ enum Mode {
         /// Seconds of wrk per case.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         seconds: u32,
+        /// Rounds of the three steady-state cases, taking turns.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
         /// Wakes timed (and as many API starts).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
         wakes: u32,
@@ -296,9 +299,14 @@ fn run(cli: Cli) -> Result<i32> {
             common,
         }) => checkpoints(&common, iterations as usize, &sizes_mb),
         Some(Mode::Egress { seconds, common }) => egress_overhead(&common, seconds),
-        Some(Mode::Ingress { seconds, wakes, common }) => {
+        Some(Mode::Ingress {
+            seconds,
+            rounds,
+            wakes,
+            common,
+        }) => {
             let (cfg, image, _work) = daemon_and_image(&common)?;
-            let report = ingress::bench(&cfg, &image, seconds, wakes as usize)?;
+            let report = ingress::bench(&cfg, &image, seconds, rounds as usize, wakes as usize)?;
             process::check_interrupt()?;
             common.print(&report, ingress::Report::table)?;
             Ok(0)

@@ -672,7 +672,7 @@ impl Ingress {
         let counters = self.metrics.machine(&machine.app, &machine.id);
         let counters = counters.route(route_kind);
         counters.request();
-        let arrived = Instant::now();
+        let arrived = (target.state != MachineState::Started).then(Instant::now);
         let sent = async {
             let woke = self.wake(&target).await?;
             let resp = self
@@ -684,7 +684,7 @@ impl Ingress {
         .await;
         let mut resp = match sent {
             Ok((woke, resp)) => {
-                if woke {
+                if let Some(arrived) = arrived.filter(|_| woke) {
                     counters.wake(arrived.elapsed());
                 }
                 resp

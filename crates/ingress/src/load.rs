@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -25,9 +25,11 @@ pub(crate) enum Count {
 struct Activity {
     requests: AtomicUsize,
     connections: AtomicUsize,
-    /// When the last request ended (or the machine was first seen idle),
-    /// in milliseconds since [`Load::epoch`].
-    last_ms: AtomicU64,
+    /// Requests ended so far: a count, not a clock, so that a request's
+    /// end costs no clock read; [`Load::idle`] notes when it changes.
+    ended: AtomicU64,
+    /// `ended` as [`Load::idle`] last saw it, and since when.
+    seen: Mutex<(u64, Instant)>,
 }
 
 impl Activity {
@@ -42,7 +44,6 @@ impl Activity {
 /// Per machine id.
 #[derive(Debug)]
 pub(crate) struct Load {
-    epoch: Instant,
     machines: RwLock<HashMap<String, Arc<Activity>>>,
     /// Woken when a guard is dropped while requests wait: they try again.
     released: Notify,
@@ -53,7 +54,6 @@ pub(crate) struct Load {
 impl Default for Load {
     fn default() -> Load {
         Load {
-            epoch: Instant::now(),
             machines: RwLock::default(),
             released: Notify::new(),
             waiting: AtomicUsize::new(0),
@@ -62,10 +62,6 @@ impl Default for Load {
 }
 
 impl Load {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     /// The machine's entry, made on first sight.
     fn activity(&self, id: &str) -> Arc<Activity> {
         if let Some(a) = self.machines.read().expect("load").get(id) {
@@ -76,7 +72,8 @@ impl Load {
             Arc::new(Activity {
                 requests: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
-                last_ms: AtomicU64::new(self.now_ms()),
+                ended: AtomicU64::new(0),
+                seen: Mutex::new((0, Instant::now())),
             })
         });
         a.clone()
@@ -113,11 +110,17 @@ impl Load {
         machines.get(id).map_or(0, |a| a.counter(count).load(Ordering::SeqCst))
     }
 
-    /// Whether the machine has had no request in flight for `idle_for`.
+    /// Whether the machine has had no request in flight for `idle_for`,
+    /// as far as calls to this tell: a request that ended since the last
+    /// call counts as ending now (autostop calls it once a second).
     pub(crate) fn idle(&self, id: &str, idle_for: Duration) -> bool {
         let a = self.activity(id);
-        let since = self.now_ms().saturating_sub(a.last_ms.load(Ordering::SeqCst));
-        a.requests.load(Ordering::SeqCst) == 0 && Duration::from_millis(since) >= idle_for
+        let ended = a.ended.load(Ordering::SeqCst);
+        let mut seen = a.seen.lock().expect("load");
+        if seen.0 != ended {
+            *seen = (ended, Instant::now());
+        }
+        a.requests.load(Ordering::SeqCst) == 0 && seen.1.elapsed() >= idle_for
     }
 
     /// Resolves after the next guard is dropped, counting from this call
@@ -158,7 +161,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.activity.counter(self.count).fetch_sub(1, Ordering::SeqCst);
         if self.count == Count::Request {
-            self.activity.last_ms.store(self.load.now_ms(), Ordering::SeqCst);
+            self.activity.ended.fetch_add(1, Ordering::SeqCst);
         }
         // Notify takes a lock: only when someone waits.
         if self.load.waiting.load(Ordering::SeqCst) > 0 {

@@ -675,7 +675,7 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     let ctl = std::process::Command::new("nsenter")
         .args([
             "-t",
-            &machine_pid(&d, &id),
+            &d.machine_pid(&id).to_string(),
             "-n",
             "-m",
             "curl",
@@ -800,19 +800,6 @@ async fn gateway_survives_restarts_rotation_and_forks() {
     let heir_placeholder = d.sh("eg", &heir_id, "printenv GH_TOKEN").await;
     assert_ne!(parent_placeholder, heir_placeholder, "placeholders are per machine");
     wait_for_auth(&d, "eg", &heir_id, &echo, "ok").await;
-}
-
-/// The host pid of a machine's init, from the runtime.
-fn machine_pid(d: &Daemon, id: &str) -> String {
-    let root = d.data_dir.path().join("runtime/runc");
-    let out = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["state", id])
-        .output()
-        .unwrap();
-    let state: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
-    state["pid"].to_string()
 }
 
 /// gVisor's network stack is its own: there the init relays the proxy's

@@ -246,6 +246,105 @@ async fn upgrades_pass_through() {
     }
 }
 
+/// A machine that cannot start gets a 502 that says why, and a request for
+/// it does not hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_wake_is_a_502_with_the_reason() {
+    let d = Daemon::start();
+    d.create_app("bad").await;
+    let (status, m) = d
+        .call(
+            Method::POST,
+            "/v1/apps/bad/machines",
+            Some(json!({ "name": "broken", "skip_launch": true, "config": {
+                "image": common::busybox_image(),
+                "init": { "cmd": ["/no/such/program"] },
+                "services": [{ "internal_port": 8080 }],
+            } })),
+        )
+        .await;
+    assert!(status.is_success(), "{m}");
+    let started = std::time::Instant::now();
+    let (status, body) = get(&d, "broken.bad.localhost", "/").await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["code"], "machine_unavailable", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("is failed") && error.contains("/logs"), "{body}");
+    // Not the 30 s a slow process gets to listen: it has already ended.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A real WebSocket conversation (tungstenite on both ends) through the
+/// proxy: text, binary and ping frames come back, and a close is a clean
+/// close both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_echo() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let d = Daemon::start();
+    d.create_app("ws").await;
+    let m = d
+        .machine(
+            "ws",
+            json!({
+                "image": common::busybox_image(),
+                "init": { "cmd": ["sleep", "1000000"] },
+                "services": [{ "internal_port": 9100 }],
+            }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    // The echo server listens inside the machine's namespace, where only
+    // the proxy can reach it.
+    let listener = d.listen_in_machine(&id, 9100);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        ws.send(msg).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+
+    let request = format!("ws://{id}.ws.localhost/echo").into_client_request().unwrap();
+    let proxy = tokio::net::TcpStream::connect(d.proxy_url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut ws, answer) = tokio_tungstenite::client_async(request, proxy).await.unwrap();
+    assert_eq!(answer.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    let blob: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(blob));
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Pong(b"are you there".to_vec().into())
+    );
+    ws.close(None).await.unwrap();
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Close(_)) => {}
+            Ok(other) => panic!("after close: {other:?}"),
+            Err(e) => panic!("not a clean close: {e}"),
+        }
+    }
+}
+
 fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hangar_api::MachineState;
 use hangar_machine::{Error, Manager, PortStream};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -189,6 +190,14 @@ impl Upstream {
             match self.mgr.connect_port(app, id, port).await {
                 Ok(s) => break s,
                 Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
+                // Its process ended (a bad command, a crash): no use waiting.
+                Err(e) if self.gone(id) => {
+                    let state = self.mgr.live_state(id).map_or("stopped".to_owned(), |s| s.to_string());
+                    return Err(Error::Unavailable(format!(
+                        "machine {id} is {state}: its process ended before it listened on port {port} ({e}); read \
+                         its logs (GET /v1/apps/{app}/machines/{id}/logs), fix its config, and start it again"
+                    )));
+                }
                 Err(e) if Instant::now() > deadline => {
                     return Err(Error::Unavailable(format!(
                         "machine {id} did not accept connections on port {port} within {:?}: {e}",
@@ -213,6 +222,15 @@ impl Upstream {
             port,
             sender,
         })
+    }
+}
+
+impl Upstream {
+    /// Whether the machine is no longer running or on its way up.
+    fn gone(&self, id: &str) -> bool {
+        self.mgr
+            .live_state(id)
+            .is_some_and(|s| !matches!(s, MachineState::Started | MachineState::Starting))
     }
 }
 

@@ -349,6 +349,38 @@ impl Daemon {
     }
 
     /// Creates (and starts) a busybox machine with extra config merged in.
+    /// The host pid of a (runc) machine's init, from the runtime.
+    pub fn machine_pid(&self, id: &str) -> u32 {
+        let root = self.data_dir.path().join("runtime/runc");
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(root)
+            .args(["state", id])
+            .output()
+            .unwrap();
+        let state: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+        state["pid"].as_u64().expect("a pid") as u32
+    }
+
+    /// A listener on `127.0.0.1:port` inside a (runc) machine's network
+    /// namespace, for a server the test itself runs.
+    pub fn listen_in_machine(&self, id: &str, port: u16) -> tokio::net::TcpListener {
+        let ns = File::open(format!("/proc/{}/ns/net", self.machine_pid(id))).unwrap();
+        // A thread of its own: it stays in the namespace it entered.
+        let listener = std::thread::spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap()
+        })
+        .join()
+        .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        tokio::net::TcpListener::from_std(listener).unwrap()
+    }
+
     pub async fn machine(&self, app: &str, config: Value) -> Value {
         let mut cfg = json!({ "image": busybox_image() });
         merge(&mut cfg, config);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_api::{Autostop, MachineState, StopRequest};
+use hangar_api::{Autostop, MachineService, MachineState, StopRequest};
 use hangar_machine::Error;
 
 use crate::Ingress;
@@ -22,6 +22,36 @@ pub(crate) async fn run(ing: Arc<Ingress>) {
     }
 }
 
+/// What autostop does with a machine, from all of its services: it acts
+/// if any service asks (traffic to any service keeps the machine up), after
+/// the longest idle timeout among those that ask, never below the largest
+/// `min_machines_running`, and stops rather than suspends if any asks to.
+#[derive(Debug, PartialEq, Eq)]
+struct Policy {
+    action: Autostop,
+    idle_for: Duration,
+    min_machines_running: u32,
+}
+
+impl Policy {
+    fn of(services: &[MachineService]) -> Option<Policy> {
+        let asking: Vec<&MachineService> = services.iter().filter(|s| s.autostop != Autostop::Off).collect();
+        let action = if asking.iter().any(|s| s.autostop == Autostop::Stop) {
+            Autostop::Stop
+        } else {
+            asking.first()?.autostop
+        };
+        Some(Policy {
+            action,
+            idle_for: asking
+                .iter()
+                .map(|s| Duration::from_secs(s.idle_timeout_s.unwrap_or(300)))
+                .max()?,
+            min_machines_running: asking.iter().map(|s| s.min_machines_running).max()?,
+        })
+    }
+}
+
 async fn once(ing: &Ingress) -> Result<(), Error> {
     for app in ing.mgr.list_apps().await? {
         let machines = ing.mgr.list_machines(&app.name, &[], &BTreeMap::new(), false).await?;
@@ -30,20 +60,20 @@ async fn once(ing: &Ingress) -> Result<(), Error> {
             .filter(|m| m.state == MachineState::Started && !m.config.services.is_empty())
             .count();
         for m in &machines {
-            let Some(service) = m.config.services.first() else {
+            let Some(policy) = Policy::of(&m.config.services) else {
                 continue;
             };
-            if service.autostop == Autostop::Off || m.state != MachineState::Started {
+            if m.state != MachineState::Started {
                 continue;
             }
-            let idle_for = Duration::from_secs(service.idle_timeout_s.unwrap_or(300));
+            let idle_for = policy.idle_for;
             if !ing.load.idle(&m.id, idle_for)
-                || running <= service.min_machines_running as usize
+                || running <= policy.min_machines_running as usize
                 || ing.mgr.machine_is_busy(&app.name, &m.id).await?
             {
                 continue;
             }
-            let result = match service.autostop {
+            let result = match policy.action {
                 Autostop::Suspend => ing.mgr.suspend_machine(&app.name, &m.id).await,
                 _ => ing.mgr.stop_machine(&app.name, &m.id, StopRequest::default()).await,
             };
@@ -57,4 +87,40 @@ async fn once(ing: &Ingress) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(autostop: &str, idle: Option<u64>, min: u32) -> MachineService {
+        serde_json::from_value(serde_json::json!({
+            "internal_port": 80, "autostop": autostop, "idle_timeout_s": idle, "min_machines_running": min,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_service_counts() {
+        assert_eq!(Policy::of(&[]), None);
+        assert_eq!(Policy::of(&[service("off", Some(1), 0)]), None, "off by default");
+        // A second service left at its default does not turn autostop off.
+        assert_eq!(
+            Policy::of(&[service("off", None, 0), service("suspend", Some(60), 1)]),
+            Some(Policy {
+                action: Autostop::Suspend,
+                idle_for: Duration::from_secs(60),
+                min_machines_running: 1
+            })
+        );
+        // The longest timeout, the largest minimum, and stop over suspend.
+        assert_eq!(
+            Policy::of(&[service("suspend", Some(600), 0), service("stop", None, 2)]),
+            Some(Policy {
+                action: Autostop::Stop,
+                idle_for: Duration::from_secs(600),
+                min_machines_running: 2
+            })
+        );
+    }
 }

@@ -91,7 +91,7 @@ struct Ingress {
 
 /// Machines as routing last read them from the store, so that a request
 /// costs no database read; their state is read live (see
-/// [`Ingress::fresh`]).
+/// [`Ingress::target`]).
 #[derive(Debug, Default)]
 struct Views {
     /// (app, machine name or id) → the machine.

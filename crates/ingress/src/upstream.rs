@@ -190,21 +190,22 @@ impl Upstream {
             match self.mgr.connect_port(app, id, port).await {
                 Ok(s) => break s,
                 Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
-                // Its process ended (a bad command, a crash): no use waiting.
-                Err(e) if self.gone(id) => {
-                    let state = self.mgr.live_state(id).map_or("stopped".to_owned(), |s| s.to_string());
-                    return Err(Error::Unavailable(format!(
-                        "machine {id} is {state}: its process ended before it listened on port {port} ({e}); read \
-                         its logs (GET /v1/apps/{app}/machines/{id}/logs), fix its config, and start it again"
-                    )));
-                }
-                Err(e) if Instant::now() > deadline => {
-                    return Err(Error::Unavailable(format!(
-                        "machine {id} did not accept connections on port {port} within {:?}: {e}",
-                        self.patience
-                    )));
-                }
-                Err(_) => {
+                Err(e) => {
+                    let live = self.mgr.live_state(id);
+                    // Its process ended (a bad command, a crash): no use waiting.
+                    if let Some(state) = live.filter(|s| !matches!(s, MachineState::Started | MachineState::Starting)) {
+                        return Err(Error::Unavailable(format!(
+                            "machine {id} is {state}: its process ended before it listened on port {port} ({e}); \
+                             read its logs (GET /v1/apps/{app}/machines/{id}/logs), fix its config, and start it \
+                             again"
+                        )));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Unavailable(format!(
+                            "machine {id} did not accept connections on port {port} within {:?}: {e}",
+                            self.patience
+                        )));
+                    }
                     // A woken process usually listens within milliseconds;
                     // refused loopback connects cost microseconds.
                     tokio::time::sleep(pause).await;
@@ -222,15 +223,6 @@ impl Upstream {
             port,
             sender,
         })
-    }
-}
-
-impl Upstream {
-    /// Whether the machine is no longer running or on its way up.
-    fn gone(&self, id: &str) -> bool {
-        self.mgr
-            .live_state(id)
-            .is_some_and(|s| !matches!(s, MachineState::Started | MachineState::Starting))
     }
 }
 

@@ -2,6 +2,7 @@
 # Installs the system packages Hangar needs (Debian), skipping what is there.
 # Usage: scripts/install-deps.sh [--test]   (--test adds what the tests use)
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=(runc btrfs-progs busybox-static)
 # docker-registry, skopeo, htpasswd (apache2-utils) and openssl: a real
 # registry for the pull tests, with basic auth, tokens and TLS.
@@ -14,4 +15,11 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+  # The MCP tests' clients: the official Python SDK, pinned, in a venv.
+  venv=target/test-tools/venv
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r crates/cli/tests/mcp/requirements.txt
 fi

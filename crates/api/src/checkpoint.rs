@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// `POST /v1/apps/{app}/machines/{id}/checkpoints`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCheckpointRequest {
     /// What this step was, for people and agents reading the list later.
@@ -13,7 +13,7 @@ pub struct CreateCheckpointRequest {
 }
 
 /// A sealed, read-only copy of a machine's root filesystem at one moment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct Checkpoint {
     pub id: String,
     pub machine_id: String,
@@ -35,21 +35,21 @@ pub struct Checkpoint {
 }
 
 /// How long a checkpoint took.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct CheckpointTiming {
     pub paused_ms: f64,
     pub total_ms: f64,
 }
 
 /// `GET /v1/apps/{app}/machines/{id}/checkpoints`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct CheckpointList {
     /// Oldest first.
     pub checkpoints: Vec<Checkpoint>,
 }
 
 /// `POST /v1/apps/{app}/machines/{id}/fork`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkMachineRequest {
     /// The new machine's name (its id otherwise).
@@ -87,7 +87,7 @@ pub struct DiffQuery {
 }
 
 /// What changed between a checkpoint and a later state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct CheckpointDiff {
     /// The checkpoint compared from.
     pub from: String,
@@ -104,7 +104,7 @@ pub struct CheckpointDiff {
 }
 
 /// One path that differs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct FileChange {
     pub path: String,
     pub kind: ChangeKind,
@@ -120,7 +120,7 @@ pub struct FileChange {
     pub old_size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Added,
@@ -129,7 +129,7 @@ pub enum ChangeKind {
 }
 
 /// `POST /v1/apps/{app}/machines/{id}/export`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     /// The OCI image layout to write (or add a tag to), under the daemon's
@@ -154,7 +154,7 @@ pub struct ExportRequest {
     pub push: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExportLayers {
     #[default]
@@ -164,7 +164,7 @@ pub enum ExportLayers {
 
 /// An image made from a machine: the base image's layers with what the
 /// machine changed on top, as one layer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ExportedImage {
     /// `oci:/…/exports/NAME:TAG`: usable as `config.image` of a new machine
     /// here, or with skopeo to copy it anywhere.

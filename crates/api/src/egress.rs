@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 /// Where a machine may connect, through the egress gateway. Nothing else is
 /// reachable (deny by default).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     /// Destinations: `host` (exact), `*.suffix` (any subdomain), an IP
@@ -222,7 +222,7 @@ pub fn is_internal(ip: IpAddr) -> bool {
 
 /// Where in a request a secret's placeholder may be replaced by its value.
 /// Headers always; the URL and the body only where the secret says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SecretPlacement {
     Header,
@@ -233,7 +233,7 @@ pub enum SecretPlacement {
 /// A header the gateway sets on every request to the secret's hosts, from
 /// machines holding the secret, whether or not the request carries the
 /// placeholder (as Fly's tokenizer does).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretInjection {
     /// e.g. `Authorization`.
@@ -246,7 +246,7 @@ pub struct SecretInjection {
 
 /// `POST /v1/apps/{app}/secrets`; `PUT …/secrets/{name}` rotates (replaces
 /// value and bindings; machines keep their placeholders).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSecretRequest {
     /// Also the environment variable that holds the placeholder in a machine:
@@ -314,7 +314,7 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
 }
 
 /// A secret as the API shows it: never its value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct Secret {
     pub name: String,
     pub app: String,
@@ -329,7 +329,7 @@ pub struct Secret {
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct SecretList {
     pub secrets: Vec<Secret>,
 }
@@ -362,7 +362,7 @@ impl std::fmt::Debug for SealedPayload {
 /// `GET /v1/egress/seal-key`: the key secrets are sealed to, for clients
 /// that seal their own (as with Fly's tokenizer and its `Proxy-Tokenizer`
 /// header).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct SealKey {
     /// X25519 public key, hex (tokenizer's `SEAL_KEY`). Seal with a NaCl
     /// sealed box (libsodium `crypto_box_seal`).
@@ -370,7 +370,7 @@ pub struct SealKey {
 }
 
 /// How the gateway decided on a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EgressOutcome {
     /// Sent upstream (`status` is the upstream's answer, 502 if it failed).
@@ -383,7 +383,7 @@ pub enum EgressOutcome {
 
 /// One entry of the egress audit log. Never holds a secret's value: URLs
 /// are recorded as the machine sent them (with placeholders).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct EgressLogEntry {
     pub id: i64,
     /// RFC 3339, when the request arrived.
@@ -433,7 +433,7 @@ pub struct EgressLogQuery {
     pub limit: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct EgressLog {
     pub entries: Vec<EgressLogEntry>,
 }

@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 use crate::ErrorBody;
 
 /// `POST /v1/images/pull`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PullImageRequest {
     /// `[registry/]repository[:tag][@sha256:…]` (Docker Hub when no registry
@@ -15,7 +15,7 @@ pub struct PullImageRequest {
 }
 
 /// An image in the local store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ImageInfo {
     /// The reference, normalized (`docker.io/library/busybox:latest`).
     pub reference: String,
@@ -39,7 +39,7 @@ pub struct ImageInfo {
 }
 
 /// `GET /v1/images`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ImageList {
     pub images: Vec<ImageInfo>,
     /// Everything the image store holds on disk, shared layers counted once.
@@ -47,7 +47,7 @@ pub struct ImageList {
 }
 
 /// `POST /v1/images/prune`: what went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct PruneReport {
     /// References of the images removed (none of them used by a machine).
     pub removed: Vec<String>,
@@ -55,7 +55,7 @@ pub struct PruneReport {
     pub freed_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ImageLayer {
     /// `sha256:…` of the blob as stored in the registry.
     pub digest: String,
@@ -70,7 +70,7 @@ pub struct ImageLayer {
 }
 
 /// The image config's runtime defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ImageRunConfig {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
@@ -81,7 +81,7 @@ pub struct ImageRunConfig {
 }
 
 /// Where a pull stands.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct PullProgress {
     pub reference: String,
     /// Bytes downloaded so far, of layers not already present.
@@ -91,7 +91,7 @@ pub struct PullProgress {
     pub layers: Vec<LayerProgress>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct LayerProgress {
     pub digest: String,
     pub size: u64,
@@ -103,7 +103,7 @@ pub struct LayerProgress {
 
 /// One line of the streamed (`Accept: application/x-ndjson`) answer of
 /// `POST /v1/images/pull`: progress lines, then the image or an error.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PullEvent {
     Progress(PullProgress),

@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 
 /// The body of every API error. `error` says what was wrong and what to do;
 /// `code` is stable and meant for programs.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ErrorBody {
     /// What went wrong and what to do about it, for people.
     pub error: String,
@@ -32,7 +32,7 @@ pub struct ErrorBody {
 }
 
 /// `POST /v1/apps`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAppRequest {
     /// Lowercase letters, digits and dashes; 1–63 characters.
@@ -40,7 +40,7 @@ pub struct CreateAppRequest {
 }
 
 /// An app: a namespace of machines.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct App {
     pub name: String,
     pub created_at: String,
@@ -49,7 +49,7 @@ pub struct App {
 }
 
 /// `GET /v1/apps`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct AppList {
     pub total_apps: u64,
     pub apps: Vec<App>,

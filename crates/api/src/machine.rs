@@ -9,7 +9,7 @@ use crate::MachineState;
 
 /// What a machine runs and with what resources. Stored as given and shown
 /// back on every GET.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// `oci:/path/to/layout[:tag]` or `oci-archive:/path/file.tar[:tag]`.
@@ -56,7 +56,7 @@ pub struct MachineConfig {
 /// A port of the machine reachable through the ingress proxy, at
 /// `{machine}.{app}.{domain}` (and `{app}.{domain}`, across the app's
 /// machines).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineService {
     /// The port the machine's process listens on (on 127.0.0.1 or any).
@@ -95,7 +95,7 @@ impl MachineService {
 }
 
 /// One of the proxy's listening ports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
@@ -105,7 +105,7 @@ pub struct ServicePort {
 /// prefers machines below `soft_limit` (and wakes a stopped one before
 /// going over it); no machine gets more than `hard_limit`: further requests
 /// wait in the proxy's bounded queue, then get a 503.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConcurrency {
     /// What counts as load: open client `connections` (default, as Fly's)
@@ -118,7 +118,7 @@ pub struct ServiceConcurrency {
     pub hard_limit: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConcurrencyKind {
     /// A client connection counts from its first request to the machine
@@ -134,7 +134,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Autostop {
     #[default]
@@ -145,7 +145,7 @@ pub enum Autostop {
 }
 
 /// A volume mounted into a machine, as in Fly's `mounts`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineMount {
     /// The volume's id or name (in the machine's app).
@@ -155,7 +155,7 @@ pub struct MachineMount {
 }
 
 /// Overrides of the image's process.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,7 +171,7 @@ pub struct InitConfig {
 }
 
 /// CPU, memory and process limits, enforced by the sandbox's cgroup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     /// CPU time in whole CPUs (a quota, not pinning).
@@ -205,7 +205,7 @@ impl Default for GuestConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartConfig {
     pub policy: RestartPolicy,
@@ -215,7 +215,7 @@ pub struct RestartConfig {
 }
 
 /// What to do when the main process exits on its own.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Stay stopped (or failed, if it exited non-zero).
@@ -226,7 +226,7 @@ pub enum RestartPolicy {
 }
 
 /// A file placed in the machine before it starts, as in Fly's `files`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineFile {
     /// Absolute path inside the machine.
@@ -238,7 +238,7 @@ pub struct MachineFile {
     pub mode: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// OCI runtime runc: the default.
@@ -257,7 +257,7 @@ impl RuntimeKind {
 }
 
 /// `POST /v1/apps/{app}/machines`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMachineRequest {
     /// Unique within the app; generated if absent.
@@ -273,7 +273,7 @@ pub struct CreateMachineRequest {
 }
 
 /// The image a machine was created from, resolved at create time.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ImageRef {
     pub reference: String,
     /// Manifest digest, `sha256:…`.
@@ -281,7 +281,7 @@ pub struct ImageRef {
 }
 
 /// How the main process last ended.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ExitInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -297,7 +297,7 @@ pub struct ExitInfo {
 }
 
 /// A machine as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct Machine {
     /// 14 hex characters.
     pub id: String,
@@ -331,7 +331,7 @@ pub struct ListMachinesQuery {
 }
 
 /// `POST …/stop`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopRequest {
     /// Signal name or number to send first; `SIGTERM` by default.
@@ -343,7 +343,7 @@ pub struct StopRequest {
 }
 
 /// A duration as Fly writes it: a number of seconds or a string like `5s`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Duration {
     Seconds(f64),
@@ -381,7 +381,7 @@ fn parse_duration_text(t: &str) -> Result<f64, String> {
 }
 
 /// `POST …/signal`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     /// `SIGTERM`, `TERM` or a number.
@@ -413,7 +413,7 @@ pub struct DestroyQuery {
 }
 
 /// A lifecycle event, oldest first in listings.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct MachineEvent {
     /// e.g. `create`, `pull` (the image's download while creating: detail
     /// has `phase` `pulling`, `pulled` or `failed`, bytes and layers),
@@ -431,7 +431,7 @@ pub struct MachineEvent {
 }
 
 /// `POST …/exec`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// argv; the first element is looked up in PATH.
@@ -455,7 +455,7 @@ pub struct ExecRequest {
 
 /// Result of a buffered exec. Output is UTF-8 with invalid bytes replaced;
 /// use the streaming form for binary output.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ExecResponse {
     /// Absent when the command was killed by a signal.
     pub exit_code: Option<i32>,
@@ -468,7 +468,7 @@ pub struct ExecResponse {
 }
 
 /// One line of the streaming exec (`POST …/exec/stream`, NDJSON).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecStreamEvent {
     Stdout {
@@ -488,7 +488,7 @@ pub enum ExecStreamEvent {
 }
 
 /// File metadata inside a machine.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct FileInfo {
     pub path: String,
     /// `file`, `dir`, `symlink` or `other`.
@@ -505,7 +505,7 @@ pub struct FileInfo {
 }
 
 /// Directory listing.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct FileList {
     pub path: String,
     pub entries: Vec<FileInfo>,
@@ -528,7 +528,7 @@ pub struct FilePathQuery {
 }
 
 /// A process inside a machine.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub ppid: u32,

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// `POST /v1/apps/{app}/volumes`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
     pub name: String,
@@ -13,7 +13,7 @@ pub struct CreateVolumeRequest {
 }
 
 /// `PUT /v1/apps/{app}/volumes/{id}/extend`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendVolumeRequest {
     /// The new size, larger than the current one.
@@ -21,7 +21,7 @@ pub struct ExtendVolumeRequest {
 }
 
 /// `POST /v1/apps/{app}/volumes/{id}/fork`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkVolumeRequest {
     /// The new volume's name (`<name>-fork-<n>` otherwise).
@@ -32,7 +32,7 @@ pub struct ForkVolumeRequest {
     pub snapshot: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct Volume {
     pub id: String,
     pub name: String,
@@ -55,14 +55,14 @@ pub struct Volume {
     pub purge_at: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct VolumeSnapshot {
     pub id: String,
     pub volume_id: String,
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct VolumeSnapshotList {
     /// Oldest first.
     pub snapshots: Vec<VolumeSnapshot>,

@@ -1,6 +1,7 @@
 //! `hangar`: runs the daemon, and drives it through its REST API.
 
 mod client;
+mod mcp;
 mod output;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,9 @@ enum Command {
     /// What machines may reach, and the log of what they did.
     #[command(subcommand)]
     Egress(EgressCommand),
+    /// Serve MCP on stdin/stdout, for an agent's MCP client to start (it
+    /// finds the daemon as the other commands do: HANGAR_URL, HANGAR_TOKEN).
+    Mcp,
 }
 
 #[derive(Debug, Subcommand)]
@@ -641,6 +645,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Volume(cmd) => volume(client()?, json, cmd).await,
         Command::Secret(cmd) => secret(client()?, json, cmd).await,
         Command::Egress(cmd) => egress(client()?, json, cmd).await,
+        Command::Mcp => mcp::serve_stdio(client()?).await.map(|()| 0),
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod mcp;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -184,24 +185,32 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The whole HTTP service.
-/// With `proxy`, its metrics are served at `/metrics` (behind the token).
-pub fn router(mgr: Manager, token: String, proxy: Option<hangar_ingress::Proxy>) -> axum::Router {
+/// The whole HTTP service: the REST API, the MCP server at `/mcp` (over
+/// that API) and, with `proxy`, its metrics at `/metrics`; all behind the
+/// token. `listen` is where it is served.
+pub fn router(mgr: Manager, token: String, proxy: Option<hangar_ingress::Proxy>, listen: SocketAddr) -> axum::Router {
     let state = AppState { mgr, token };
+    let auth = || axum::middleware::from_fn_with_state(state.clone(), require_token);
     let metrics = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || async move { proxy.map(|p| p.metrics()).unwrap_or_default() }),
         )
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(auth())
         .with_state(state.clone());
     let (api, _) = api_router().split_for_parts();
     let doc = serde_json::to_value(openapi()).expect("openapi serializes");
     let api = api
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(auth())
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state);
+        .with_state(state.clone());
+    let mcp = axum::Router::new()
+        .route_service(
+            "/mcp",
+            mcp::service(api.clone().fallback(not_found), &state.token, listen),
+        )
+        .layer(auth());
     axum::Router::new()
         .route(
             "/v1/openapi.json",
@@ -209,6 +218,7 @@ pub fn router(mgr: Manager, token: String, proxy: Option<hangar_ingress::Proxy>)
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .merge(metrics)
+        .merge(mcp)
         .merge(api)
         .fallback(not_found)
 }
@@ -286,7 +296,7 @@ pub async fn serve(
         "hangar listening on {url} (token in {})",
         mgr.data_dir().join("api-token").display()
     );
-    axum::serve(listener, router(mgr, token, Some(proxy)))
+    axum::serve(listener, router(mgr, token, Some(proxy), local))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("serving: {e}"))?;

@@ -1,0 +1,164 @@
+"""An agent's whole session with Hangar's MCP server, driven by the official
+MCP Python SDK: create a machine, write a program into it, run it,
+checkpoint, break it, diff, restore, fork, destroy. Every step checks what
+came back; any failure raises, and the exit status says so.
+
+Usage: scenario.py stdio HANGAR_BINARY | http URL   (HANGAR_URL, HANGAR_TOKEN,
+HANGAR_IMAGE in the environment) [--mode legacy|auto]
+"""
+
+import asyncio
+import json
+import os
+import sys
+
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+CORE_TOOLS = {
+    "create_machine", "start_machine", "stop_machine", "destroy_machine", "list_machines", "exec",
+    "write_file", "read_file", "create_checkpoint", "diff_checkpoint", "restore_checkpoint", "fork_machine",
+}
+
+PROGRAM = """#!/bin/sh
+echo "hello from $1"
+"""
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"ok: {what}", flush=True)
+
+
+def structured(result, what):
+    if result.is_error:
+        raise AssertionError(f"{what} failed: {result.content}")
+    data = result.structured_content
+    # The text block carries the same JSON, for clients without structured output.
+    check(json.loads(result.content[0].text) == data, f"{what}: text block matches structured content")
+    return data
+
+
+async def scenario(client, label):
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    check(CORE_TOOLS <= tools.keys(), f"core tools listed ({sorted(CORE_TOOLS - tools.keys())} missing)")
+    for t in tools.values():
+        check(t.description and len(t.description) > 40, f"{t.name} has a description")
+        check(t.input_schema.get("type") == "object", f"{t.name} has an input schema")
+        check(t.output_schema is not None, f"{t.name} has an output schema")
+    check("machine_id" in tools["exec"].input_schema["properties"], "exec takes machine_id")
+
+    image = os.environ["HANGAR_IMAGE"]
+    name = f"mcp-{label}"
+    call = client.call_tool
+    m = structured(await call("create_machine", {"image": image, "name": name, "cmd": ["sleep", "infinity"]}),
+                   "create_machine")
+    check(m["state"] == "started" and m["app"] == "default", "the machine is started in app default")
+    mid = m["id"]
+
+    listed = structured(await call("list_machines", {}), "list_machines")
+    check(any(x["id"] == mid for x in listed["machines"]), "list_machines shows it")
+
+    info = structured(await call("write_file", {"machine_id": name, "path": "/work/hello.sh",
+                                                "content": PROGRAM, "mode": "755"}), "write_file")
+    check(info["size"] == len(PROGRAM) and info["mode"] & 0o777 == 0o755, "the program is written, mode 755")
+    back = structured(await call("read_file", {"machine_id": name, "path": "/work/hello.sh"}), "read_file")
+    check(back["content"] == PROGRAM, "read_file returns what was written")
+
+    ran = structured(await call("exec", {"machine_id": name, "command": ["/work/hello.sh", "agent"]}), "exec")
+    check(ran["exit_code"] == 0 and ran["stdout"] == "hello from agent\n", "the program runs")
+
+    # A long command with a progress token: its output arrives while it runs.
+    progress = []
+
+    async def on_progress(done, total, message):
+        progress.append(message)
+
+    script = "for i in 1 2 3; do echo step $i; sleep 0.3; done; echo oops >&2; exit 4"
+    ran = structured(await call("exec", {"machine_id": name, "command": ["sh", "-c", script]},
+                                progress_callback=on_progress), "exec with progress")
+    check(ran["exit_code"] == 4 and ran["stdout"] == "step 1\nstep 2\nstep 3\n" and ran["stderr"] == "oops\n",
+          "streamed exec returns exit code and both streams")
+    check(len(progress) >= 2 and "step 1" in progress, f"progress notifications carried output ({progress})")
+
+    ck = structured(await call("create_checkpoint", {"machine_id": name, "comment": "works"}), "create_checkpoint")
+    ck_id = ck["id"]
+
+    # Break it.
+    structured(await call("write_file", {"machine_id": name, "path": "/work/hello.sh",
+                                         "content": "#!/bin/sh\nexit 3\n", "mode": "755"}), "break the program")
+    structured(await call("write_file", {"machine_id": name, "path": "/work/junk", "content": "x"}), "add junk")
+    ran = structured(await call("exec", {"machine_id": name, "command": ["/work/hello.sh", "agent"]}), "exec broken")
+    check(ran["exit_code"] == 3, "the broken program fails")
+
+    diff = structured(await call("diff_checkpoint", {"machine_id": name, "checkpoint_id": ck_id,
+                                                     "path": "/work/hello.sh"}), "diff_checkpoint")
+    kinds = {c["path"]: c["kind"] for c in diff["changes"]}
+    check(kinds.get("/work/hello.sh") == "modified" and kinds.get("/work/junk") == "added",
+          f"the diff shows the change and the junk ({kinds})")
+    check('-echo "hello from $1"' in diff["content_diff"] and "+exit 3" in diff["content_diff"],
+          "the diff has the file's unified diff")
+
+    structured(await call("restore_checkpoint", {"machine_id": name, "checkpoint_id": ck_id}), "restore_checkpoint")
+    ran = structured(await call("exec", {"machine_id": name, "command": ["/work/hello.sh", "again"]}),
+                     "exec restored")
+    check(ran["stdout"] == "hello from again\n", "the restored program works")
+    ran = structured(await call("exec", {"machine_id": name, "command": ["ls", "/work"]}), "ls restored")
+    check(ran["stdout"] == "hello.sh\n", "the junk is gone")
+
+    fork = structured(await call("fork_machine", {"machine_id": name, "name": f"{name}-fork"}), "fork_machine")
+    ran = structured(await call("exec", {"machine_id": fork["id"], "command": ["/work/hello.sh", "fork"]}),
+                     "exec in fork")
+    check(ran["stdout"] == "hello from fork\n", "the fork has the program")
+    structured(await call("write_file", {"machine_id": fork["id"], "path": "/work/only-fork", "content": "f"}),
+               "write in fork")
+    ran = structured(await call("exec", {"machine_id": name, "command": ["ls", "/work"]}), "ls parent")
+    check(ran["stdout"] == "hello.sh\n", "the parent does not see the fork's file")
+
+    # Resources: the machine's log and a file.
+    resources = (await client.list_resources()).resources
+    uris = {str(r.uri) for r in resources}
+    logs_uri = f"hangar://apps/default/machines/{mid}/logs"
+    check(logs_uri in uris, "the machine's log is a resource")
+    text = (await client.read_resource(logs_uri)).contents[0].text
+    check(isinstance(text, str), "its log reads as text")
+    file = (await client.read_resource(f"hangar://apps/default/machines/{mid}/files/work/hello.sh")).contents[0]
+    check(file.text == PROGRAM, "a file reads as a resource")
+
+    # Errors a model can act on.
+    structured(await call("stop_machine", {"machine_id": name}), "stop_machine")
+    err = await call("exec", {"machine_id": name, "command": ["true"]})
+    check(err.is_error and "start_machine" in err.content[0].text, f"exec on a stopped machine says what to do ({err.content[0].text})")
+    err = await call("get_machine", {"machine_id": "no-such-machine"})
+    check(err.is_error and "list_machines" in err.content[0].text, "an unknown machine points at list_machines")
+    err = await call("read_file", {"machine_id": name, "path": "relative"})
+    check(err.is_error, "bad input is a tool error")
+    m = structured(await call("start_machine", {"machine_id": name}), "start_machine")
+    check(m["state"] == "started", "start brings it back")
+    ran = structured(await call("exec", {"machine_id": name, "command": ["/work/hello.sh", "x"]}), "exec after start")
+    check(ran["stdout"] == "hello from x\n", "its files survived the stop")
+
+    for target in (name, f"{name}-fork"):
+        structured(await call("destroy_machine", {"machine_id": target, "force": True}), f"destroy {target}")
+    listed = structured(await call("list_machines", {}), "list_machines after destroy")
+    check(all(x["id"] != mid for x in listed["machines"]), "the machine is gone")
+    print(f"scenario passed ({label})", flush=True)
+
+
+async def main():
+    transport, where = sys.argv[1], sys.argv[2]
+    mode = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--mode" else "auto"
+    label = f"{transport}-{mode}"
+    if transport == "stdio":
+        env = {k: os.environ[k] for k in ("HANGAR_URL", "HANGAR_TOKEN", "PATH")}
+        server = StdioServerParameters(command=where, args=["mcp"], env=env)
+    else:
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {os.environ['HANGAR_TOKEN']}"})
+        server = streamable_http_client(where, http_client=http)
+    async with Client(server, mode=mode) as client:
+        await scenario(client, label)
+
+
+asyncio.run(main())

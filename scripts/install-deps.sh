@@ -22,4 +22,11 @@ if [[ "${1:-}" == "--test" ]]; then
   venv=target/test-tools/venv
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r crates/cli/tests/mcp/requirements.txt
+  # And the MCP Inspector CLI and the conformance suite, pinned by the lock.
+  npm_dir=target/test-tools/npm
+  if ! cmp -s crates/cli/tests/mcp/package-lock.json "$npm_dir/package-lock.json"; then
+    mkdir -p "$npm_dir"
+    cp crates/cli/tests/mcp/package.json crates/cli/tests/mcp/package-lock.json "$npm_dir/"
+    npm ci --prefix "$npm_dir" --no-audit --no-fund --loglevel=error
+  fi
 fi

@@ -10,9 +10,10 @@
 pub mod api;
 mod args;
 mod resources;
+mod schema;
 mod tools;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{
@@ -44,9 +45,23 @@ pub struct HangarMcp {
 
 impl HangarMcp {
     pub fn new(backend: Arc<dyn Backend>) -> Self {
+        static TOOLS: OnceLock<ToolRouter<HangarMcp>> = OnceLock::new();
+        let tool_router = TOOLS
+            .get_or_init(|| {
+                let mut router = Self::tool_router();
+                for route in router.map.values_mut() {
+                    let tool = &mut route.attr;
+                    tool.input_schema = Arc::new(schema::portable(tool.input_schema.as_ref().clone()));
+                    if let Some(out) = &tool.output_schema {
+                        tool.output_schema = Some(Arc::new(schema::portable(out.as_ref().clone())));
+                    }
+                }
+                router
+            })
+            .clone();
         Self {
             api: api::Api::new(backend),
-            tool_router: Self::tool_router(),
+            tool_router,
         }
     }
 }
@@ -94,9 +109,17 @@ impl ServerHandler for HangarMcp {
 mod tests {
     use super::*;
 
+    struct NoDaemon;
+
+    impl Backend for NoDaemon {
+        fn send(&self, _: ApiRequest) -> futures_util::future::BoxFuture<'static, Result<ApiResponse, String>> {
+            Box::pin(async { Err("no daemon in unit tests".to_owned()) })
+        }
+    }
+
     #[test]
     fn every_tool_has_schemas_and_a_description() {
-        let tools = HangarMcp::tool_router().list_all();
+        let tools = HangarMcp::new(Arc::new(NoDaemon)).tool_router.list_all();
         assert!(tools.len() >= 25, "{} tools", tools.len());
         for t in tools {
             assert!(

@@ -16,11 +16,12 @@ mod tools;
 use std::sync::{Arc, OnceLock};
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::model::SubscriptionFilter;
 use rmcp::model::{
     Implementation, ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
     ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 
 pub use crate::api::{ApiBody, ApiRequest, ApiResponse, Backend};
@@ -94,6 +95,32 @@ impl ServerHandler for HangarMcp {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
         Ok(ListResourceTemplatesResult::with_all_items(resources::templates()))
+    }
+
+    /// Clients of protocol 2026-07-28 learn of list changes by listening.
+    fn accepted_subscription_filter(&self, _requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        Some(SubscriptionFilter::builder().resources_list_changed().build())
+    }
+
+    /// Watches the machine list (changed by anyone: other agents, the CLI,
+    /// the REST API) and tells the listener when the resources change.
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut known = self.machine_logs().await.ok().map(|r| resources::uris(&r));
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                () = tokio::time::sleep(resources::WATCH_EVERY) => {}
+            }
+            let Ok(now) = self.machine_logs().await.map(|r| resources::uris(&r)) else {
+                continue;
+            };
+            if known.as_ref() != Some(&now) {
+                if context.sink().notify_resource_list_changed().await.is_err() {
+                    return Ok(());
+                }
+                known = Some(now);
+            }
+        }
     }
 
     async fn read_resource(

@@ -13,6 +13,13 @@ use crate::api::{ToolError, seg};
 const SCHEME: &str = "hangar://apps/";
 /// How much of a log a resource read returns: its end.
 const LOG_TAIL: u64 = 256 * 1024;
+/// How often a listening client's resource list is checked for changes.
+pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What identifies a resource list, for change detection.
+pub fn uris(resources: &[Resource]) -> Vec<String> {
+    resources.iter().map(|r| r.uri.clone()).collect()
+}
 
 pub fn templates() -> Vec<ResourceTemplate> {
     vec![

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import urllib.request
 
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -41,7 +42,30 @@ def structured(result, what):
     return data
 
 
-async def scenario(client, label):
+def create_elsewhere(name):
+    """Creates a machine through the REST API, as another agent would."""
+    body = json.dumps({"name": name, "skip_launch": True, "config": {"image": os.environ["HANGAR_IMAGE"]}})
+    req = urllib.request.Request(f"{os.environ['HANGAR_URL']}/v1/apps/default/machines", data=body.encode(),
+                                 headers={"Authorization": f"Bearer {os.environ['HANGAR_TOKEN']}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return json.load(resp)["id"]
+
+
+async def watch_resources(client, name):
+    """2026-07-28's subscriptions/listen: a machine made by someone else changes the resource list."""
+    async with client.listen(resources_list_changed=True) as sub:
+        check(sub.honored.resources_list_changed, "the server honors resources_list_changed")
+        other = await asyncio.to_thread(create_elsewhere, f"{name}-elsewhere")
+        event = await asyncio.wait_for(sub.__anext__(), 10)
+        check("resources" in type(event).__name__.lower() or "resources/list_changed" in repr(event),
+              f"the listener hears of the new machine ({event!r})")
+    uris = {str(r.uri) for r in (await client.list_resources(cache_mode="refresh")).resources}
+    check(f"hangar://apps/default/machines/{other}/logs" in uris, "and the list has it")
+    structured(await client.call_tool("destroy_machine", {"machine_id": other}), "destroy the other machine")
+
+
+async def scenario(client, label, mode):
     tools = {t.name: t for t in (await client.list_tools()).tools}
     check(CORE_TOOLS <= tools.keys(), f"core tools listed ({sorted(CORE_TOOLS - tools.keys())} missing)")
     for t in tools.values():
@@ -127,6 +151,9 @@ async def scenario(client, label):
     file = (await client.read_resource(f"hangar://apps/default/machines/{mid}/files/work/hello.sh")).contents[0]
     check(file.text == PROGRAM, "a file reads as a resource")
 
+    if mode != "legacy":
+        await watch_resources(client, name)
+
     # Errors a model can act on.
     structured(await call("stop_machine", {"machine_id": name}), "stop_machine")
     err = await call("exec", {"machine_id": name, "command": ["true"]})
@@ -158,7 +185,7 @@ async def main():
         http = create_mcp_http_client(headers={"Authorization": f"Bearer {os.environ['HANGAR_TOKEN']}"})
         server = streamable_http_client(where, http_client=http)
     async with Client(server, mode=mode) as client:
-        await scenario(client, label)
+        await scenario(client, label, mode)
 
 
 asyncio.run(main())

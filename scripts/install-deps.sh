@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 need=(runc btrfs-progs busybox-static)
 # docker-registry, skopeo, htpasswd (apache2-utils) and openssl: a real
 # registry for the pull tests, with basic auth, tokens and TLS.
-[[ "${1:-}" == "--test" ]] && need+=(gcc runsc docker-registry skopeo apache2-utils openssl)
+# mmdebstrap and apt-utils: the Debian test image and apt repository
+# (installed here: tests building both at once would race for apt's lock).
+[[ "${1:-}" == "--test" ]] && need+=(gcc runsc docker-registry skopeo apache2-utils openssl mmdebstrap apt-utils)
 missing=()
 for pkg in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -30,6 +30,13 @@ pub struct AppArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct CreateAppArgs {
+    /// The new app's name: 1-63 lowercase letters, digits and dashes.
+    pub app: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListMachinesArgs {
     /// The app; `default` if absent.
     #[serde(default = "default_app")]

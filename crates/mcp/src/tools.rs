@@ -49,7 +49,7 @@ impl HangarMcp {
     #[tool(
         description = "Create an app: a namespace for machines, volumes and secrets. Only needed for apps other than `default`, which is created on first use."
     )]
-    async fn create_app(&self, Parameters(a): Parameters<AppArgs>) -> Result<Json<App>, ToolError> {
+    async fn create_app(&self, Parameters(a): Parameters<CreateAppArgs>) -> Result<Json<App>, ToolError> {
         let body = serde_json::json!({ "app_name": a.app });
         self.api.post("/v1/apps".into(), &body).await.map(Json)
     }
@@ -422,16 +422,7 @@ impl HangarMcp {
     )]
     async fn delete_volume(&self, Parameters(a): Parameters<VolumeArgs>) -> Result<Json<Volume>, ToolError> {
         let path = format!("/v1/apps/{}/volumes/{}", seg(&a.app), seg(&a.volume_id));
-        let resp = self
-            .api
-            .send(ApiRequest {
-                method: http::Method::DELETE,
-                path,
-                body: ApiBody::Empty,
-                stream: false,
-            })
-            .await?;
-        json_body(resp).await.map(Json)
+        self.api.call(http::Method::DELETE, path, None::<&()>).await.map(Json)
     }
 
     #[tool(

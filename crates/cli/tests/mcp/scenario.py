@@ -154,6 +154,17 @@ async def scenario(client, label, mode):
     if mode != "legacy":
         await watch_resources(client, name)
 
+    # Images and volumes.
+    pulled = structured(await call("pull_image", {"image": image}), "pull_image")
+    check(pulled["digest"].startswith("sha256:"), "pull_image returns the image")
+    images = structured(await call("list_images", {}), "list_images")
+    check(any(i["digest"] == pulled["digest"] for i in images["images"]), "list_images shows it")
+    vol = structured(await call("create_volume", {"name": f"{name}-vol", "size_gb": 1}), "create_volume")
+    listed = structured(await call("list_volumes", {}), "list_volumes")
+    check(any(v["id"] == vol["id"] for v in listed["volumes"]), "list_volumes shows it")
+    gone = structured(await call("delete_volume", {"volume_id": vol["id"]}), "delete_volume")
+    check(gone["state"] == "pending_destroy", "a deleted volume is recoverable until purged")
+
     # Errors a model can act on.
     structured(await call("stop_machine", {"machine_id": name}), "stop_machine")
     err = await call("exec", {"machine_id": name, "command": ["true"]})

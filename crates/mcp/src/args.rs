@@ -168,17 +168,12 @@ pub struct ExecArgs {
     pub timeout: Option<u64>,
 }
 
-/// What a command did. Each stream keeps its last 64 KiB.
+/// What a command did: the REST exec's answer, each stream cut to its
+/// last 64 KiB.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ExecResult {
-    /// Absent when the command was killed by a signal.
-    pub exit_code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_signal: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    /// Killed for running longer than `timeout`.
-    pub timed_out: bool,
+    #[serde(flatten)]
+    pub output: hangar_api::ExecResponse,
     /// Output was longer than 64 KiB and only its end is here.
     pub truncated: bool,
 }

@@ -194,16 +194,7 @@ impl HangarMcp {
         match ctx.meta.get_progress_token() {
             None => {
                 let r: ExecResponse = self.api.post(format!("{path}/exec"), &req).await?;
-                let (stdout, cut_out) = keep_end(r.stdout);
-                let (stderr, cut_err) = keep_end(r.stderr);
-                Ok(Json(ExecResult {
-                    exit_code: r.exit_code,
-                    exit_signal: r.exit_signal,
-                    stdout,
-                    stderr,
-                    timed_out: r.timed_out,
-                    truncated: cut_out || cut_err,
-                }))
+                Ok(Json(ExecResult::new(r, false)))
             }
             Some(token) => self
                 .exec_streaming(&ctx, token, format!("{path}/exec/stream"), &req)
@@ -562,14 +553,16 @@ impl HangarMcp {
                     exit_signal,
                     timed_out,
                 } => {
-                    return Ok(ExecResult {
+                    let cut = stdout.cut || stderr.cut;
+                    let (stdout, stderr) = (stdout.text, stderr.text);
+                    let output = ExecResponse {
                         exit_code,
                         exit_signal,
-                        truncated: stdout.cut || stderr.cut,
-                        stdout: stdout.text,
-                        stderr: stderr.text,
+                        stdout,
+                        stderr,
                         timed_out,
-                    });
+                    };
+                    return Ok(ExecResult::new(output, cut));
                 }
                 ExecStreamEvent::Error { error } => return Err(ToolError::new(format!("exec failed: {error}"))),
             };
@@ -628,6 +621,20 @@ fn ndjson(
             }
         },
     ))
+}
+
+impl ExecResult {
+    /// `output` with each stream cut to its end; `cut` if some was already.
+    fn new(mut output: ExecResponse, cut: bool) -> Self {
+        let (stdout, cut_out) = keep_end(std::mem::take(&mut output.stdout));
+        let (stderr, cut_err) = keep_end(std::mem::take(&mut output.stderr));
+        output.stdout = stdout;
+        output.stderr = stderr;
+        Self {
+            output,
+            truncated: cut || cut_out || cut_err,
+        }
+    }
 }
 
 /// The end of a stream of output, at most [`OUTPUT_KEEP`] bytes.

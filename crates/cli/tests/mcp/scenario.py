@@ -65,7 +65,7 @@ async def watch_resources(client, name):
     structured(await client.call_tool("destroy_machine", {"machine_id": other}), "destroy the other machine")
 
 
-async def scenario(client, label, mode):
+async def scenario(client, label, mode, notes):
     tools = {t.name: t for t in (await client.list_tools()).tools}
     check(CORE_TOOLS <= tools.keys(), f"core tools listed ({sorted(CORE_TOOLS - tools.keys())} missing)")
     for t in tools.values():
@@ -116,6 +116,11 @@ async def scenario(client, label, mode):
     structured(await call("write_file", {"machine_id": name, "path": "/work/junk", "content": "x"}), "add junk")
     ran = structured(await call("exec", {"machine_id": name, "command": ["/work/hello.sh", "agent"]}), "exec broken")
     check(ran["exit_code"] == 3, "the broken program fails")
+    listing = structured(await call("list_files", {"machine_id": name, "path": "/work"}), "list_files")
+    check(sorted(e["path"].rsplit("/", 1)[-1] for e in listing["entries"]) == ["hello.sh", "junk"],
+          f"list_files shows both files ({listing['entries']})")
+    checkpoints = structured(await call("list_checkpoints", {"machine_id": name}), "list_checkpoints")
+    check([c["comment"] for c in checkpoints["checkpoints"]] == ["works"], "list_checkpoints has the checkpoint")
 
     diff = structured(await call("diff_checkpoint", {"machine_id": name, "checkpoint_id": ck_id,
                                                      "path": "/work/hello.sh"}), "diff_checkpoint")
@@ -136,6 +141,9 @@ async def scenario(client, label, mode):
     ran = structured(await call("exec", {"machine_id": fork["id"], "command": ["/work/hello.sh", "fork"]}),
                      "exec in fork")
     check(ran["stdout"] == "hello from fork\n", "the fork has the program")
+    structured(await call("remove_file", {"machine_id": fork["id"], "path": "/work/hello.sh"}), "remove_file")
+    err = await call("read_file", {"machine_id": fork["id"], "path": "/work/hello.sh"})
+    check(err.is_error, "a removed file is gone from the fork")
     structured(await call("write_file", {"machine_id": fork["id"], "path": "/work/only-fork", "content": "f"}),
                "write in fork")
     ran = structured(await call("exec", {"machine_id": name, "command": ["ls", "/work"]}), "ls parent")
@@ -148,11 +156,16 @@ async def scenario(client, label, mode):
     check(logs_uri in uris, "the machine's log is a resource")
     text = (await client.read_resource(logs_uri)).contents[0].text
     check(isinstance(text, str), "its log reads as text")
+    logs = structured(await call("get_logs", {"machine_id": name, "tail_bytes": 100}), "get_logs")
+    check(isinstance(logs["text"], str) and len(logs["text"]) <= 100, "get_logs returns the log's end")
     file = (await client.read_resource(f"hangar://apps/default/machines/{mid}/files/work/hello.sh")).contents[0]
     check(file.text == PROGRAM, "a file reads as a resource")
 
     if mode != "legacy":
         await watch_resources(client, name)
+    else:
+        check(any("ResourceListChanged" in n for n in notes),
+              "older protocols hear of new machines through notifications/resources/list_changed")
 
     # Images and volumes.
     pulled = structured(await call("pull_image", {"image": image}), "pull_image")
@@ -195,8 +208,13 @@ async def main():
     else:
         http = create_mcp_http_client(headers={"Authorization": f"Bearer {os.environ['HANGAR_TOKEN']}"})
         server = streamable_http_client(where, http_client=http)
-    async with Client(server, mode=mode) as client:
-        await scenario(client, label, mode)
+    notes = []
+
+    async def on_message(message):
+        notes.append(type(message).__name__ + repr(message))
+
+    async with Client(server, mode=mode, message_handler=on_message) as client:
+        await scenario(client, label, mode, notes)
 
 
 asyncio.run(main())

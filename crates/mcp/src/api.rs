@@ -24,6 +24,37 @@ pub struct ApiRequest {
     pub stream: bool,
 }
 
+impl ApiRequest {
+    pub fn new(method: http::Method, path: String) -> Self {
+        Self {
+            method,
+            path,
+            body: ApiBody::Empty,
+            stream: false,
+        }
+    }
+
+    pub fn get(path: String) -> Self {
+        Self::new(http::Method::GET, path)
+    }
+
+    pub fn json(mut self, body: &impl Serialize) -> Self {
+        self.body = ApiBody::Json(serde_json::to_vec(body).expect("a request serializes").into());
+        self
+    }
+
+    pub fn bytes(mut self, body: Vec<u8>) -> Self {
+        self.body = ApiBody::Bytes(body.into());
+        self
+    }
+
+    /// Asks for the streamed form of the answer.
+    pub fn streamed(mut self) -> Self {
+        self.stream = true;
+        self
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum ApiBody {
     Empty,
@@ -141,18 +172,11 @@ impl Api {
         path: String,
         body: Option<&impl Serialize>,
     ) -> ToolResult<T> {
-        let body = match body {
-            Some(b) => ApiBody::Json(serde_json::to_vec(b).expect("request serializes").into()),
-            None => ApiBody::Empty,
-        };
-        let resp = self
-            .send(ApiRequest {
-                method,
-                path,
-                body,
-                stream: false,
-            })
-            .await?;
+        let mut req = ApiRequest::new(method, path);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = self.send(req).await?;
         let bytes = collect(resp.body, usize::MAX).await?;
         serde_json::from_slice(if bytes.is_empty() { b"null" } else { &bytes })
             .map_err(|e| ToolError::new(format!("the daemon sent an answer this server cannot read: {e}")))
@@ -167,14 +191,7 @@ impl Api {
     }
 
     pub async fn delete(&self, path: String) -> ToolResult<()> {
-        self.send(ApiRequest {
-            method: http::Method::DELETE,
-            path,
-            body: ApiBody::Empty,
-            stream: false,
-        })
-        .await
-        .map(drop)
+        self.send(ApiRequest::new(http::Method::DELETE, path)).await.map(drop)
     }
 }
 

@@ -16,7 +16,7 @@ use rmcp::service::RequestContext;
 use rmcp::{RoleServer, tool, tool_router};
 
 use crate::HangarMcp;
-use crate::api::{ApiBody, ApiRequest, ToolError, ToolResult, collect, query, seg};
+use crate::api::{ApiRequest, ToolError, ToolResult, collect, query, seg};
 use crate::args::*;
 
 /// Each exec stream keeps this much of its end.
@@ -245,16 +245,8 @@ impl HangarMcp {
             pairs.push(("parents", "true"));
         }
         let path = format!("{}/files/content{}", machine_path(&a.app, &a.machine_id), query(&pairs));
-        let body = ApiBody::Bytes(content.into());
-        let resp = self
-            .api
-            .send(ApiRequest {
-                method: http::Method::PUT,
-                path,
-                body,
-                stream: false,
-            })
-            .await?;
+        let req = ApiRequest::new(http::Method::PUT, path).bytes(content);
+        let resp = self.api.send(req).await?;
         json_body(resp).await.map(Json)
     }
 
@@ -424,13 +416,10 @@ impl HangarMcp {
         ctx: RequestContext<RoleServer>,
         Parameters(a): Parameters<PullImageArgs>,
     ) -> Result<Json<ImageInfo>, ToolError> {
-        let body = serde_json::to_vec(&hangar_api::PullImageRequest { image: a.image }).expect("serializes");
-        let req = ApiRequest {
-            method: http::Method::POST,
-            path: "/v1/images/pull".into(),
-            body: ApiBody::Json(body.into()),
-            stream: true,
-        };
+        let body = hangar_api::PullImageRequest { image: a.image };
+        let req = ApiRequest::new(http::Method::POST, "/v1/images/pull".into())
+            .json(&body)
+            .streamed();
         let mut lines = ndjson(self.api.send(req).await?.body);
         let token = ctx.meta.get_progress_token();
         while let Some(line) = lines.next().await {
@@ -493,12 +482,7 @@ impl HangarMcp {
 
     pub(crate) async fn read_bytes(&self, app: &str, machine: &str, path: &str) -> ToolResult<Vec<u8>> {
         let q = query(&[("path", path)]);
-        let req = ApiRequest {
-            method: http::Method::GET,
-            path: format!("{}/files/content{q}", machine_path(app, machine)),
-            body: ApiBody::Empty,
-            stream: false,
-        };
+        let req = ApiRequest::get(format!("{}/files/content{q}", machine_path(app, machine)));
         let resp = self.api.send(req).await?;
         collect(resp.body, READ_LIMIT).await.map_err(|e| {
             ToolError::new(format!(
@@ -508,12 +492,7 @@ impl HangarMcp {
     }
 
     pub(crate) async fn logs(&self, app: &str, machine: &str, tail_bytes: u64) -> ToolResult<String> {
-        let req = ApiRequest {
-            method: http::Method::GET,
-            path: format!("{}/logs?tail_bytes={tail_bytes}", machine_path(app, machine)),
-            body: ApiBody::Empty,
-            stream: false,
-        };
+        let req = ApiRequest::get(format!("{}/logs?tail_bytes={tail_bytes}", machine_path(app, machine)));
         let resp = self.api.send(req).await?;
         let bytes = collect(resp.body, (tail_bytes as usize).saturating_add(64 * 1024)).await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -528,16 +507,8 @@ impl HangarMcp {
         path: String,
         req: &ExecRequest,
     ) -> ToolResult<ExecResult> {
-        let body = ApiBody::Json(serde_json::to_vec(req).expect("serializes").into());
-        let resp = self
-            .api
-            .send(ApiRequest {
-                method: http::Method::POST,
-                path,
-                body,
-                stream: true,
-            })
-            .await?;
+        let req = ApiRequest::new(http::Method::POST, path).json(req).streamed();
+        let resp = self.api.send(req).await?;
         let mut lines = ndjson(resp.body);
         let (mut stdout, mut stderr) = (Tail::default(), Tail::default());
         let mut last_report: Option<Instant> = None;

@@ -211,8 +211,8 @@ impl HangarMcp {
         let bytes = self.read_bytes(&a.app, &a.machine_id, &a.path).await?;
         let size = bytes.len() as u64;
         let content = match a.encoding {
-            crate::args::Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&bytes),
-            crate::args::Encoding::Utf8 => String::from_utf8(bytes)
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&bytes),
+            Encoding::Utf8 => String::from_utf8(bytes)
                 .map_err(|_| ToolError::new(format!("{} is not UTF-8 text: read it with encoding: base64", a.path)))?,
         };
         Ok(Json(FileContent {
@@ -228,8 +228,8 @@ impl HangarMcp {
     )]
     async fn write_file(&self, Parameters(a): Parameters<WriteFileArgs>) -> Result<Json<FileInfo>, ToolError> {
         let content = match a.encoding {
-            crate::args::Encoding::Utf8 => a.content.into_bytes(),
-            crate::args::Encoding::Base64 => base64::engine::general_purpose::STANDARD
+            Encoding::Utf8 => a.content.into_bytes(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
                 .decode(a.content.trim())
                 .map_err(|e| {
                     ToolError::new(format!(

@@ -5,6 +5,8 @@
 //! session, one call per run; and the MCP conformance suite.
 
 mod common;
+#[path = "../../image/tests/support/registry.rs"]
+mod registry;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,6 +26,11 @@ fn python() -> PathBuf {
 }
 
 fn scenario(d: &Daemon, args: &[&str]) {
+    scenario_with(d, args, &[]);
+}
+
+/// With extra environment for the scenario.
+fn scenario_with(d: &Daemon, args: &[&str], env: &[(&str, &str)]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/scenario.py");
     let out = Command::new(python())
         .arg(script)
@@ -31,6 +38,7 @@ fn scenario(d: &Daemon, args: &[&str]) {
         .env("HANGAR_URL", &d.url)
         .env("HANGAR_TOKEN", &d.token)
         .env("HANGAR_IMAGE", common::busybox_image())
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,10 +51,24 @@ fn scenario(d: &Daemon, args: &[&str]) {
     );
 }
 
+/// Over stdio, with a registry on loopback for a pull that reports
+/// progress.
 #[test]
 fn python_sdk_over_stdio() {
+    registry::require();
+    let reg = registry::Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let noise: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    reg.push(
+        &registry::busybox_layout(work.path(), &[("noise", &noise)]),
+        "bb:big",
+        &[],
+    );
     let d = Daemon::start();
-    scenario(&d, &["stdio", common::HANGAR]);
+    let pull = format!("{}/bb:big", reg.addr);
+    scenario_with(&d, &["stdio", common::HANGAR], &[("HANGAR_PULL_IMAGE", &pull)]);
     scenario(&d, &["stdio", common::HANGAR, "--mode", "legacy"]);
 }
 

@@ -168,6 +168,18 @@ async def scenario(client, label, mode, notes):
               "older protocols hear of new machines through notifications/resources/list_changed")
 
     # Images and volumes.
+    if os.environ.get("HANGAR_PULL_IMAGE"):
+        steps = []
+
+        async def on_pull(done, total, message):
+            steps.append((done, total))
+
+        reference = os.environ["HANGAR_PULL_IMAGE"]
+        pulled = structured(await call("pull_image", {"image": reference}, progress_callback=on_pull),
+                            "pull_image from a registry")
+        check(pulled["reference"] == reference, "the registry image is pulled")
+        # Progress in bytes; a second pull of the same image has less or nothing left to download.
+        check(steps and all(t is None or d <= t for d, t in steps), f"the pull reported progress ({steps[-3:]})")
     pulled = structured(await call("pull_image", {"image": image}), "pull_image")
     check(pulled["digest"].startswith("sha256:"), "pull_image returns the image")
     images = structured(await call("list_images", {}), "list_images")

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use hangar_mcp::{ApiBody, ApiRequest, ApiResponse, Backend, HangarMcp};
+use hangar_mcp::{ApiRequest, ApiResponse, Backend, HangarMcp};
 use reqwest::header;
 use rmcp::ServiceExt;
 
@@ -18,13 +18,12 @@ impl Backend for Http {
     fn send(&self, req: ApiRequest) -> BoxFuture<'static, Result<ApiResponse, String>> {
         let mut builder = self.0.request(req.method, &req.path);
         if req.stream {
-            builder = builder.header(header::ACCEPT, "application/x-ndjson");
+            builder = builder.header(header::ACCEPT, hangar_mcp::api::STREAMED);
         }
-        builder = match req.body {
-            ApiBody::Empty => builder,
-            ApiBody::Json(b) => builder.header(header::CONTENT_TYPE, "application/json").body(b),
-            ApiBody::Bytes(b) => builder.header(header::CONTENT_TYPE, "application/octet-stream").body(b),
-        };
+        if let Some(content_type) = req.body.content_type() {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        let builder = builder.body(req.body.into_bytes());
         Box::pin(async move {
             let resp = builder.send().await.map_err(|e| e.to_string())?;
             let status = resp.status();

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Request, header};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use hangar_mcp::{ApiBody, ApiRequest, ApiResponse, Backend, HangarMcp};
+use hangar_mcp::{ApiRequest, ApiResponse, Backend, HangarMcp};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tower::ServiceExt;
@@ -27,20 +27,12 @@ impl Backend for InProcess {
             .uri(req.path)
             .header(header::AUTHORIZATION, self.authorization.clone());
         if req.stream {
-            builder = builder.header(header::ACCEPT, "application/x-ndjson");
+            builder = builder.header(header::ACCEPT, hangar_mcp::api::STREAMED);
         }
-        let body = match req.body {
-            ApiBody::Empty => Body::empty(),
-            ApiBody::Json(b) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/json");
-                Body::from(b)
-            }
-            ApiBody::Bytes(b) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/octet-stream");
-                Body::from(b)
-            }
-        };
-        let request = builder.body(body);
+        if let Some(content_type) = req.body.content_type() {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        let request = builder.body(Body::from(req.body.into_bytes()));
         let api = self.api.clone();
         Box::pin(async move {
             let request = request.map_err(|e| format!("bad request path: {e}"))?;

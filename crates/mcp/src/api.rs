@@ -20,7 +20,7 @@ pub struct ApiRequest {
     /// `/v1/…`, with the query string, already percent-encoded.
     pub path: String,
     pub body: ApiBody,
-    /// Ask for a streamed answer (`application/x-ndjson`).
+    /// Ask for a streamed answer ([`STREAMED`]).
     pub stream: bool,
 }
 
@@ -61,6 +61,27 @@ pub enum ApiBody {
     Json(Bytes),
     Bytes(Bytes),
 }
+
+impl ApiBody {
+    /// The `Content-Type` it is sent with.
+    pub fn content_type(&self) -> Option<&'static str> {
+        match self {
+            Self::Empty => None,
+            Self::Json(_) => Some("application/json"),
+            Self::Bytes(_) => Some("application/octet-stream"),
+        }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Self::Empty => Bytes::new(),
+            Self::Json(b) | Self::Bytes(b) => b,
+        }
+    }
+}
+
+/// The `Accept` of a request that asks for the streamed answer.
+pub const STREAMED: &str = "application/x-ndjson";
 
 /// The REST API's answer; the body arrives as it is produced.
 pub struct ApiResponse {
@@ -166,34 +187,29 @@ impl Api {
         })
     }
 
-    pub async fn call<T: DeserializeOwned>(
-        &self,
-        method: http::Method,
-        path: String,
-        body: Option<&impl Serialize>,
-    ) -> ToolResult<T> {
-        let mut req = ApiRequest::new(method, path);
-        if let Some(body) = body {
-            req = req.json(body);
-        }
+    /// Sends a call and reads its JSON answer (at most [`JSON_LIMIT`]).
+    pub async fn json<T: DeserializeOwned>(&self, req: ApiRequest) -> ToolResult<T> {
         let resp = self.send(req).await?;
-        let bytes = collect(resp.body, usize::MAX).await?;
+        let bytes = collect(resp.body, JSON_LIMIT).await?;
         serde_json::from_slice(if bytes.is_empty() { b"null" } else { &bytes })
             .map_err(|e| ToolError::new(format!("the daemon sent an answer this server cannot read: {e}")))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: String) -> ToolResult<T> {
-        self.call(http::Method::GET, path, None::<&()>).await
+        self.json(ApiRequest::get(path)).await
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: String, body: &impl Serialize) -> ToolResult<T> {
-        self.call(http::Method::POST, path, Some(body)).await
+        self.json(ApiRequest::new(http::Method::POST, path).json(body)).await
     }
 
     pub async fn delete(&self, path: String) -> ToolResult<()> {
         self.send(ApiRequest::new(http::Method::DELETE, path)).await.map(drop)
     }
 }
+
+/// The largest JSON answer read.
+const JSON_LIMIT: usize = 16 << 20;
 
 /// Reads a whole body, failing if it is longer than `limit`.
 pub async fn collect(mut body: BoxStream<'static, Result<Bytes, String>>, limit: usize) -> ToolResult<Vec<u8>> {

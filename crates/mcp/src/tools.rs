@@ -245,9 +245,10 @@ impl HangarMcp {
             pairs.push(("parents", "true"));
         }
         let path = format!("{}/files/content{}", machine_path(&a.app, &a.machine_id), query(&pairs));
-        let req = ApiRequest::new(http::Method::PUT, path).bytes(content);
-        let resp = self.api.send(req).await?;
-        json_body(resp).await.map(Json)
+        self.api
+            .json(ApiRequest::new(http::Method::PUT, path).bytes(content))
+            .await
+            .map(Json)
     }
 
     #[tool(
@@ -405,7 +406,10 @@ impl HangarMcp {
     )]
     async fn delete_volume(&self, Parameters(a): Parameters<VolumeArgs>) -> Result<Json<Volume>, ToolError> {
         let path = format!("/v1/apps/{}/volumes/{}", seg(&a.app), seg(&a.volume_id));
-        self.api.call(http::Method::DELETE, path, None::<&()>).await.map(Json)
+        self.api
+            .json(ApiRequest::new(http::Method::DELETE, path))
+            .await
+            .map(Json)
     }
 
     #[tool(
@@ -463,21 +467,15 @@ impl HangarMcp {
 impl HangarMcp {
     /// The app `default` exists without anyone creating it, as in the CLI.
     async fn ensure_app(&self, app: &str) -> ToolResult<()> {
-        if app != DEFAULT_APP || self.api.get::<App>(format!("/v1/apps/{DEFAULT_APP}")).await.is_ok() {
+        if app != DEFAULT_APP {
             return Ok(());
         }
-        let created: ToolResult<App> = self
-            .api
-            .post("/v1/apps".into(), &serde_json::json!({ "app_name": DEFAULT_APP }))
-            .await;
-        // Lost a race with another creator: fine.
-        created.map(drop).or_else(|e| {
-            if e.code.as_deref() == Some("conflict") {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
+        let body = serde_json::json!({ "app_name": DEFAULT_APP });
+        match self.api.post::<App>("/v1/apps".into(), &body).await {
+            // It exists already (or another caller made it just now).
+            Err(e) if e.code.as_deref() == Some("conflict") => Ok(()),
+            created => created.map(drop),
+        }
     }
 
     pub(crate) async fn read_bytes(&self, app: &str, machine: &str, path: &str) -> ToolResult<Vec<u8>> {
@@ -555,12 +553,6 @@ impl HangarMcp {
     async fn machines_changed(&self, ctx: &RequestContext<RoleServer>) {
         let _ = ctx.peer.notify_resource_list_changed().await;
     }
-}
-
-async fn json_body<T: serde::de::DeserializeOwned>(resp: crate::api::ApiResponse) -> ToolResult<T> {
-    let bytes = collect(resp.body, 16 << 20).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ToolError::new(format!("the daemon sent an answer this server cannot read: {e}")))
 }
 
 /// Splits a streamed body into lines.

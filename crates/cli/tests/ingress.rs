@@ -744,3 +744,343 @@ async fn reaches_gvisor_machines() {
     let (status, body) = get(&d, &host, "/from-image.txt").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "image layer\n"), "resumed");
 }
+
+/// A server in the machine for the HTTP/1.1 semantics below: `/echo`
+/// answers with the body's length and SHA-256 and how it was framed,
+/// `/headers` with the request's fields, `/chunked` with a chunked body and
+/// a trailer, `/big` with 100 000 bytes, `/204` with nothing.
+fn serve_semantics(listener: tokio::net::TcpListener) {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    use sha2::Digest;
+    type Answer = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+    async fn answer(req: hyper::Request<hyper::body::Incoming>) -> Result<hyper::Response<Answer>, hyper::Error> {
+        let full = |s: String| Full::new(Bytes::from(s)).boxed();
+        let resp = match req.uri().path() {
+            "/echo" => {
+                let framing = req
+                    .headers()
+                    .get("transfer-encoding")
+                    .map_or("length".to_owned(), |v| v.to_str().unwrap().to_owned());
+                let body = req.into_body().collect().await?.to_bytes();
+                let sha = hex::encode(sha2::Sha256::digest(&body));
+                hyper::Response::new(full(format!("{} {sha} {framing}", body.len())))
+            }
+            "/headers" => {
+                let mut text = String::new();
+                for (name, value) in req.headers() {
+                    text += &format!("{name}: {}\n", value.to_str().unwrap());
+                }
+                hyper::Response::new(full(text))
+            }
+            "/chunked" => {
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("x-sum", "3".parse().unwrap());
+                let frames = ["one ", "two ", "three"]
+                    .map(|s| Ok(Frame::data(Bytes::from(s))))
+                    .into_iter()
+                    .chain([Ok(Frame::trailers(trailers))]);
+                let mut resp = hyper::Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+                // hyper sends only the trailers an answer declares.
+                resp.headers_mut().insert("trailer", "x-sum".parse().unwrap());
+                resp
+            }
+            "/big" => hyper::Response::new(full("x".repeat(100_000))),
+            "/204" => {
+                let mut resp = hyper::Response::new(full(String::new()));
+                *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
+                resp
+            }
+            _ => panic!("no such path: {}", req.uri()),
+        };
+        Ok(resp)
+    }
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), hyper::service::service_fn(answer)),
+            );
+        }
+    });
+}
+
+/// Reads from `stream` until `done` says the bytes so far are whole.
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = [0; 65536];
+    while !done(&answer) {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no whole answer in 10 s: {:?}", String::from_utf8_lossy(&answer)))
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+/// A request's head off `stream`, read a byte at a time so that nothing
+/// after it is taken; `None` at the end of the stream.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0];
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8(head).unwrap())
+}
+
+/// The proxy's own HTTP/1.1 path keeps the protocol's rules: bodies of
+/// every framing pass whole (curl's 100-continue and chunked uploads),
+/// chunked answers keep their trailers, HEAD and 204 answers have no body,
+/// pipelined requests are answered in order, hop-by-hop fields stop at the
+/// proxy, a request that could be read two ways is refused, HTTP/1.0 is
+/// served, and a machine that closes kept-alive connections silently or
+/// answers before reading the body is handled.
+#[tokio::test(flavor = "multi_thread")]
+async fn http11_forwarding_keeps_the_protocol() {
+    use sha2::Digest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::start();
+    d.create_app("h1").await;
+    let m = d
+        .machine(
+            "h1",
+            json!({
+                "image": common::busybox_image(),
+                "init": { "cmd": ["sleep", "1000000"] },
+                "services": [{ "internal_port": 9200 }],
+            }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    serve_semantics(d.listen_in_machine(&id, 9200));
+    let host = format!("{id}.h1.localhost");
+    let proxy = d.proxy_url.trim_start_matches("http://").to_owned();
+
+    // curl: a 3 MiB body with Expect: 100-continue, then chunked.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    let body: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&body));
+    let curl = |extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--fail-with-body",
+                "-H",
+                &format!("Host: {host}"),
+                "--data-binary",
+            ])
+            .arg(format!("@{}", file.display()))
+            .args(extra)
+            .arg(format!("{}/echo", d.proxy_url))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(curl(&["-v"]), format!("{} {sha} length", body.len()));
+    assert_eq!(
+        curl(&["-H", "Transfer-Encoding: chunked"]),
+        format!("{} {sha} chunked", body.len())
+    );
+    let out = std::process::Command::new("curl")
+        .args(["-sSv", "-H", &format!("Host: {host}"), "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("{}/echo", d.proxy_url))
+        .output()
+        .unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        trace.contains("Expect: 100-continue") && trace.contains("HTTP/1.1 100 Continue"),
+        "curl asked for 100 Continue and the machine's came through: {trace}"
+    );
+
+    // A chunked answer passes as it came, its trailer too.
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let request = format!("GET /chunked HTTP/1.1\r\nHost: {host}\r\nTE: trailers\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| a.ends_with(b"\r\n0\r\nx-sum: 3\r\n\r\n")).await;
+    assert!(
+        answer.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\n4\r\none \r\n"), "{answer}");
+
+    // Pipelined on the same connection: HEAD (a length but no body), 204,
+    // then the whole body; in order.
+    let pipelined = format!(
+        "HEAD /big HTTP/1.1\r\nHost: {host}\r\n\r\nGET /204 HTTP/1.1\r\nHost: {host}\r\n\r\nGET /big HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    );
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| a.ends_with(&[b'x'; 100_000])).await;
+    let statuses: Vec<&str> = answer.lines().filter(|l| l.starts_with("HTTP/1.1")).collect();
+    assert_eq!(
+        statuses,
+        ["HTTP/1.1 200 OK", "HTTP/1.1 204 No Content", "HTTP/1.1 200 OK"],
+        "{answer:.400}"
+    );
+    assert_eq!(
+        answer.len() - answer.trim_end_matches('x').len(),
+        100_000,
+        "one body only"
+    );
+
+    // Hop-by-hop fields stop here; X-Forwarded-* are the proxy's.
+    let request = format!(
+        "GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\
+         X-Forwarded-Proto: https\r\nX-Kept: 2\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| a.ends_with(b"x-forwarded-proto: http\n")).await;
+    let seen = answer.split("\r\n\r\n").nth(1).unwrap();
+    assert!(
+        seen.contains("x-kept: 2\n") && seen.contains("x-forwarded-for: 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains(&format!("x-forwarded-host: {host}\n")), "{seen}");
+    assert!(!seen.contains("x-secret") && !seen.contains("keep-alive"), "{seen}");
+    assert_eq!(seen.matches("x-forwarded-proto").count(), 1, "{seen}");
+
+    // A length and chunks together could be read two ways: refused, and
+    // the connection closed, so nothing after it is taken as a request.
+    let smuggle = format!(
+        "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+         GET /headers HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    stream.write_all(smuggle.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"bad_request\"") && answer.contains("both Content-Length and Transfer-Encoding"),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then closed: {answer}"
+    );
+    // Two Hosts could route one way and be served another.
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let request = format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nHost: other.h1.localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("exactly one Host"),
+        "{answer}"
+    );
+
+    // HTTP/1.0 goes to hyper, and is served.
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let request = format!("GET /big HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 200 OK") && answer.ends_with(&"x".repeat(100_000)),
+        "{answer:.300}"
+    );
+
+    // A server that closes connections without saying so: after one answer
+    // (`/quiet`), or on a kept-alive connection's second request without
+    // answering it (`/flaky`: as a server that closes an idle connection
+    // just as a request arrives); and one that answers before it has read
+    // the body (`/early`).
+    let raw = d.listen_in_machine(&id, 9201);
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = raw.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                for served in 0.. {
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
+                    if head.starts_with("POST /early") {
+                        let answer =
+                            "HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\nConnection: close\r\n\r\nno way";
+                        stream.write_all(answer.as_bytes()).await.unwrap();
+                        // Reads the rest, so that closing sends no reset.
+                        let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                        return;
+                    }
+                    if head.contains(" /flaky ") && served > 0 {
+                        return;
+                    }
+                    if head.starts_with("POST") {
+                        let mut byte = [0];
+                        stream.read_exact(&mut byte).await.unwrap();
+                    }
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                    if head.contains(" /quiet ") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let accepted = move || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let raw_host = format!("9201-{id}.h1.localhost");
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    for _ in 0..3 {
+        let request = format!("GET /quiet HTTP/1.1\r\nHost: {raw_host}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, |a| a.ends_with(b"\r\n\r\nok")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted(), 3, "a new connection each time");
+    // The second GET meets the silent close and goes again on a new
+    // connection; a POST, which may not be sent twice, gets a 502.
+    for _ in 0..2 {
+        let request = format!("GET /flaky HTTP/1.1\r\nHost: {raw_host}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, |a| a.ends_with(b"\r\n\r\nok")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    }
+    assert_eq!(accepted(), 5, "the retry's own connection");
+    let request = format!("POST /flaky HTTP/1.1\r\nHost: {raw_host}\r\nContent-Length: 1\r\n\r\nx");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| a.ends_with(b"}")).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502") && answer.contains("machine_unavailable"),
+        "{answer}"
+    );
+    assert_eq!(accepted(), 5, "not sent again");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            " %{http_code}",
+            "-H",
+            &format!("Host: {raw_host}"),
+            "--data-binary",
+        ])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("{}/early", d.proxy_url))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "no way 401",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

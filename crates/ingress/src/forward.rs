@@ -347,6 +347,11 @@ impl Ingress {
             wire::put_field(&mut out, "x-forwarded-for", peer.as_bytes());
         }
         wire::put_field(&mut out, "x-forwarded-proto", b"http");
+        // Trailers pass as they are: the client's wish for them holds for
+        // the machine too.
+        if head.fields.lists("te", "trailers") {
+            wire::put_field(&mut out, "te", b"trailers");
+        }
         if upgrade {
             for value in head.fields.all("upgrade") {
                 wire::put_field(&mut out, "upgrade", value);
@@ -684,7 +689,11 @@ async fn streamed(
         uploaded = &mut upload => match uploaded {
             Ok(()) => Ok(((&mut answer).await?, true)),
             Err(RelayError::Source(e)) => Err(Failed::Client(format!("reading the request's body: {e}"))),
-            Err(RelayError::Destination(e)) => Err(Failed::Machine(format!("writing the request's body: {e}"))),
+            // It may have stopped reading because it has answered.
+            Err(RelayError::Destination(e)) => match (&mut answer).await {
+                Ok(head) => Ok((head, false)),
+                Err(_) => Err(Failed::Machine(format!("writing the request's body: {e}"))),
+            },
         },
         head = &mut answer => Ok((head?, false)),
     }

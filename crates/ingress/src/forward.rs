@@ -9,14 +9,14 @@
 //! HTTP/1.0, a target that is not a path) goes to hyper from that request
 //! on, with what has been read so far.
 
+use std::fmt::Write as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use hangar_api::MachineState;
 use hangar_machine::Error;
 use hyper::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -210,9 +210,11 @@ impl Ingress {
                     .await;
             }
         };
-        // Until the body has been read, an answer must close the
-        // connection: the body's bytes would be taken for a request.
-        let unread = framing != Framing::Empty;
+        // The client asked to close after this answer; and until the body
+        // has been read, an answer must close the connection too, or the
+        // body's bytes would be taken for a request.
+        let close = head.fields.lists("connection", "close");
+        let closing = close || framing != Framing::Empty;
         let host = {
             let mut hosts = head.fields.all("host");
             (hosts.next().map(std::str::from_utf8), hosts.next())
@@ -227,12 +229,12 @@ impl Ingress {
             }
         };
         let Some(route) = Route::parse(host, &self.cfg.domain) else {
-            return client.answer(self.no_route(host), unread).await;
+            return client.answer(self.no_route(host), closing).await;
         };
         let session = self.session_of(&head.fields);
         let admitted = match self.admit(&route, session.as_deref(), conn).await {
             Ok(a) => a,
-            Err(resp) => return client.answer(resp, unread).await,
+            Err(resp) => return client.answer(resp, closing).await,
         };
         let upgrade = head.fields.has("upgrade");
         let expects_continue = head.fields.lists("expect", "100-continue");
@@ -257,16 +259,14 @@ impl Ingress {
             to_head: head.method() == "HEAD",
             upgrade,
         };
-        let close = head.fields.lists("connection", "close");
         drop(head);
-        let unread = matches!(req.body, Payload::Streamed(_));
-        // From here on a failure leaves the body unread only if it streams.
+        let closing = close || matches!(req.body, Payload::Streamed(_));
         let answer = match self
             .call_machine(admitted, route.port(), route.kind(), &req, client)
             .await
         {
             Ok(a) => a,
-            Err(resp) => return client.answer(resp, unread || close).await,
+            Err(resp) => return client.answer(resp, closing).await,
         };
         let replay = answer
             .head
@@ -284,10 +284,7 @@ impl Ingress {
                 let message = "the machine asked for a replay, but the request can't be replayed (a body over 1 MiB, \
                                an upgrade, or a replay already)";
                 return client
-                    .answer(
-                        json_error(StatusCode::BAD_GATEWAY, "replay_refused", message),
-                        unread || close,
-                    )
+                    .answer(json_error(StatusCode::BAD_GATEWAY, "replay_refused", message), closing)
                     .await;
             }
         };
@@ -373,26 +370,11 @@ impl Ingress {
         client: &mut Client,
     ) -> Result<Answer, Response<Body>> {
         let Admitted { target, busy } = admitted;
-        let machine = target.machine.clone();
-        let Some(port) = port.or(target.service().map(|s| s.internal_port)) else {
-            return Err(self.no_service(&machine.id));
-        };
-        let counters = self.metrics.machine(&machine.app, &machine.id);
-        let counters = counters.route(route_kind);
-        counters.request();
-        let arrived = (target.state != MachineState::Started).then(Instant::now);
-        let woke = match self.wake(&target).await {
-            Ok(woke) => woke,
-            Err(e) => {
-                counters.failure();
-                return Err(error_response(&e));
-            }
-        };
-        match self.send_on_wire(client, &machine, port, req).await {
+        let call = self.call(&target, port, route_kind).await?;
+        let machine = target.machine;
+        match self.send_on_wire(client, &machine, call.port, req).await {
             Ok((head, wire, sent_whole)) => {
-                if let Some(arrived) = arrived.filter(|_| woke) {
-                    counters.wake(arrived.elapsed());
-                }
+                call.answered();
                 Ok(Answer {
                     head,
                     wire,
@@ -402,12 +384,12 @@ impl Ingress {
                 })
             }
             Err(e) => {
-                counters.failure();
+                call.failed();
                 Err(match e {
                     Failed::Client(why) => json_error(StatusCode::BAD_REQUEST, "bad_request", &why),
                     Failed::Silent(why) | Failed::Machine(why) => error_response(&Error::Unavailable(format!(
-                        "machine {} port {port}: {why}",
-                        machine.id
+                        "machine {} port {}: {why}",
+                        machine.id, call.port
                     ))),
                 })
             }
@@ -553,9 +535,7 @@ impl Ingress {
 /// hop-by-hop ones, then `extra`.
 fn response_head(head: &ResponseHead, upgrade: bool, extra: &[(&str, &[u8])]) -> BytesMut {
     let mut out = BytesMut::with_capacity(head.fields.bytes().len() + 32);
-    out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(head.code.to_string().as_bytes());
-    out.put_u8(b' ');
+    let _ = write!(out, "HTTP/1.1 {} ", head.code);
     out.put_slice(head.reason());
     out.put_slice(b"\r\n");
     wire::put_fields(&mut out, &head.fields, |_| false);

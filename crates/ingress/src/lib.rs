@@ -33,7 +33,7 @@ use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use load::{Busy, Count, Load};
-use metrics::{Metrics, RouteKind};
+use metrics::{MachineCounters, Metrics, RouteKind};
 pub use route::Route;
 use upstream::{Affinity, Upstream};
 
@@ -378,6 +378,35 @@ struct Admitted {
     busy: Busy,
 }
 
+/// A request on its way to a machine's port, counted in the metrics.
+struct Call {
+    port: u16,
+    counters: Arc<MachineCounters>,
+    kind: RouteKind,
+    /// When the request came, if the machine was not started then.
+    arrived: Option<Instant>,
+    /// This request started the machine.
+    woke: bool,
+}
+
+impl Call {
+    fn counters(&self) -> &metrics::Counters {
+        self.counters.route(self.kind)
+    }
+
+    /// The machine answered: a wake this request caused counts, with its
+    /// time to the answer.
+    fn answered(&self) {
+        if let Some(arrived) = self.arrived.filter(|_| self.woke) {
+            self.counters().wake(arrived.elapsed());
+        }
+    }
+
+    fn failed(&self) {
+        self.counters().failure();
+    }
+}
+
 /// What a service's load is counted in.
 fn count_of(service: Option<&MachineService>) -> Count {
     match service.and_then(|s| s.concurrency.as_ref()).map(|c| c.kind) {
@@ -659,31 +688,21 @@ impl Ingress {
     ) -> Response<Body> {
         let Admitted { target, busy } = admitted;
         let machine = &target.machine;
-        let Some(port) = port.or(target.service().map(|s| s.internal_port)) else {
-            return self.no_service(&machine.id);
+        let call = match self.call(&target, port, route_kind).await {
+            Ok(call) => call,
+            Err(resp) => return resp,
         };
-        let counters = self.metrics.machine(&machine.app, &machine.id);
-        let counters = counters.route(route_kind);
-        counters.request();
-        let arrived = (target.state != MachineState::Started).then(Instant::now);
-        let sent = async {
-            let woke = self.wake(&target).await?;
-            let resp = self
-                .upstream
-                .send(&conn.upstream, &machine.app, &machine.id, port, req)
-                .await?;
-            Ok::<_, Error>((woke, resp))
-        }
-        .await;
+        let sent = self
+            .upstream
+            .send(&conn.upstream, &machine.app, &machine.id, call.port, req)
+            .await;
         let mut resp = match sent {
-            Ok((woke, resp)) => {
-                if let Some(arrived) = arrived.filter(|_| woke) {
-                    counters.wake(arrived.elapsed());
-                }
+            Ok(resp) => {
+                call.answered();
                 resp
             }
             Err(e) => {
-                counters.failure();
+                call.failed();
                 return error_response(&e);
             }
         };
@@ -707,6 +726,30 @@ impl Ingress {
         let (parts, body) = resp.into_parts();
         let body = stream::Tracked::new(body, busy, self.cfg.stream_idle_timeout);
         Response::from_parts(parts, Body::Tracked(body))
+    }
+
+    /// Counts a request to the machine's service (or `port`), and wakes
+    /// the machine if need be.
+    async fn call(&self, target: &Target, port: Option<u16>, kind: RouteKind) -> Result<Call, Response<Body>> {
+        let machine = &target.machine;
+        let Some(port) = port.or(target.service().map(|s| s.internal_port)) else {
+            return Err(self.no_service(&machine.id));
+        };
+        let call = Call {
+            port,
+            counters: self.metrics.machine(&machine.app, &machine.id),
+            kind,
+            arrived: (target.state != MachineState::Started).then(Instant::now),
+            woke: false,
+        };
+        call.counters().request();
+        match self.wake(target).await {
+            Ok(woke) => Ok(Call { woke, ..call }),
+            Err(e) => {
+                call.failed();
+                Err(error_response(&e))
+            }
+        }
     }
 
     /// Starts a stopped or suspended machine whose service autostarts;

@@ -118,18 +118,11 @@ impl Fields {
     pub(crate) fn lists(&self, name: &str, token: &str) -> bool {
         self.elements(name).any(|e| e.eq_ignore_ascii_case(token.as_bytes()))
     }
-
-    /// Whether a field is about this hop only, so never passed on: the
-    /// connection's own fields and any that `Connection` names (RFC 9110
-    /// §7.6.1). `Transfer-Encoding` passes, since bodies pass as they are.
-    pub(crate) fn hop_by_hop(&self, name: &str) -> bool {
-        const HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"];
-        HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || self
-                .elements("connection")
-                .any(|e| e.eq_ignore_ascii_case(name.as_bytes()))
-    }
 }
+
+/// Fields about one hop only, so never passed on: the connection's own (RFC
+/// 9110 §7.6.1). `Transfer-Encoding` passes, since bodies pass as they are.
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"];
 
 /// A request's head.
 #[derive(Debug)]
@@ -446,13 +439,17 @@ impl Chunks {
 }
 
 /// Writes `head`'s fields into `out` (`name: value\r\n` each), but for
-/// hop-by-hop ones and those `skip` refuses.
+/// hop-by-hop ones (those of [`HOP_BY_HOP`] and any that `Connection`
+/// names) and those `skip` refuses.
 pub(crate) fn put_fields(out: &mut BytesMut, fields: &Fields, skip: impl Fn(&str) -> bool) {
+    // Most requests name none: no allocation then.
+    let named: Vec<&[u8]> = fields.elements("connection").collect();
     for (name, value) in fields.iter() {
-        if fields.hop_by_hop(name) || skip(name) {
-            continue;
+        let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
+        if !hop && !skip(name) {
+            put_field(out, name, value);
         }
-        put_field(out, name, value);
     }
 }
 

@@ -296,37 +296,24 @@ fn replay_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim())
 }
 
-/// Headers about one hop, not the request: not passed on. An upgrade's
-/// `Connection` and `Upgrade` are, since they ask for the upgrade.
+/// Headers about one hop, not the request: not passed on (the same as
+/// the forwarding path's, [`wire::HOP_BY_HOP`]), and the body's framing,
+/// which hyper makes anew. An upgrade's `Connection` and `Upgrade` pass,
+/// since they ask for the upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(name);
-            }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let fixed = wire::HOP_BY_HOP.iter().map(|name| HeaderName::from_static(name));
+    let framing = [header::TRANSFER_ENCODING, header::TRAILER];
+    for name in named.into_iter().chain(fixed).chain(framing) {
+        if !(upgrade && (name == header::UPGRADE || name == header::CONNECTION)) {
+            headers.remove(name);
         }
-    }
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if !upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
 }
 

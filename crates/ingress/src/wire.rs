@@ -122,7 +122,7 @@ impl Fields {
 
 /// Fields about one hop only, so never passed on: the connection's own (RFC
 /// 9110 §7.6.1). `Transfer-Encoding` passes, since bodies pass as they are.
-const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"];
+pub(crate) const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"];
 
 /// A request's head.
 #[derive(Debug)]
@@ -151,19 +151,23 @@ impl RequestHead {
     }
 }
 
+/// The length of a head if it has come whole, within [`MAX_HEAD`].
+fn head_len(parsed: httparse::Status<usize>, buffered: usize) -> Result<Option<usize>, WireError> {
+    match parsed {
+        httparse::Status::Complete(len) if len <= MAX_HEAD => Ok(Some(len)),
+        httparse::Status::Partial if buffered <= MAX_HEAD => Ok(None),
+        _ => Err(WireError::TooLarge),
+    }
+}
+
 /// Takes a whole request head off the front of `buf`; `None` until one has
 /// arrived.
 pub(crate) fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireError> {
     let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut parsed);
-    let len = match req.parse(buf)? {
-        httparse::Status::Complete(len) => len,
-        httparse::Status::Partial if buf.len() > MAX_HEAD => return Err(WireError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(len) = head_len(req.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
-    if len > MAX_HEAD {
-        return Err(WireError::TooLarge);
-    }
     let method = range_in(buf, req.method.unwrap_or("").as_bytes());
     let target = range_in(buf, req.path.unwrap_or("").as_bytes());
     let minor = req.version.unwrap_or(1);
@@ -203,14 +207,9 @@ impl ResponseHead {
 pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError> {
     let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut resp = httparse::Response::new(&mut parsed);
-    let len = match resp.parse(buf)? {
-        httparse::Status::Complete(len) => len,
-        httparse::Status::Partial if buf.len() > MAX_HEAD => return Err(WireError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(len) = head_len(resp.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
-    if len > MAX_HEAD {
-        return Err(WireError::TooLarge);
-    }
     let reason = range_in(buf, resp.reason.unwrap_or("").as_bytes());
     let (code, minor) = (resp.code.unwrap_or(0), resp.version.unwrap_or(1));
     let list = field_ranges(buf, resp.headers);

@@ -748,14 +748,15 @@ async fn reaches_gvisor_machines() {
 /// A server in the machine for the HTTP/1.1 semantics below: `/echo`
 /// answers with the body's length and SHA-256 and how it was framed,
 /// `/headers` with the request's fields, `/chunked` with a chunked body and
-/// a trailer, `/big` with 100 000 bytes, `/204` with nothing.
+/// a trailer, `/big` with 100 000 bytes, `/204` with nothing, `/duplex`
+/// with the body as it comes, and `/hang` never.
 fn serve_semantics(listener: tokio::net::TcpListener) {
     use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::{Bytes, Frame};
     use sha2::Digest;
-    type Answer = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+    type Answer = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
     async fn answer(req: hyper::Request<hyper::body::Incoming>) -> Result<hyper::Response<Answer>, hyper::Error> {
-        let full = |s: String| Full::new(Bytes::from(s)).boxed();
+        let full = |s: String| Full::new(Bytes::from(s)).map_err(|never| match never {}).boxed();
         let resp = match req.uri().path() {
             "/echo" => {
                 let framing = req
@@ -777,7 +778,7 @@ fn serve_semantics(listener: tokio::net::TcpListener) {
                 let mut trailers = hyper::HeaderMap::new();
                 trailers.insert("x-sum", "3".parse().unwrap());
                 let frames = ["one ", "two ", "three"]
-                    .map(|s| Ok(Frame::data(Bytes::from(s))))
+                    .map(|s| Ok::<_, hyper::Error>(Frame::data(Bytes::from(s))))
                     .into_iter()
                     .chain([Ok(Frame::trailers(trailers))]);
                 let mut resp = hyper::Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
@@ -786,6 +787,13 @@ fn serve_semantics(listener: tokio::net::TcpListener) {
                 resp
             }
             "/big" => hyper::Response::new(full("x".repeat(100_000))),
+            // Echoes the body as it comes: full duplex.
+            "/duplex" => hyper::Response::new(req.into_body().boxed()),
+            // Never answers.
+            "/hang" => {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                unreachable!()
+            }
             "/204" => {
                 let mut resp = hyper::Response::new(full(String::new()));
                 *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
@@ -949,6 +957,71 @@ async fn http11_forwarding_keeps_the_protocol() {
     assert!(seen.contains(&format!("x-forwarded-host: {host}\n")), "{seen}");
     assert!(!seen.contains("x-secret") && !seen.contains("keep-alive"), "{seen}");
     assert_eq!(seen.matches("x-forwarded-proto").count(), 1, "{seen}");
+
+    // Connection can't name the fields that frame a body: the machine
+    // gets the length, so the next request stays one.
+    let request = format!(
+        "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello\
+         GET /headers HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| a.ends_with(b"x-forwarded-proto: http\n")).await;
+    let hello = hex::encode(sha2::Sha256::digest(b"hello"));
+    assert!(answer.contains(&format!("\r\n\r\n5 {hello} length")), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+
+    // The proxy's own answer to a HEAD has no body: the next answer on the
+    // connection starts where it should.
+    let request =
+        format!("HEAD / HTTP/1.1\r\nHost: nowhere.localhost\r\n\r\nGET /204 HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, |a| {
+        a.ends_with(b"\r\n\r\n") && a.windows(7).any(|w| w == b" 204 No")
+    })
+    .await;
+    let (first, second) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        first.starts_with("HTTP/1.1 404") && first.contains("content-length: "),
+        "{answer}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 204 No Content"),
+        "no body between: {answer}"
+    );
+
+    // Full duplex: each chunk's echo comes back before the next is sent.
+    let request = format!("POST /duplex HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    for word in ["hello", "world"] {
+        stream.write_all(format!("5\r\n{word}\r\n").as_bytes()).await.unwrap();
+        read_until(&mut stream, |a| a.windows(5).any(|w| w == word.as_bytes())).await;
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    read_until(&mut stream, |a| a.ends_with(b"0\r\n\r\n")).await;
+
+    // A client that goes while its request waits frees the machine.
+    let mut waiting = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let request = format!("GET /hang HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    waiting.write_all(request.as_bytes()).await.unwrap();
+    let active = format!("hangar_proxy_active{{app=\"h1\",machine=\"{id}\"}} ");
+    let in_flight = async || {
+        let metrics = metrics(&d).await;
+        let line = metrics.lines().find(|l| l.starts_with(&active)).unwrap().to_owned();
+        line[active.len()..].parse::<u32>().unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while in_flight().await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the request never counted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(waiting);
+    while in_flight().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still counted after the client went"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // A length and chunks together could be read two ways: refused, and
     // the connection closed, so nothing after it is taken as a request.

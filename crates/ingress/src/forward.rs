@@ -2,8 +2,9 @@
 //! task per client connection reads a request's head, routes it, writes it
 //! to a connection to the machine's port, and relays the answer, its body
 //! as it came (chunks and all). No second task, channel, header map or
-//! body re-encoding per request: hyper's two dispatchers per request cost
-//! a fifth of the throughput nginx has (docs/benchmarks.md).
+//! body re-encoding per request: with hyper's server and client
+//! dispatchers in its way, a request cost the proxy enough CPU to hold it
+//! at about 80 % of nginx's throughput (docs/benchmarks.md).
 //!
 //! A connection whose request this path does not take (HTTP/2's preface,
 //! HTTP/1.0, a target that is not a path) goes to hyper from that request
@@ -21,12 +22,13 @@ use hangar_machine::Error;
 use hyper::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 use crate::body::Body;
 use crate::load::Busy;
 use crate::metrics::RouteKind;
 use crate::upstream::{Pooled, Wire};
-use crate::wire::{self, Framing, RequestHead, ResponseHead, WireError};
+use crate::wire::{self, BodyEnd, Framing, RequestHead, ResponseHead, WireError};
 use crate::{
     Admitted, ClientConn, Ingress, REPLAY_BODY_LIMIT, REPLAY_HEADER, REPLAY_SOURCE_HEADER, Route, error_response,
     json_error, replay_field, replay_route,
@@ -36,6 +38,14 @@ use crate::{
 const READ_SIZE: usize = 8 * 1024;
 /// A request's head must arrive whole within this, once it has begun.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client connection with no request under way is closed after this
+/// (as nginx's `keepalive_timeout`).
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+/// When the proxy closes a connection of its own accord, what the client
+/// still sends is read and dropped for up to this long (and 1 MiB), so
+/// that the close does not reset the connection under an answer the client
+/// has not read yet.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// A client's connection on this path.
 struct Client {
@@ -44,6 +54,8 @@ struct Client {
     buf: BytesMut,
     /// Connections to machines its requests used, for its next ones.
     held: Vec<Wire>,
+    /// The request being answered is a HEAD: no answer to it has a body.
+    head_only: bool,
 }
 
 /// A request on its way to a machine.
@@ -52,8 +64,6 @@ struct Outgoing {
     head: Bytes,
     body: Payload,
     idempotent: bool,
-    /// A HEAD request: its answer has no body, whatever its fields say.
-    to_head: bool,
     upgrade: bool,
 }
 
@@ -71,9 +81,10 @@ struct Answer {
     /// Counts the request against the machine until its answer is sent.
     busy: Busy,
     machine: Arc<hangar_api::Machine>,
-    /// The request's body went out whole; if not, neither connection can
-    /// carry another request.
-    sent_whole: bool,
+    /// The request's body, if the machine answered before all of it went:
+    /// it goes on while the answer comes (a server that echoes as it
+    /// reads needs both), and neither connection carries another request.
+    upload: Option<Upload>,
 }
 
 /// Why an exchange with a machine failed.
@@ -84,8 +95,12 @@ enum Failed {
     Silent(String),
     /// The machine, or the way to it.
     Machine(String),
-    /// The client: a body that broke off or was malformed.
+    /// No connection to the port (the machine's error, as it is).
+    Connect(Error),
+    /// The client's body broke off or was malformed.
     Client(String),
+    /// The client closed its connection.
+    ClientGone,
 }
 
 /// Which side a relay failed on.
@@ -94,45 +109,55 @@ enum RelayError {
     Destination(String),
 }
 
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::Source(why) => write!(f, "reading: {why}"),
+            RelayError::Destination(why) => write!(f, "writing: {why}"),
+        }
+    }
+}
+
+/// What comes next on a client connection.
+enum Next {
+    Request(RequestHead),
+    /// A request for hyper: it serves the connection from here, starting
+    /// with these bytes.
+    HandOff(Bytes),
+    /// The client closed the connection, or left it idle.
+    Closed,
+    /// A head the proxy answers itself, and then closes.
+    Refused(Response<Body>),
+}
+
 /// Serves a client connection until it closes.
 pub(crate) async fn serve(ing: Arc<Ingress>, conn: Arc<ClientConn>, stream: TcpStream) {
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(READ_SIZE),
         held: Vec::new(),
+        head_only: false,
     };
-    let idle = ing.cfg.stream_idle_timeout;
-    loop {
-        let head = match client.next_head(idle).await {
-            Ok(Some(head)) if takes(&head) => head,
-            Ok(Some(head)) => {
-                let mut read = BytesMut::from(&head.fields.bytes()[..]);
-                read.extend_from_slice(&client.buf);
-                hand_off(ing, conn, client, read.freeze()).await;
-                return;
+    let client_closed = loop {
+        match client.next_head().await {
+            Next::Request(head) => {
+                if !ing.forward(&conn, &mut client, head).await {
+                    break false;
+                }
             }
-            Ok(None) => break,
-            Err(WireError::Version) => {
-                let read = std::mem::take(&mut client.buf).freeze();
-                hand_off(ing, conn, client, read).await;
-                return;
+            Next::HandOff(read) => return hand_off(ing, conn, client, read).await,
+            Next::Closed => break true,
+            Next::Refused(resp) => {
+                client.answer(resp, true).await;
+                break false;
             }
-            Err(e) => {
-                let status = match e {
-                    WireError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                let message = format!("{e}: send an HTTP/1.1 request (RFC 9112)");
-                client.answer(json_error(status, "bad_request", &message), true).await;
-                break;
-            }
-        };
-        if !ing.forward(&conn, &mut client, head).await {
-            break;
         }
-    }
-    for wire in client.held {
+    };
+    for wire in std::mem::take(&mut client.held) {
         ing.upstream.wires.put(wire);
+    }
+    if !client_closed {
+        client.linger().await;
     }
 }
 
@@ -155,19 +180,48 @@ async fn hand_off(ing: Arc<Ingress>, conn: Arc<ClientConn>, client: Client, read
 }
 
 impl Client {
-    /// The next request's head; `None` if the client closed the
-    /// connection between requests.
-    async fn next_head(&mut self, idle: Duration) -> Result<Option<RequestHead>, WireError> {
+    async fn next_head(&mut self) -> Next {
+        // What of `buf` has been looked at for the head's end.
+        let mut seen = 0;
+        let mut deadline = None;
         loop {
-            if let Some(head) = wire::parse_request(&mut self.buf)? {
-                return Ok(Some(head));
+            // The first bytes are parsed at once, so that what is not HTTP
+            // is refused at once.
+            if (seen == 0 && !self.buf.is_empty()) || wire::may_end_head(&self.buf, seen) {
+                match wire::parse_request(&mut self.buf) {
+                    Ok(Some(head)) if takes(&head) => return Next::Request(head),
+                    Ok(Some(head)) => {
+                        let mut read = BytesMut::from(&head.fields.bytes()[..]);
+                        read.extend_from_slice(&self.buf);
+                        self.buf.clear();
+                        return Next::HandOff(read.freeze());
+                    }
+                    Ok(None) => {}
+                    Err(WireError::Version) => return Next::HandOff(std::mem::take(&mut self.buf).freeze()),
+                    Err(e) => return Next::Refused(refusal(&e)),
+                }
             }
-            let wait = if self.buf.is_empty() { idle } else { HEAD_TIMEOUT };
-            match fill(&mut self.stream, &mut self.buf, wait).await {
-                Ok(0) | Err(_) if self.buf.is_empty() => return Ok(None),
-                Ok(0) => return Err(WireError::Invalid("the connection closed in a request's head".into())),
-                Err(e) => return Err(WireError::Invalid(format!("reading a request's head: {e}"))),
-                Ok(_) => {}
+            if self.buf.len() > wire::MAX_HEAD {
+                return Next::Refused(refusal(&WireError::TooLarge));
+            }
+            seen = self.buf.len();
+            if self.buf.is_empty() {
+                match fill(&mut self.stream, &mut self.buf, KEEP_ALIVE).await {
+                    Ok(0) | Err(_) => return Next::Closed,
+                    Ok(_) => continue,
+                }
+            }
+            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
+            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+                self.buf.reserve(READ_SIZE);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) => return Next::Closed,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    let message = format!("the request's head did not arrive whole within {HEAD_TIMEOUT:?}");
+                    return Next::Refused(json_error(StatusCode::REQUEST_TIMEOUT, "timeout", &message));
+                }
             }
         }
     }
@@ -175,8 +229,8 @@ impl Client {
     /// Sends one of the proxy's own answers; says whether the connection
     /// can carry another request (not if `close`).
     async fn answer(&mut self, resp: Response<Body>, close: bool) -> bool {
-        let out = encode(resp, close);
-        self.stream.write_all(&out).await.is_ok() && !close
+        let mut out = encode(resp, close, self.head_only);
+        send(&mut self.stream, &mut out, HEAD_TIMEOUT).await.is_ok() && !close
     }
 
     /// Reads a body of `n` bytes whole.
@@ -195,6 +249,37 @@ impl Client {
         let wire = self.held.swap_remove(i);
         (!wire.is_closed()).then_some(wire)
     }
+
+    /// Closes the connection: the write side first, then what the client
+    /// still sends is read and dropped for a moment (see [`LINGER`]).
+    async fn linger(mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = tokio::time::Instant::now() + LINGER;
+        let mut sink = [0u8; 8192];
+        let mut drained = 0;
+        while drained < 1 << 20 {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// The answer to a head the proxy can't take.
+fn refusal(e: &WireError) -> Response<Body> {
+    match e {
+        WireError::TooLarge => json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "head_too_large",
+            &format!("{e}: send fewer or smaller fields"),
+        ),
+        _ => json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{e}: send an HTTP/1.1 request (RFC 9112)"),
+        ),
+    }
 }
 
 impl Ingress {
@@ -202,19 +287,19 @@ impl Ingress {
     /// client's connection can carry another.
     async fn forward(&self, conn: &ClientConn, client: &mut Client, head: RequestHead) -> bool {
         let idle = self.cfg.stream_idle_timeout;
+        client.head_only = head.method() == "HEAD";
         let framing = match wire::request_framing(&head.fields) {
             Ok(f) => f,
             Err(e) => {
-                return client
-                    .answer(json_error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()), true)
-                    .await;
+                let resp = json_error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string());
+                return client.answer(resp, true).await;
             }
         };
         // The client asked to close after this answer; and until the body
         // has been read, an answer must close the connection too, or the
         // body's bytes would be taken for a request.
         let close = head.fields.lists("connection", "close");
-        let closing = close || framing != Framing::Empty;
+        let mut closing = close || framing != Framing::Empty;
         let host = {
             let mut hosts = head.fields.all("host");
             (hosts.next().map(std::str::from_utf8), hosts.next())
@@ -222,27 +307,31 @@ impl Ingress {
         let host = match host {
             (Some(Ok(host)), None) => host,
             _ => {
-                let message = "a request needs exactly one Host field, of text: {machine}.{app}.DOMAIN";
-                return client
-                    .answer(json_error(StatusCode::BAD_REQUEST, "bad_request", message), true)
-                    .await;
+                let message = format!(
+                    "a request needs exactly one Host field, of text: {{machine}}.{{app}}.{}",
+                    self.cfg.domain
+                );
+                let resp = json_error(StatusCode::BAD_REQUEST, "bad_request", &message);
+                return client.answer(resp, true).await;
             }
         };
         let Some(route) = Route::parse(host, &self.cfg.domain) else {
             return client.answer(self.no_route(host), closing).await;
         };
-        let session = self.session_of(&head.fields);
-        let admitted = match self.admit(&route, session.as_deref(), conn).await {
-            Ok(a) => a,
-            Err(resp) => return client.answer(resp, closing).await,
-        };
-        let upgrade = head.fields.has("upgrade");
+        // A small body is read whole before the request takes a place at
+        // the machine, and kept for a replay. The proxy says 100 Continue
+        // itself to a client that waits for it.
         let expects_continue = head.fields.lists("expect", "100-continue");
         let body = match framing {
             Framing::Empty => Payload::Whole(Bytes::new()),
-            // Kept whole, for a replay; a client that waits for 100
-            // Continue sends it only once the machine asks.
-            Framing::Length(n) if n <= REPLAY_BODY_LIMIT as u64 && !expects_continue => {
+            Framing::Length(n) if n <= REPLAY_BODY_LIMIT as u64 => {
+                if expects_continue
+                    && send(&mut client.stream, &mut &b"HTTP/1.1 100 Continue\r\n\r\n"[..], idle)
+                        .await
+                        .is_err()
+                {
+                    return false;
+                }
                 match client.read_body(n as usize, idle).await {
                     Ok(body) => Payload::Whole(body),
                     Err(_) => return false,
@@ -250,17 +339,25 @@ impl Ingress {
             }
             framing => Payload::Streamed(framing),
         };
+        closing = close || matches!(body, Payload::Streamed(_));
+        let session = self.session_of(&head.fields);
+        let admitted = match self.admit(&route, session.as_deref(), conn).await {
+            Ok(a) => a,
+            Err(resp) => return client.answer(resp, closing).await,
+        };
+        let upgrade = head.fields.has("upgrade") && head.fields.lists("connection", "upgrade");
         let may_replay =
             matches!(body, Payload::Whole(_)) && !upgrade && !head.fields.has(REPLAY_SOURCE_HEADER.as_str());
+        let answered_continue = expects_continue && matches!(body, Payload::Whole(_));
         let req = Outgoing {
-            head: self.request_head(&head, conn, upgrade).freeze(),
+            head: self
+                .request_head(&head, conn, framing, upgrade, answered_continue)
+                .freeze(),
             body,
             idempotent: head.idempotent(),
-            to_head: head.method() == "HEAD",
             upgrade,
         };
         drop(head);
-        let closing = close || matches!(req.body, Payload::Streamed(_));
         let answer = match self
             .call_machine(admitted, route.port(), route.kind(), &req, client)
             .await
@@ -281,11 +378,10 @@ impl Ingress {
                 Err(resp) => return client.answer(resp, close).await,
             },
             Some(_) => {
-                let message = "the machine asked for a replay, but the request can't be replayed (a body over 1 MiB, \
-                               an upgrade, or a replay already)";
-                return client
-                    .answer(json_error(StatusCode::BAD_GATEWAY, "replay_refused", message), closing)
-                    .await;
+                let message = "the machine asked for a replay, but the request can't be replayed (a body over 1 MiB \
+                               or chunked, an upgrade, or a replay already)";
+                let resp = json_error(StatusCode::BAD_GATEWAY, "replay_refused", message);
+                return client.answer(resp, true).await;
             }
         };
         self.deliver(answer, client, &req, close).await
@@ -327,16 +423,39 @@ impl Ingress {
     }
 
     /// The request's head for the machine: its own fields but for the
-    /// hop-by-hop ones, and the `X-Forwarded-*` ones.
-    fn request_head(&self, head: &RequestHead, conn: &ClientConn, upgrade: bool) -> BytesMut {
+    /// hop-by-hop ones, its framing written anew, and the proxy's
+    /// `X-Forwarded-*`.
+    fn request_head(
+        &self,
+        head: &RequestHead,
+        conn: &ClientConn,
+        framing: Framing,
+        upgrade: bool,
+        answered_continue: bool,
+    ) -> BytesMut {
         let mut out = BytesMut::with_capacity(head.fields.bytes().len() + 128);
         out.put_slice(head.method().as_bytes());
         out.put_u8(b' ');
         out.put_slice(head.target().as_bytes());
         out.put_slice(b" HTTP/1.1\r\n");
         wire::put_fields(&mut out, &head.fields, |name| {
-            name.eq_ignore_ascii_case("x-forwarded-host") || name.eq_ignore_ascii_case("x-forwarded-proto")
+            [
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "content-length",
+                "transfer-encoding",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+                || (answered_continue && name.eq_ignore_ascii_case("expect"))
         });
+        match framing {
+            Framing::Length(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            Framing::Chunked => wire::put_field(&mut out, "transfer-encoding", b"chunked"),
+            Framing::Empty | Framing::UntilClose => {}
+        }
         if let Some(host) = head.fields.get("host") {
             wire::put_field(&mut out, "x-forwarded-host", host);
         }
@@ -372,28 +491,35 @@ impl Ingress {
         let Admitted { target, busy } = admitted;
         let call = self.call(&target, port, route_kind).await?;
         let machine = target.machine;
-        match self.send_on_wire(client, &machine, call.port, req).await {
-            Ok((head, wire, sent_whole)) => {
+        let sent = self.send_on_wire(client, &machine, call.port, req).await;
+        let failed = match sent {
+            Ok((head, wire, upload)) => {
                 call.answered();
-                Ok(Answer {
+                return Ok(Answer {
                     head,
                     wire,
                     busy,
                     machine,
-                    sent_whole,
-                })
+                    upload,
+                });
             }
-            Err(e) => {
-                call.failed();
-                Err(match e {
-                    Failed::Client(why) => json_error(StatusCode::BAD_REQUEST, "bad_request", &why),
-                    Failed::Silent(why) | Failed::Machine(why) => error_response(&Error::Unavailable(format!(
-                        "machine {} port {}: {why}",
-                        machine.id, call.port
-                    ))),
-                })
+            // Not the machine's doing: not counted as its failure.
+            Err(Failed::Client(why)) => return Err(json_error(StatusCode::BAD_REQUEST, "bad_request", &why)),
+            Err(Failed::ClientGone) => {
+                let message = "the client closed its connection before the answer";
+                return Err(json_error(StatusCode::BAD_REQUEST, "client_closed", message));
             }
-        }
+            Err(failed) => failed,
+        };
+        call.failed();
+        Err(match failed {
+            Failed::Connect(e) => error_response(&e),
+            Failed::Silent(why) | Failed::Machine(why) => error_response(&Error::Unavailable(format!(
+                "machine {} port {}: {why}",
+                machine.id, call.port
+            ))),
+            Failed::Client(_) | Failed::ClientGone => unreachable!("answered above"),
+        })
     }
 
     /// Writes the request to a connection to the port and reads the head
@@ -406,7 +532,7 @@ impl Ingress {
         machine: &hangar_api::Machine,
         port: u16,
         req: &Outgoing,
-    ) -> Result<(ResponseHead, Wire, bool), Failed> {
+    ) -> Result<(ResponseHead, Wire, Option<Upload>), Failed> {
         let idle = self.cfg.stream_idle_timeout;
         loop {
             let reused = client
@@ -418,26 +544,14 @@ impl Ingress {
                 // Boxed: rare, and its future is large.
                 None => Box::pin(self.upstream.connect_wire(&machine.app, &machine.id, port))
                     .await
-                    .map_err(|e| Failed::Machine(e.to_string()))?,
+                    .map_err(Failed::Connect)?,
             };
             let sent = match &req.body {
-                Payload::Whole(body) => {
-                    let written = wire
-                        .stream
-                        .write_all_buf(&mut req.head.clone().chain(body.clone()))
-                        .await
-                        .map_err(|e| Failed::Silent(format!("writing the request: {e}")));
-                    match written {
-                        Ok(()) => answer_head(&mut wire.stream, &mut wire.buf, &mut client.stream, idle)
-                            .await
-                            .map(|head| (head, true)),
-                        Err(e) => Err(e),
-                    }
-                }
+                Payload::Whole(body) => whole(&mut wire, client, &req.head, body, idle).await,
                 Payload::Streamed(framing) => streamed(&mut wire, client, &req.head, *framing, idle).await,
             };
             match sent {
-                Ok((head, sent_whole)) => return Ok((head, wire, sent_whole)),
+                Ok((head, upload)) => return Ok((head, wire, upload)),
                 Err(Failed::Silent(_)) if !fresh && req.idempotent && matches!(req.body, Payload::Whole(_)) => {
                     continue;
                 }
@@ -455,105 +569,293 @@ impl Ingress {
             mut wire,
             busy,
             machine,
-            sent_whole,
+            mut upload,
         } = answer;
         let idle = self.cfg.stream_idle_timeout;
         if head.code == 101 {
-            if !req.upgrade {
+            if !req.upgrade || upload.is_some() {
                 let message = format!("machine {} switched protocols without being asked to", machine.id);
-                return client
-                    .answer(
-                        json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &message),
-                        true,
-                    )
-                    .await;
+                let resp = json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &message);
+                return client.answer(resp, true).await;
             }
-            let out = response_head(&head, true, &[]);
+            let mut out = status_and_fields(&head, |_| false);
+            for value in head.fields.all("upgrade") {
+                wire::put_field(&mut out, "upgrade", value);
+            }
+            wire::put_field(&mut out, "connection", b"upgrade");
+            out.put_slice(b"\r\n");
             let _busy = busy;
             // What either side sent past its head belongs to the new protocol.
             let relayed = async {
-                client.stream.write_all(&out).await?;
-                client.stream.write_all(&wire.buf).await?;
-                wire.stream.write_all(&client.buf).await
+                send(&mut client.stream, &mut out.chain(&wire.buf[..]), idle).await?;
+                send(&mut wire.stream, &mut &client.buf[..], idle).await
             };
             if relayed.await.is_ok() {
                 crate::stream::tunnel(&mut client.stream, &mut wire.stream, idle).await;
             }
             return false;
         }
-        let framing = match wire::response_framing(&head, req.to_head) {
+        let framing = match wire::response_framing(&head, client.head_only) {
             Ok(f) => f,
             Err(e) => {
                 let message = format!("machine {}'s answer: {e}", machine.id);
-                return client
-                    .answer(
-                        json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &message),
-                        true,
-                    )
-                    .await;
+                let resp = json_error(StatusCode::BAD_GATEWAY, "machine_unavailable", &message);
+                return client.answer(resp, true).await;
             }
         };
         self.learn_session(&head.fields, &machine);
         // A body that ends with the machine's connection goes on chunked,
         // unless it has a coding of its own already.
         let rechunk = framing == Framing::UntilClose && !head.fields.has("transfer-encoding");
-        let close = close || !sent_whole || (framing == Framing::UntilClose && !rechunk);
-        let mut extra: Vec<(&str, &[u8])> = Vec::new();
-        if rechunk {
-            extra.push(("transfer-encoding", b"chunked"));
-        }
-        if close {
-            extra.push(("connection", b"close"));
-        }
-        let out = response_head(&head, false, &extra);
-        let relayed = relay(
-            &mut wire.stream,
-            &mut wire.buf,
-            &mut client.stream,
-            out,
-            framing,
-            rechunk,
-            idle,
-        )
-        .await;
+        let close = close || upload.is_some() || (framing == Framing::UntilClose && !rechunk);
+        let out = final_head(&head, framing, rechunk, close);
+        let relayed = match &mut upload {
+            // Watching the client meanwhile: one that goes frees the machine.
+            None => {
+                let (from_client, mut to_client) = client.stream.split();
+                let answer = relay(
+                    &mut wire.stream,
+                    &mut wire.buf,
+                    &mut to_client,
+                    out,
+                    framing,
+                    rechunk,
+                    idle,
+                );
+                tokio::select! {
+                    biased;
+                    relayed = answer => relayed,
+                    () = gone(&from_client, &mut client.buf) => Err(RelayError::Destination("the client went".into())),
+                }
+            }
+            Some(upload) => {
+                let (mut from_client, mut to_client) = client.stream.split();
+                let (mut from_machine, mut to_machine) = tokio::io::split(&mut wire.stream);
+                let answer = relay(
+                    &mut from_machine,
+                    &mut wire.buf,
+                    &mut to_client,
+                    out,
+                    framing,
+                    rechunk,
+                    idle,
+                );
+                let sending = upload.run(&mut from_client, &mut client.buf, &mut to_machine, idle);
+                tokio::pin!(answer, sending);
+                let mut sent = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        relayed = &mut answer => break relayed,
+                        _ = &mut sending, if !sent => sent = true,
+                    }
+                }
+            }
+        };
         drop(busy);
-        if relayed.is_err() {
-            return false;
+        if let Err(e) = &relayed {
+            tracing::debug!(machine = %machine.id, "answer cut off, {e}");
         }
-        let reusable = sent_whole
+        let relayed = relayed.is_ok();
+        let reusable = relayed
+            && upload.is_none()
             && framing != Framing::UntilClose
             && head.minor == 1
             && !head.fields.lists("connection", "close");
         if reusable {
             client.held.push(wire);
         }
-        !close
+        relayed && !close
     }
 }
 
-/// The answer's head for the client: its status and fields but for the
-/// hop-by-hop ones, then `extra`.
-fn response_head(head: &ResponseHead, upgrade: bool, extra: &[(&str, &[u8])]) -> BytesMut {
-    let mut out = BytesMut::with_capacity(head.fields.bytes().len() + 32);
+/// Sends a whole request and reads its answer's head, watching the client
+/// meanwhile.
+async fn whole(
+    wire: &mut Wire,
+    client: &mut Client,
+    head: &Bytes,
+    body: &Bytes,
+    idle: Duration,
+) -> Result<(ResponseHead, Option<Upload>), Failed> {
+    // A write to a kept-alive connection the machine has closed.
+    send(&mut wire.stream, &mut head.clone().chain(body.clone()), idle)
+        .await
+        .map_err(|e| Failed::Silent(format!("writing the request: {e}")))?;
+    let (from_client, mut to_client) = client.stream.split();
+    tokio::select! {
+        biased;
+        head = answer_head(&mut wire.stream, &mut wire.buf, &mut to_client, idle) => Ok((head?, None)),
+        () = gone(&from_client, &mut client.buf) => Err(Failed::ClientGone),
+    }
+}
+
+/// Writes the head, then relays the body from the client while reading the
+/// answer: a machine may answer before the body is done (an error, 100
+/// Continue that the client waits for, or an echo), and then the body goes
+/// on with the answer (see [`Answer::upload`]).
+async fn streamed(
+    wire: &mut Wire,
+    client: &mut Client,
+    head: &Bytes,
+    framing: Framing,
+    idle: Duration,
+) -> Result<(ResponseHead, Option<Upload>), Failed> {
+    send(&mut wire.stream, &mut head.clone(), idle)
+        .await
+        .map_err(|e| Failed::Machine(format!("writing the request: {e}")))?;
+    let mut upload = Upload::new(framing);
+    let head = {
+        let (mut from_client, mut to_client) = client.stream.split();
+        let (mut from_machine, mut to_machine) = tokio::io::split(&mut wire.stream);
+        let sending = upload.run(&mut from_client, &mut client.buf, &mut to_machine, idle);
+        let answer = answer_head(&mut from_machine, &mut wire.buf, &mut to_client, idle);
+        tokio::pin!(sending, answer);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                biased;
+                uploaded = &mut sending, if !sent => match uploaded {
+                    Ok(()) => sent = true,
+                    Err(RelayError::Source(e)) => return Err(Failed::Client(format!("reading the request's body: {e}"))),
+                    // It may have stopped reading because it has answered.
+                    Err(RelayError::Destination(_)) => sent = true,
+                },
+                head = &mut answer => break head?,
+            }
+        }
+    };
+    Ok((head, (!upload.end.done()).then_some(upload)))
+}
+
+/// A request's body on its way from the client to the machine. Its state
+/// lives here rather than in a future, and each wait is one read or one
+/// write, so waiting on it can stop while the answer's head comes and go
+/// on while the answer's body does, losing nothing.
+struct Upload {
+    end: BodyEnd,
+    /// Taken from the client, not yet written to the machine.
+    pending: Bytes,
+    /// The machine stopped taking it.
+    broken: bool,
+}
+
+impl Upload {
+    fn new(framing: Framing) -> Upload {
+        Upload {
+            end: BodyEnd::new(framing),
+            pending: Bytes::new(),
+            broken: false,
+        }
+    }
+
+    /// Sends the body on, as it comes, until all of it has gone.
+    async fn run<R, W>(
+        &mut self,
+        src: &mut R,
+        buf: &mut BytesMut,
+        dst: &mut W,
+        idle: Duration,
+    ) -> Result<(), RelayError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.broken {
+                return Err(RelayError::Destination("the machine stopped taking the body".into()));
+            }
+            if !self.pending.is_empty() {
+                match tokio::time::timeout(idle, dst.write_buf(&mut self.pending)).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    written => {
+                        self.broken = true;
+                        let why = match written {
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => format!("the machine took nothing for {idle:?}"),
+                            Ok(Ok(_)) => "the machine closed the connection".into(),
+                        };
+                        return Err(RelayError::Destination(why));
+                    }
+                }
+            }
+            if self.end.done() {
+                return Ok(());
+            }
+            let n = self.end.take(buf).map_err(|e| RelayError::Source(e.to_string()))?;
+            if n > 0 {
+                self.pending = buf.split_to(n).freeze();
+                continue;
+            }
+            match fill(src, buf, idle).await {
+                Ok(0) => {
+                    return Err(RelayError::Source(
+                        "the client closed the connection before the body's end".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(RelayError::Source(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Resolves when the client closes its connection (or it fails), keeping
+/// what it sends meanwhile, a pipelined request, in `buf`, up to a bound.
+async fn gone(from_client: &ReadHalf<'_>, buf: &mut BytesMut) {
+    while buf.len() < wire::MAX_HEAD {
+        if from_client.readable().await.is_err() {
+            return;
+        }
+        buf.reserve(READ_SIZE);
+        match from_client.try_read_buf(buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+    std::future::pending().await
+}
+
+/// An answer's status line and fields for the client, but for the
+/// hop-by-hop ones and those `skip` refuses; the caller ends the head.
+fn status_and_fields(head: &ResponseHead, skip: impl Fn(&str) -> bool) -> BytesMut {
+    let mut out = BytesMut::with_capacity(head.fields.bytes().len() + 64);
     let _ = write!(out, "HTTP/1.1 {} ", head.code);
     out.put_slice(head.reason());
     out.put_slice(b"\r\n");
-    wire::put_fields(&mut out, &head.fields, |_| false);
-    if upgrade {
-        for value in head.fields.all("upgrade") {
-            wire::put_field(&mut out, "upgrade", value);
-        }
-        wire::put_field(&mut out, "connection", b"upgrade");
+    wire::put_fields(&mut out, &head.fields, skip);
+    out
+}
+
+/// A final answer's head for the client, its framing written anew: the
+/// length the proxy counts, the codings as they were (without a length
+/// beside them, RFC 9112 §6.3), or chunked where the proxy chunks.
+fn final_head(head: &ResponseHead, framing: Framing, rechunk: bool, close: bool) -> BytesMut {
+    let reframed = framing != Framing::Empty;
+    let mut out = status_and_fields(head, |name| {
+        name.eq_ignore_ascii_case("transfer-encoding") || (reframed && name.eq_ignore_ascii_case("content-length"))
+    });
+    for value in head.fields.all("transfer-encoding") {
+        wire::put_field(&mut out, "transfer-encoding", value);
     }
-    for (name, value) in extra {
-        wire::put_field(&mut out, name, value);
+    if rechunk {
+        wire::put_field(&mut out, "transfer-encoding", b"chunked");
+    }
+    if let Framing::Length(n) = framing {
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if close {
+        wire::put_field(&mut out, "connection", b"close");
     }
     out.put_slice(b"\r\n");
     out
 }
 
-/// One of the proxy's own answers, on the wire.
-fn encode(resp: Response<Body>, close: bool) -> BytesMut {
+/// One of the proxy's own answers, on the wire; without its body if it
+/// answers a HEAD.
+fn encode(resp: Response<Body>, close: bool, head_only: bool) -> BytesMut {
     let (parts, body) = resp.into_parts();
     let body = match body {
         Body::Full(bytes) => bytes.unwrap_or_default(),
@@ -561,23 +863,23 @@ fn encode(resp: Response<Body>, close: bool) -> BytesMut {
     };
     let mut out = BytesMut::with_capacity(256 + body.len());
     let status = parts.status;
-    out.put_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        )
-        .as_bytes(),
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
     );
     for (name, value) in &parts.headers {
         wire::put_field(&mut out, name.as_str(), value.as_bytes());
     }
-    wire::put_field(&mut out, "content-length", body.len().to_string().as_bytes());
+    let _ = write!(out, "content-length: {}\r\n", body.len());
     if close {
         wire::put_field(&mut out, "connection", b"close");
     }
     out.put_slice(b"\r\n");
-    out.put_slice(&body);
+    if !head_only {
+        out.put_slice(&body);
+    }
     out
 }
 
@@ -596,6 +898,24 @@ async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut, idle: Durat
     }
 }
 
+/// Writes all of `data`, giving the peer at most `idle` to take each part.
+async fn send<W: AsyncWrite + Unpin, B: Buf>(dst: &mut W, data: &mut B, idle: Duration) -> io::Result<()> {
+    while data.has_remaining() {
+        match tokio::time::timeout(idle, dst.write_buf(data)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the peer took nothing for {idle:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the head of the machine's final answer, relaying interim ones to
 /// the client as they come.
 async fn answer_head<R, W>(
@@ -609,21 +929,27 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut heard = false;
+    let mut seen = 0;
     loop {
-        match wire::parse_response(buf) {
-            Ok(Some(head)) if head.interim() => {
-                heard = true;
-                let out = response_head(&head, false, &[]);
-                client
-                    .write_all(&out)
-                    .await
-                    .map_err(|e| Failed::Client(format!("writing to the client: {e}")))?;
-                continue;
+        if (seen == 0 && !buf.is_empty()) || wire::may_end_head(buf, seen) {
+            match wire::parse_response(buf) {
+                Ok(Some(head)) if head.interim() => {
+                    heard = true;
+                    seen = 0;
+                    let mut out = status_and_fields(&head, |_| false);
+                    out.put_slice(b"\r\n");
+                    send(client, &mut out, idle).await.map_err(|_| Failed::ClientGone)?;
+                    continue;
+                }
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(Failed::Machine(format!("its answer: {e}"))),
             }
-            Ok(Some(head)) => return Ok(head),
-            Ok(None) => {}
-            Err(e) => return Err(Failed::Machine(format!("its answer: {e}"))),
         }
+        if buf.len() > wire::MAX_HEAD {
+            return Err(Failed::Machine(format!("its answer: {}", WireError::TooLarge)));
+        }
+        seen = buf.len();
         let silent = !heard && buf.is_empty();
         match fill(src, buf, idle).await {
             Ok(0) if silent => return Err(Failed::Silent("closed the connection without an answer".into())),
@@ -637,52 +963,11 @@ where
     }
 }
 
-/// Writes the head, then relays the body from the client while reading the
-/// answer: a machine may answer before the body is done (an error, or 100
-/// Continue that the client waits for). Says whether the body went whole.
-async fn streamed(
-    wire: &mut Wire,
-    client: &mut Client,
-    head: &Bytes,
-    framing: Framing,
-    idle: Duration,
-) -> Result<(ResponseHead, bool), Failed> {
-    wire.stream
-        .write_all(head)
-        .await
-        .map_err(|e| Failed::Machine(format!("writing the request: {e}")))?;
-    let (mut from_client, mut to_client) = client.stream.split();
-    let (mut from_machine, mut to_machine) = tokio::io::split(&mut wire.stream);
-    let upload = relay(
-        &mut from_client,
-        &mut client.buf,
-        &mut to_machine,
-        BytesMut::new(),
-        framing,
-        false,
-        idle,
-    );
-    let answer = answer_head(&mut from_machine, &mut wire.buf, &mut to_client, idle);
-    tokio::pin!(upload, answer);
-    tokio::select! {
-        biased;
-        uploaded = &mut upload => match uploaded {
-            Ok(()) => Ok(((&mut answer).await?, true)),
-            Err(RelayError::Source(e)) => Err(Failed::Client(format!("reading the request's body: {e}"))),
-            // It may have stopped reading because it has answered.
-            Err(RelayError::Destination(e)) => match (&mut answer).await {
-                Ok(head) => Ok((head, false)),
-                Err(_) => Err(Failed::Machine(format!("writing the request's body: {e}"))),
-            },
-        },
-        head = &mut answer => Ok((head?, false)),
-    }
-}
-
-/// Copies one body, as it is on the wire, from `src` (starting with what
-/// `buf` holds) to `dst`, after `prefix`; leaves in `buf` what follows it.
-/// With `rechunk`, a body that ends when its sender closes goes out
-/// chunked instead, so that the receiver's connection can stay open.
+/// Copies one answer's body, as it is on the wire, from `src` (starting
+/// with what `buf` holds) to `dst`, after `prefix` (its head, so that a
+/// small answer goes in one write). With `rechunk`, a body that ends when
+/// its sender closes goes out chunked instead, so that the client's
+/// connection can stay open.
 async fn relay<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
@@ -696,51 +981,31 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
     let rechunk = rechunk && framing == Framing::UntilClose;
-    let mut chunks = wire::Chunks::default();
-    let mut ended = false;
+    let mut end = BodyEnd::new(framing);
     loop {
-        let n = match framing {
-            Framing::Empty => 0,
-            Framing::Length(_) => left.min(buf.len() as u64) as usize,
-            Framing::Chunked => chunks.advance(buf).map_err(|e| RelayError::Source(e.to_string()))?,
-            Framing::UntilClose => buf.len(),
-        };
+        let n = end.take(buf).map_err(|e| RelayError::Source(e.to_string()))?;
         let piece = buf.split_to(n).freeze();
-        if let Framing::Length(_) = framing {
-            left -= n as u64;
-        }
         let mut out = std::mem::take(&mut prefix);
         let piece = if rechunk && !piece.is_empty() {
-            out.put_slice(format!("{n:x}\r\n").as_bytes());
+            let _ = write!(out, "{n:x}\r\n");
             piece.chain(Bytes::from_static(b"\r\n"))
         } else {
             piece.chain(Bytes::new())
         };
         let mut out = out.chain(piece);
-        if ended && rechunk {
+        if rechunk && end.done() {
             // The source has closed, so the piece is empty: the last chunk.
             out.first_mut().put_slice(b"0\r\n\r\n");
         }
-        // The head and the first of the body in one write.
-        dst.write_all_buf(&mut out)
+        send(dst, &mut out, idle)
             .await
             .map_err(|e| RelayError::Destination(e.to_string()))?;
-        let done = match framing {
-            Framing::Empty => true,
-            Framing::Length(_) => left == 0,
-            Framing::Chunked => chunks.done(),
-            Framing::UntilClose => ended,
-        };
-        if done {
+        if end.done() {
             return Ok(());
         }
         match fill(src, buf, idle).await {
-            Ok(0) if framing == Framing::UntilClose => ended = true,
+            Ok(0) if end.close() => {}
             Ok(0) => return Err(RelayError::Source("the connection closed before the body's end".into())),
             Ok(_) => {}
             Err(e) => return Err(RelayError::Source(e.to_string())),

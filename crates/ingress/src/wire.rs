@@ -259,22 +259,27 @@ fn chunked(fields: &Fields) -> Option<bool> {
 }
 
 /// Where a request's body ends (RFC 9112 §6.3). A request may not be
-/// framed two ways or by a coding the proxy can't follow.
+/// framed two ways or by a coding the proxy can't follow: any
+/// `Transfer-Encoding` (even an empty one) must be exactly `chunked`, and
+/// comes without a `Content-Length`.
 pub(crate) fn request_framing(fields: &Fields) -> Result<Framing, WireError> {
     let length = content_length(fields)?;
-    match chunked(fields) {
-        Some(_) if length.is_some() => Err(WireError::Invalid(
+    if !fields.has("transfer-encoding") {
+        return Ok(match length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        });
+    }
+    if length.is_some() {
+        return Err(WireError::Invalid(
             "both Content-Length and Transfer-Encoding: send one of them".into(),
-        )),
-        Some(true) if fields.elements("transfer-encoding").filter(|e| !e.is_empty()).count() == 1 => {
-            Ok(Framing::Chunked)
-        }
-        Some(_) => Err(WireError::Invalid(
+        ));
+    }
+    let mut codings = fields.elements("transfer-encoding");
+    match (codings.next(), codings.next()) {
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+        _ => Err(WireError::Invalid(
             "a Transfer-Encoding other than chunked: send the body chunked or with a Content-Length".into(),
-        )),
-        None => Ok(length.map_or(
-            Framing::Empty,
-            |n| if n == 0 { Framing::Empty } else { Framing::Length(n) },
         )),
     }
 }
@@ -437,12 +442,80 @@ impl Chunks {
     }
 }
 
+/// Where one body ends, followed as its bytes pass.
+#[derive(Debug)]
+pub(crate) struct BodyEnd {
+    framing: Framing,
+    /// Of a body with a length: bytes still to come.
+    left: u64,
+    chunks: Chunks,
+    /// The sender closed the connection: the end of a body that ends so.
+    closed: bool,
+}
+
+impl BodyEnd {
+    pub(crate) fn new(framing: Framing) -> BodyEnd {
+        BodyEnd {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunks: Chunks::default(),
+            closed: false,
+        }
+    }
+
+    /// How much of `buf`, the bytes that came next, is this body's.
+    pub(crate) fn take(&mut self, buf: &[u8]) -> Result<usize, WireError> {
+        Ok(match self.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => {
+                let n = self.left.min(buf.len() as u64);
+                self.left -= n;
+                n as usize
+            }
+            Framing::Chunked => self.chunks.advance(buf)?,
+            Framing::UntilClose => buf.len(),
+        })
+    }
+
+    /// The sender closed the connection; says whether that ends the body
+    /// well.
+    pub(crate) fn close(&mut self) -> bool {
+        self.closed = true;
+        self.framing == Framing::UntilClose
+    }
+
+    pub(crate) fn done(&self) -> bool {
+        match self.framing {
+            Framing::Empty => true,
+            Framing::Length(_) => self.left == 0,
+            Framing::Chunked => self.chunks.done(),
+            Framing::UntilClose => self.closed,
+        }
+    }
+}
+
+/// Whether a head's final empty line may be in `buf`, looking only at what
+/// came since `seen` bytes: heads are parsed once they can be whole, not
+/// again on every read of one that trickles in.
+pub(crate) fn may_end_head(buf: &[u8], seen: usize) -> bool {
+    let from = seen.saturating_sub(3).min(buf.len());
+    buf[from..].windows(2).any(|w| w == b"\n\n") || buf[from..].windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// Writes `head`'s fields into `out` (`name: value\r\n` each), but for
 /// hop-by-hop ones (those of [`HOP_BY_HOP`] and any that `Connection`
-/// names) and those `skip` refuses.
+/// names) and those `skip` refuses. `Connection` can't name the fields
+/// that route and frame a message: the callers write those themselves.
 pub(crate) fn put_fields(out: &mut BytesMut, fields: &Fields, skip: impl Fn(&str) -> bool) {
+    const FRAMING: [&str; 3] = ["host", "content-length", "transfer-encoding"];
     // Most requests name none: no allocation then.
-    let named: Vec<&[u8]> = fields.elements("connection").collect();
+    let named: Vec<&[u8]> = fields
+        .elements("connection")
+        .filter(|n| !FRAMING.iter().any(|f| n.eq_ignore_ascii_case(f.as_bytes())))
+        .collect();
     for (name, value) in fields.iter() {
         let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
@@ -525,6 +598,9 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 30\r\n\r\n",
         ] {
             assert!(matches!(framing(bad), Err(WireError::Invalid(_))), "{bad}");
         }
@@ -601,5 +677,37 @@ mod tests {
         let mut out = BytesMut::new();
         put_fields(&mut out, &head.fields, |_| false);
         assert_eq!(&out[..], b"Transfer-Encoding: chunked\r\nX-Kept: 2\r\n");
+        // Naming the fields that frame or route it does not drop them.
+        let head = request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: content-length, host, Transfer-Encoding\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let mut out = BytesMut::new();
+        put_fields(&mut out, &head.fields, |_| false);
+        assert_eq!(&out[..], b"Host: a\r\nContent-Length: 4\r\n");
+    }
+
+    #[test]
+    fn a_body_end_is_found_for_each_framing() {
+        let mut length = BodyEnd::new(Framing::Length(5));
+        assert_eq!((length.take(b"abc").unwrap(), length.done()), (3, false));
+        assert_eq!((length.take(b"defgh").unwrap(), length.done()), (2, true));
+        let mut until_close = BodyEnd::new(Framing::UntilClose);
+        assert_eq!(until_close.take(b"abc").unwrap(), 3);
+        assert!(!until_close.done() && until_close.close() && until_close.done());
+        assert!(!BodyEnd::new(Framing::Length(1)).close(), "a length cut short");
+        let mut chunked = BodyEnd::new(Framing::Chunked);
+        assert_eq!(chunked.take(b"1\r\na\r\n0\r\n\r\nGET").unwrap(), 11);
+        assert!(chunked.done());
+        assert!(BodyEnd::new(Framing::Empty).done());
+    }
+
+    #[test]
+    fn a_head_is_parsed_only_once_it_can_be_whole() {
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
+        // The blank line straddles the last read.
+        assert!(may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 26));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HT", 34));
+        assert!(may_end_head(b"GET / HTTP/1.1\nHost: a\n\n", 20));
     }
 }

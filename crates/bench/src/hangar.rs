@@ -300,6 +300,11 @@ impl Daemon {
     }
 
     /// The ingress proxy's address.
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn proxy_addr(&self) -> Result<std::net::SocketAddr> {
         let about: Value = serde_json::from_str(&std::fs::read_to_string(self.data_dir.path().join("daemon.json"))?)?;
         let url = about["proxy_url"].as_str().context("daemon.json has no proxy_url")?;

@@ -15,6 +15,11 @@
 //! namespace until it accepts, and the same request sent: the app's own
 //! start time as a client without the proxy would see it. Both use the
 //! prepared sandbox a stop leaves behind.
+//!
+//! CPU per request: the CPU time (user and system) nginx's processes and
+//! Hangar's daemon used during their runs, over the requests wrk counted.
+//! It moves less with the host's noise than requests/s does, since the
+//! work a request costs does not depend on how long it waited for a core.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -50,6 +55,13 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 #[derive(Debug, serde::Serialize)]
+pub struct CpuPerRequest {
+    pub connections: u32,
+    pub nginx_us: Vec<f64>,
+    pub hangar_us: Vec<f64>,
+}
+
+#[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub command: Vec<String>,
     pub wrk: String,
@@ -60,6 +72,8 @@ pub struct Report {
     pub throughput: Vec<WrkResult>,
     /// Hangar's requests/s as a share of nginx's, per round.
     pub shares: Vec<Share>,
+    /// CPU µs per request, per round.
+    pub cpu: Vec<CpuPerRequest>,
     /// Request to first byte through the proxy, machine stopped.
     pub wake: Summary,
     /// API start, port polled until it accepts, request to first byte.
@@ -86,6 +100,15 @@ impl Report {
                 share.connections,
                 share.median(),
                 rounds.join(", ")
+            );
+        }
+        out += "\nCPU per request (µs, median over the rounds; the daemon's whole process for hangar):\n";
+        for cpu in &self.cpu {
+            out += &format!(
+                "  {} connection(s): nginx {:.1}, hangar {:.1}\n",
+                cpu.connections,
+                median(cpu.nginx_us.iter().copied()),
+                median(cpu.hangar_us.iter().copied()),
             );
         }
         out += &format!(
@@ -130,9 +153,11 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, rounds: usi
     let listener = in_netns(pid, || std::net::TcpListener::bind("127.0.0.1:8080"))?;
     crate::wrk::serve_hello(listener)?;
     let work = tempfile::tempdir()?;
-    let _nginx = NginxInNetns::start(&nginx, pid, work.path())?;
+    let nginx_in_netns = NginxInNetns::start(&nginx, pid, work.path())?;
+    let nginx_pids = nginx_in_netns.pids();
+    let daemon_pids = Vec::from_iter(d.pid());
 
-    let (mut throughput, mut shares) = (Vec::new(), Vec::new());
+    let (mut throughput, mut shares, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     for connections in [1u32, 16] {
         let in_machine = |url: &str| {
             let mut c = wrk.command(connections, Some(pid));
@@ -147,13 +172,26 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, rounds: usi
         };
         let mut runs: Vec<WrkResult> = Vec::new();
         let mut per_round = Vec::new();
+        let mut per_request = CpuPerRequest {
+            connections,
+            nginx_us: Vec::new(),
+            hangar_us: Vec::new(),
+        };
         for _ in 0..rounds {
+            let before = cpu_us(&nginx_pids)?;
             let nginx = wrk.measure("ingress", NGINX, connections, in_machine("http://127.0.0.1:8081/"))?;
+            let nginx_cpu = cpu_us(&nginx_pids)? - before;
+            let before = cpu_us(&daemon_pids)?;
             let hangar = wrk.measure("ingress", HANGAR, connections, through_proxy())?;
+            let hangar_cpu = cpu_us(&daemon_pids)? - before;
             let direct = wrk.measure("ingress", DIRECT, connections, in_machine("http://127.0.0.1:8080/"))?;
             per_round.push(100.0 * hangar.requests_per_sec / nginx.requests_per_sec);
+            let requests = |r: &WrkResult| r.requests_per_sec * f64::from(seconds);
+            per_request.nginx_us.push(nginx_cpu / requests(&nginx));
+            per_request.hangar_us.push(hangar_cpu / requests(&hangar));
             runs.extend([direct, nginx, hangar]);
         }
+        cpu.push(per_request);
         for case in [DIRECT, NGINX, HANGAR] {
             let of_case = || runs.iter().filter(|r| r.case == case);
             throughput.push(WrkResult {
@@ -218,6 +256,7 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32, rounds: usi
         rounds,
         throughput,
         shares,
+        cpu,
         wake: Summary::of(&woken).context("no wake samples")?,
         start_then_request: Summary::of(&started).context("no start samples")?,
     })
@@ -269,6 +308,27 @@ fn in_netns_fd<T: Send + 'static>(
     .context("inside the machine's network namespace")
 }
 
+/// The CPU time (user and system) the processes have used so far, in µs.
+fn cpu_us(pids: &[u32]) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
+        // After the command's `(…)`: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("/proc stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        for i in [11, 12] {
+            ticks += fields.get(i).context("/proc stat")?.parse::<u64>()?;
+        }
+    }
+    Ok(ticks as f64 * 1e6 / ticks_per_s)
+}
+
 /// nginx in a machine's network namespace: 127.0.0.1:8081 proxies to the
 /// machine's port 8080 over kept-alive connections.
 struct NginxInNetns(Child);
@@ -310,6 +370,39 @@ impl NginxInNetns {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(up)
+    }
+}
+
+impl NginxInNetns {
+    /// Its master and worker processes, once the workers have started.
+    fn pids(&self) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.processes();
+            if pids.len() > 1 || Instant::now() > deadline {
+                return pids;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        let master = self.0.id();
+        let mut pids = vec![master];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // After the command's `(…)`: state, then the parent's pid.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent == Some(master.to_string().as_str()) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 }
 

@@ -187,26 +187,43 @@ pub(crate) async fn serve(ing: Arc<Ingress>, conn: Arc<ClientConn>, stream: TcpS
         between_requests: Patience::new(KEEP_ALIVE),
         for_answers: Patience::new(ing.cfg.stream_idle_timeout),
     };
-    let client_closed = loop {
+    /// How the connection ends here.
+    enum End {
+        /// Hyper serves the rest, starting with what was read.
+        HandOff(Bytes),
+        /// The client closed it.
+        Closed,
+        /// The proxy closes it.
+        Closing,
+    }
+    let end = loop {
         match client.next_head().await {
             Next::Request(head) => {
                 if !ing.forward(&conn, &mut client, head).await {
-                    break false;
+                    break End::Closing;
                 }
             }
-            Next::HandOff(read) => return hand_off(ing, conn, client, read).await,
-            Next::Closed => break true,
+            Next::HandOff(read) => break End::HandOff(read),
+            Next::Closed => break End::Closed,
             Next::Refused(resp) => {
                 client.answer(resp, true).await;
-                break false;
+                break End::Closing;
             }
         }
     };
     for wire in std::mem::take(&mut client.held) {
         ing.upstream.wires.put(wire);
     }
-    if !client_closed {
-        client.linger().await;
+    match end {
+        End::HandOff(read) => {
+            let io = Prefixed {
+                read,
+                stream: client.stream,
+            };
+            crate::serve_hyper(ing, conn, io).await;
+        }
+        End::Closed => {}
+        End::Closing => client.linger().await,
     }
 }
 
@@ -214,18 +231,6 @@ pub(crate) async fn serve(ing: Arc<Ingress>, conn: Arc<ClientConn>, stream: TcpS
 /// and not CONNECT.
 fn takes(head: &RequestHead) -> bool {
     head.minor == 1 && head.target().starts_with('/') && head.method() != "CONNECT"
-}
-
-/// Serves the rest of the connection with hyper, starting with `read`.
-async fn hand_off(ing: Arc<Ingress>, conn: Arc<ClientConn>, client: Client, read: Bytes) {
-    for wire in client.held {
-        ing.upstream.wires.put(wire);
-    }
-    let io = Prefixed {
-        read,
-        stream: client.stream,
-    };
-    crate::serve_hyper(ing, conn, io).await;
 }
 
 impl Client {
@@ -254,17 +259,14 @@ impl Client {
                 return Next::Refused(refusal(&WireError::TooLarge));
             }
             seen = self.buf.len();
+            room(&mut self.buf);
             if self.buf.is_empty() {
-                self.buf.reserve(READ_SIZE);
                 match self.between_requests.wait(self.stream.read_buf(&mut self.buf)).await {
                     Some(Ok(n)) if n > 0 => continue,
                     _ => return Next::Closed,
                 }
             }
             let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
-            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-                self.buf.reserve(READ_SIZE);
-            }
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
                 Ok(Ok(0) | Err(_)) => return Next::Closed,
                 Ok(Ok(_)) => {}
@@ -519,10 +521,7 @@ impl Ingress {
             wire::put_field(&mut out, "te", b"trailers");
         }
         if upgrade {
-            for value in head.fields.all("upgrade") {
-                wire::put_field(&mut out, "upgrade", value);
-            }
-            wire::put_field(&mut out, "connection", b"upgrade");
+            wire::put_upgrade(&mut out, &head.fields);
         }
         out.put_slice(b"\r\n");
         out
@@ -541,8 +540,7 @@ impl Ingress {
         let Admitted { target, busy } = admitted;
         let call = self.call(&target, port, route_kind).await?;
         let machine = target.machine;
-        let sent = self.send_on_wire(client, &machine, call.port, req).await;
-        let failed = match sent {
+        let failed = match self.send_on_wire(client, &machine, call.port, req).await {
             Ok((head, wire, upload)) => {
                 call.answered();
                 return Ok(Answer {
@@ -553,22 +551,27 @@ impl Ingress {
                     upload,
                 });
             }
-            // Not the machine's doing: not counted as its failure.
-            Err(Failed::Client(why)) => return Err(json_error(StatusCode::BAD_REQUEST, "bad_request", &why)),
-            Err(Failed::ClientGone) => {
-                let message = "the client closed its connection before the answer";
-                return Err(json_error(StatusCode::BAD_REQUEST, "client_closed", message));
-            }
             Err(failed) => failed,
         };
-        call.failed();
         Err(match failed {
-            Failed::Connect(e) => error_response(&e),
-            Failed::Silent(why) | Failed::Machine(why) => error_response(&Error::Unavailable(format!(
-                "machine {} port {}: {why}",
-                machine.id, call.port
-            ))),
-            Failed::Client(_) | Failed::ClientGone => unreachable!("answered above"),
+            // Not the machine's doing: not counted as its failure.
+            Failed::Client(why) => json_error(StatusCode::BAD_REQUEST, "bad_request", &why),
+            Failed::ClientGone => json_error(
+                StatusCode::BAD_REQUEST,
+                "client_closed",
+                "the client closed its connection before the answer",
+            ),
+            Failed::Connect(e) => {
+                call.failed();
+                error_response(&e)
+            }
+            Failed::Silent(why) | Failed::Machine(why) => {
+                call.failed();
+                error_response(&Error::Unavailable(format!(
+                    "machine {} port {}: {why}",
+                    machine.id, call.port
+                )))
+            }
         })
     }
 
@@ -629,10 +632,7 @@ impl Ingress {
                 return client.answer(resp, true).await;
             }
             let mut out = status_and_fields(&head, |_| false);
-            for value in head.fields.all("upgrade") {
-                wire::put_field(&mut out, "upgrade", value);
-            }
-            wire::put_field(&mut out, "connection", b"upgrade");
+            wire::put_upgrade(&mut out, &head.fields);
             out.put_slice(b"\r\n");
             let _busy = busy;
             // What either side sent past its head belongs to the new protocol.
@@ -820,19 +820,11 @@ impl Upload {
             if self.broken {
                 return Err(RelayError::Destination("the machine stopped taking the body".into()));
             }
-            if !self.pending.is_empty() {
-                match tokio::time::timeout(idle, dst.write_buf(&mut self.pending)).await {
-                    Ok(Ok(n)) if n > 0 => continue,
-                    written => {
-                        self.broken = true;
-                        let why = match written {
-                            Ok(Err(e)) => e.to_string(),
-                            Err(_) => format!("the machine took nothing for {idle:?}"),
-                            Ok(Ok(_)) => "the machine closed the connection".into(),
-                        };
-                        return Err(RelayError::Destination(why));
-                    }
-                }
+            // `send` keeps what it has written out of `pending` after
+            // each write, so stopping it in between loses nothing.
+            if let Err(e) = send(dst, &mut self.pending, idle).await {
+                self.broken = true;
+                return Err(RelayError::Destination(e.to_string()));
             }
             if self.end.done() {
                 return Ok(());
@@ -862,7 +854,7 @@ async fn gone(from_client: &ReadHalf<'_>, buf: &mut BytesMut) {
         if from_client.readable().await.is_err() {
             return;
         }
-        buf.reserve(READ_SIZE);
+        room(buf);
         match from_client.try_read_buf(buf) {
             Ok(0) => return,
             Ok(_) => {}
@@ -938,12 +930,17 @@ fn encode(resp: Response<Body>, close: bool, head_only: bool) -> BytesMut {
     out
 }
 
-/// Reads into `buf` (at least [`READ_SIZE`] of room), waiting at most
-/// `idle`; 0 at the end of the stream.
-async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut, idle: Duration) -> io::Result<usize> {
+/// Makes room in `buf` for a read of at least half of [`READ_SIZE`].
+fn room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_SIZE / 2 {
         buf.reserve(READ_SIZE);
     }
+}
+
+/// Reads into `buf` (see [`room`]), waiting at most `idle`; 0 at the end
+/// of the stream.
+async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut, idle: Duration) -> io::Result<usize> {
+    room(buf);
     match tokio::time::timeout(idle, src.read_buf(buf)).await {
         Ok(read) => read,
         Err(_) => Err(io::Error::new(
@@ -1008,9 +1005,7 @@ where
         }
         seen = buf.len();
         let silent = !heard && buf.is_empty();
-        if buf.capacity() - buf.len() < READ_SIZE / 2 {
-            buf.reserve(READ_SIZE);
-        }
+        room(buf);
         match patience.wait(src.read_buf(buf)).await {
             Some(Ok(0)) if silent => return Err(Failed::Silent("closed the connection without an answer".into())),
             Some(Ok(0)) => return Err(Failed::Machine("closed the connection in its answer's head".into())),

@@ -781,14 +781,8 @@ impl Ingress {
     /// The request's session, as `header:value` or `cookie=value`, from
     /// its fields (names in any case).
     fn session_of(&self, fields: &impl Fields) -> Option<String> {
-        for name in &self.session_headers {
-            let value = fields
-                .each()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
-                .and_then(|(_, v)| std::str::from_utf8(v).ok());
-            if let Some(v) = value {
-                return Some(format!("{name}:{v}"));
-            }
+        if let Some(session) = self.header_sessions(fields).next() {
+            return Some(session);
         }
         if self.cfg.session_cookies.is_empty() {
             return None;
@@ -807,18 +801,21 @@ impl Ingress {
         None
     }
 
-    /// Remembers the sessions an answer issues, from its fields.
-    fn learn_session(&self, fields: &impl Fields, machine: &Machine) {
-        let mut issued = Vec::new();
-        for name in &self.session_headers {
+    /// `header:value` for each session header the fields carry, in the
+    /// order the headers are configured.
+    fn header_sessions<'a>(&'a self, fields: &'a impl Fields) -> impl Iterator<Item = String> + 'a {
+        self.session_headers.iter().filter_map(move |name| {
             let value = fields
                 .each()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
-                .and_then(|(_, v)| std::str::from_utf8(v).ok());
-            if let Some(v) = value {
-                issued.push(format!("{name}:{v}"));
-            }
-        }
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())?;
+            Some(format!("{name}:{value}"))
+        })
+    }
+
+    /// Remembers the sessions an answer issues, from its fields.
+    fn learn_session(&self, fields: &impl Fields, machine: &Machine) {
+        let mut issued: Vec<String> = self.header_sessions(fields).collect();
         if !self.cfg.session_cookies.is_empty() {
             let set = fields
                 .each()

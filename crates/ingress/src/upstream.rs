@@ -28,12 +28,6 @@ struct Conn {
     sender: SendRequest<Body>,
 }
 
-impl Conn {
-    fn is(&self, id: &str, port: u16) -> bool {
-        self.port == port && self.id == id
-    }
-}
-
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.id, self.port)
@@ -73,7 +67,7 @@ pub(crate) trait Pooled {
 
 impl Pooled for Conn {
     fn is(&self, id: &str, port: u16) -> bool {
-        Conn::is(self, id, port)
+        self.port == port && self.id == id
     }
     fn id(&self) -> &str {
         &self.id

@@ -311,9 +311,10 @@ pub(crate) struct Chunks {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
-    /// In a chunk's size: its value so far, and whether a digit came.
+    /// At a chunk's size, before its first digit.
     #[default]
     SizeStart,
+    /// In a chunk's size: its value so far.
     Size(u64),
     /// After the size: spaces, then extensions or the line's end.
     SizeEnd(u64),
@@ -328,6 +329,17 @@ enum ChunkState {
     TrailerLf,
     EndLf,
     Done,
+}
+
+/// Where a chunk's size line goes after its digits, at `b`; `None` if `b`
+/// can't follow them.
+fn after_size(n: u64, b: u8) -> Option<ChunkState> {
+    match b {
+        b' ' | b'\t' => Some(ChunkState::SizeEnd(n)),
+        b';' => Some(ChunkState::Extension(n)),
+        b'\r' => Some(ChunkState::SizeLf(n)),
+        _ => None,
+    }
 }
 
 impl Chunks {
@@ -345,35 +357,21 @@ impl Chunks {
             let b = input[i];
             let mut step = 1;
             self.state = match self.state {
-                SizeStart | Size(_) => {
-                    let so_far = match self.state {
-                        Size(n) => Some(n),
-                        _ => None,
-                    };
-                    match (b as char).to_digit(16) {
-                        Some(d) => {
-                            let n = so_far.unwrap_or(0);
-                            if n >> 56 != 0 {
-                                return bad("a chunk size too large");
-                            }
-                            Size(n << 4 | u64::from(d))
-                        }
-                        None => match so_far {
-                            None => return bad("a chunk without a size"),
-                            Some(n) => match b {
-                                b' ' | b'\t' => SizeEnd(n),
-                                b';' => Extension(n),
-                                b'\r' => SizeLf(n),
-                                _ => return bad("a chunk size that is not hexadecimal"),
-                            },
-                        },
-                    }
-                }
-                SizeEnd(n) => match b {
-                    b' ' | b'\t' => SizeEnd(n),
-                    b';' => Extension(n),
-                    b'\r' => SizeLf(n),
-                    _ => return bad("text after a chunk size"),
+                SizeStart => match (b as char).to_digit(16) {
+                    Some(d) => Size(u64::from(d)),
+                    None => return bad("a chunk without a size"),
+                },
+                Size(n) => match (b as char).to_digit(16) {
+                    Some(_) if n >> 56 != 0 => return bad("a chunk size too large"),
+                    Some(d) => Size(n << 4 | u64::from(d)),
+                    None => match after_size(n, b) {
+                        Some(next) => next,
+                        None => return bad("a chunk size that is not hexadecimal"),
+                    },
+                },
+                SizeEnd(n) => match after_size(n, b) {
+                    Some(next) => next,
+                    None => return bad("text after a chunk size"),
                 },
                 Extension(n) => match b {
                     b'\r' => SizeLf(n),
@@ -523,6 +521,15 @@ pub(crate) fn put_fields(out: &mut BytesMut, fields: &Fields, skip: impl Fn(&str
             put_field(out, name, value);
         }
     }
+}
+
+/// The fields that ask for an upgrade: the head's `Upgrade` values and
+/// `Connection: upgrade` (both hop-by-hop, so [`put_fields`] leaves them).
+pub(crate) fn put_upgrade(out: &mut BytesMut, fields: &Fields) {
+    for value in fields.all("upgrade") {
+        put_field(out, "upgrade", value);
+    }
+    put_field(out, "connection", b"upgrade");
 }
 
 pub(crate) fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {

@@ -884,8 +884,12 @@ fn final_head(head: &ResponseHead, framing: Framing, rechunk: bool, close: bool)
     let mut out = status_and_fields(head, |name| {
         name.eq_ignore_ascii_case("transfer-encoding") || (reframed && name.eq_ignore_ascii_case("content-length"))
     });
-    for value in head.fields.all("transfer-encoding") {
-        wire::put_field(&mut out, "transfer-encoding", value);
+    // A length frames the body alone: codings beside it (only empty ones
+    // can be, see `wire::response_framing`) do not go on.
+    if !matches!(framing, Framing::Length(_)) {
+        for value in head.fields.all("transfer-encoding") {
+            wire::put_field(&mut out, "transfer-encoding", value);
+        }
     }
     if rechunk {
         wire::put_field(&mut out, "transfer-encoding", b"chunked");
@@ -1119,6 +1123,43 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(text: &str) -> ResponseHead {
+        wire::parse_response(&mut BytesMut::from(text)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn final_heads_carry_only_the_framing_the_proxy_follows() {
+        let framed = |text: &str, close: bool| {
+            let head = answer(text);
+            let framing = wire::response_framing(&head, false).unwrap();
+            let rechunk = framing == Framing::UntilClose && !head.fields.has("transfer-encoding");
+            String::from_utf8(final_head(&head, framing, rechunk, close).to_vec()).unwrap()
+        };
+        assert_eq!(
+            framed(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\nContent-Length: 3\r\nX: 1\r\n\r\n",
+                false
+            ),
+            "HTTP/1.1 200 OK\r\nX: 1\r\ncontent-length: 3\r\n\r\n"
+        );
+        assert_eq!(
+            framed(
+                "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false
+            ),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+        );
+        assert_eq!(
+            framed("HTTP/1.1 200 OK\r\n\r\n", false),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            "a close-delimited body goes on chunked"
+        );
+        assert_eq!(
+            framed("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n", true),
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+        );
+    }
 
     #[tokio::test]
     async fn patience_counts_from_each_wait_with_one_timer() {

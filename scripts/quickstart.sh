@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh --release
 data=${HANGAR_DATA_DIR:-/var/lib/hangar}
-mkdir -p "$data"
-image="$data/images/busybox-layout"
+install -d -m 700 "$data" "$data/imports"
+image="$data/imports/busybox"
 [[ -f "$image/index.json" ]] || HANGAR=target/release/hangar scripts/busybox-image.sh "$image"
 cat <<MSG
 Hangar is starting. In another shell, as root:

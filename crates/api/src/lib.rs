@@ -31,6 +31,22 @@ pub struct ErrorBody {
     pub state: Option<MachineState>,
 }
 
+impl ErrorBody {
+    pub fn new(code: &str, error: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: error.into(),
+            code: code.into(),
+            state: None,
+        }
+    }
+
+    /// The body as the REST API, the ingress proxy and the egress gateway
+    /// all send it.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an error body serializes")
+    }
+}
+
 /// `POST /v1/apps`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -182,9 +182,36 @@ pub struct GuestConfig {
     /// Fly's field, accepted for compatibility; only `shared` exists here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_kind: Option<String>,
-    /// Maximum number of processes (threads count too).
+    /// The most the machine's root filesystem may hold, beyond its image,
+    /// in GiB; 10 by default. Writes past it fail inside the machine
+    /// (EDQUOT), and nothing outside notices. Enforced where the kernel
+    /// has btrfs simple quotas (6.7+); the daemon's log says if not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gb: Option<u32>,
+    /// Maximum number of processes (threads count too); 1024 by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_limit: Option<u32>,
+    /// Capabilities beyond the default set, which leaves out NET_RAW (raw
+    /// and packet sockets: ping, traceroute, tcpdump) as podman does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<Capability>,
+}
+
+/// A capability a machine may ask for on top of the default set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
+pub enum Capability {
+    /// Raw and packet sockets.
+    #[serde(rename = "NET_RAW")]
+    NetRaw,
+}
+
+impl Capability {
+    /// The name the kernel and the OCI runtime spec use.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Capability::NetRaw => "CAP_NET_RAW",
+        }
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -200,7 +227,9 @@ impl Default for GuestConfig {
             cpus: default_cpus(),
             memory_mb: default_memory_mb(),
             cpu_kind: None,
+            disk_gb: None,
             pids_limit: None,
+            cap_add: Vec::new(),
         }
     }
 }

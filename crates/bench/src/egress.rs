@@ -98,12 +98,12 @@ pub fn bench(cfg: &crate::hangar::Config, image: &str, seconds: u32) -> Result<R
     let name = "upstream.bench";
     let (http, https) = start_upstream(name, &ca)?;
     let mut cfg = cfg.clone();
-    cfg.serve_args = vec![
+    cfg.serve_args.extend([
         "--egress-upstream-ca".into(),
         ca.display().to_string(),
         "--egress-resolve".into(),
         format!("{name}=127.0.0.1"),
-    ];
+    ]);
     let d = Daemon::start(&cfg)?;
     d.call(Method::POST, "/v1/apps", Some(json!({ "app_name": APP })))?;
     d.call(

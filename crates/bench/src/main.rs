@@ -339,7 +339,7 @@ fn lifecycle(cli: &Cli) -> Result<i32> {
                     hangar: hangar_bin.clone(),
                     init_binary,
                     pool_root: cli.common.pool_root.clone(),
-                    serve_args: Vec::new(),
+                    serve_args: import_from(work.path()),
                 };
                 let image = format!("oci:{}:latest", layout.display());
                 outcome(hangar::bench(&cfg, &image, iterations, settle))
@@ -421,9 +421,14 @@ fn daemon_and_image(common: &Common) -> Result<(hangar::Config, String, tempfile
         hangar: hangar_bin,
         init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
         pool_root: common.pool_root.clone(),
-        serve_args: Vec::new(),
+        serve_args: import_from(work.path()),
     };
     Ok((cfg, format!("oci:{}:latest", layout.display()), work))
+}
+
+/// Lets the daemon import the images the benchmark makes in `dir`.
+fn import_from(dir: &std::path::Path) -> Vec<String> {
+    vec!["--import-dir".into(), dir.display().to_string()]
 }
 
 /// A scratch directory (removed when dropped) holding the busybox rootfs

@@ -14,11 +14,15 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// The daemon's import directory, for a daemon on this host (see
+    /// `stage`).
+    pub import_dir: Option<PathBuf>,
 }
 
 /// Finds the daemon: explicit URL and token (flags or `HANGAR_URL` /
 /// `HANGAR_TOKEN`), else the files a local daemon writes into its data dir.
 pub fn connect(url: Option<String>, token: Option<String>, data_dir: &Path) -> Result<Client> {
+    let mut import_dir = None;
     let url = match url {
         Some(u) => u,
         None => {
@@ -31,6 +35,7 @@ pub fn connect(url: Option<String>, token: Option<String>, data_dir: &Path) -> R
             })?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("reading {}", about.display()))?;
+            import_dir = v["import_dir"].as_str().map(PathBuf::from);
             v["url"]
                 .as_str()
                 .ok_or_else(|| anyhow!("{} has no url", about.display()))?
@@ -59,6 +64,7 @@ pub fn connect(url: Option<String>, token: Option<String>, data_dir: &Path) -> R
         },
         base: url.trim_end_matches('/').to_owned(),
         token,
+        import_dir,
     })
 }
 

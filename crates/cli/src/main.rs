@@ -3,6 +3,7 @@
 mod client;
 mod mcp;
 mod output;
+mod stage;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -46,7 +47,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage apps (namespaces of machines).
     #[command(subcommand)]
     App(AppCommand),
@@ -331,6 +332,29 @@ struct ServeArgs {
     /// system's; repeatable.
     #[arg(long = "egress-upstream-ca")]
     egress_upstream_cas: Vec<PathBuf>,
+    /// A directory whose OCI layouts and archives API callers may name as
+    /// images (`oci:DIR/…`, `oci-archive:DIR/…`); repeatable. No other host
+    /// file can be named (exports aside). DATA_DIR/imports by default.
+    #[arg(long = "import-dir")]
+    import_dirs: Vec<PathBuf>,
+    /// How many processes (threads count) all machines together may have;
+    /// half of the kernel's pid_max by default.
+    #[arg(long)]
+    pids_budget: Option<u64>,
+    /// How much of its newest output a machine's log keeps, in MiB; the
+    /// oldest goes first.
+    #[arg(long, default_value_t = 64)]
+    machine_log_mb: u64,
+    /// The largest image layer (compressed) a pull or import takes, in GiB.
+    #[arg(long, default_value_t = 8)]
+    image_max_layer_gb: u64,
+    /// The largest an image layer may be once decompressed, in GiB.
+    #[arg(long, default_value_t = 32)]
+    image_max_unpacked_gb: u64,
+    /// How many times its compressed size a layer may decompress to (past
+    /// its first 64 MiB): a bound on decompression bombs.
+    #[arg(long, default_value_t = 100)]
+    image_max_ratio: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -576,7 +600,7 @@ async fn run(cli: Cli) -> Result<i32> {
     let client = || client::connect(cli.url.clone(), cli.token.clone(), &cli.data_dir);
     let json = cli.json;
     match cli.command {
-        Command::Serve(args) => serve(&cli.data_dir, args).await.map(|()| 0),
+        Command::Serve(args) => serve(&cli.data_dir, *args).await.map(|()| 0),
         Command::Image(ImageCommand::Pull { image }) => pull(&client()?, json, &image).await,
         Command::Image(ImageCommand::Ls) => {
             let list: hangar_api::ImageList = client()?.get("/v1/images").await?;
@@ -908,6 +932,14 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
             resolve: args.egress_resolve,
             upstream_cas: args.egress_upstream_cas,
         },
+        import_dirs: args.import_dirs,
+        pids_budget: args.pids_budget,
+        machine_log_bytes: args.machine_log_mb.max(1) << 20,
+        image_limits: hangar_image::ImageLimits {
+            max_layer_bytes: args.image_max_layer_gb << 30,
+            max_unpacked_bytes: args.image_max_unpacked_gb << 30,
+            max_ratio: args.image_max_ratio,
+        },
     };
     let mut proxy = hangar_ingress::Config {
         domain: args.proxy_domain,
@@ -962,7 +994,7 @@ async fn pull(c: &Client, json: bool, image: &str) -> Result<i32> {
         .request(Method::POST, "/v1/images/pull")
         .header(reqwest::header::ACCEPT, "application/x-ndjson")
         .json(&hangar_api::PullImageRequest {
-            image: image.to_owned(),
+            image: stage::stage(image, c.import_dir.as_deref())?,
         });
     let mut body = c.send(request).await?.bytes_stream();
     let show = !json && std::io::stderr().is_terminal();
@@ -1216,7 +1248,7 @@ async fn create(c: &Client, json: bool, a: CreateArgs, skip_launch: bool) -> Res
     let req = CreateMachineRequest {
         name: a.name,
         config: MachineConfig {
-            image: a.image,
+            image: stage::stage(&a.image, c.import_dir.as_deref())?,
             init: InitConfig {
                 entrypoint: a.entrypoint.map(|e| vec![e]),
                 cmd: (!a.cmd.is_empty()).then_some(a.cmd),

@@ -91,7 +91,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             "absolute",
         ),
         (
-            json!({"config": {"image": "oci:/nonexistent/layout"}}),
+            json!({"config": {"image": format!("oci:{}/nonexistent/layout", common::IMPORTS)}}),
             StatusCode::NOT_FOUND,
             "/nonexistent/layout",
         ),

@@ -264,9 +264,27 @@ async fn the_sandbox_is_hardened() {
         .nth(1)
         .unwrap();
     let bits = u64::from_str_radix(capbnd, 16).unwrap();
-    for cap in [16, 19, 21] {
+    // And no CAP_NET_RAW (13): no raw or packet sockets, unless asked for.
+    for cap in [13, 16, 19, 21] {
         assert_eq!(bits & (1 << cap), 0, "capability {cap} in bounding set {capbnd}");
     }
+    let r = d.exec("in", &id, &["ping", "-c1", "-W1", "127.0.0.1"]).await;
+    assert_ne!(r["exit_code"], 0, "a raw socket without NET_RAW: {r}");
+    let raw = d.machine("in", json!({"guest": {"cap_add": ["NET_RAW"]}})).await;
+    let raw = raw["id"].as_str().unwrap();
+    let out = d
+        .sh("in", raw, "grep CapBnd /proc/self/status; ping -c1 -W1 127.0.0.1")
+        .await;
+    let bits = u64::from_str_radix(out.lines().next().unwrap().split('\t').nth(1).unwrap(), 16).unwrap();
+    assert_ne!(bits & (1 << 13), 0, "{out}");
+    let (status, v) = d
+        .call(
+            Method::POST,
+            "/v1/apps/in/machines",
+            Some(json!({"config": {"image": common::busybox_image(), "guest": {"cap_add": ["SYS_ADMIN"]}}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
 
     let refused = [
         // New user namespaces (seccomp, EPERM), and with them new caps.

@@ -85,15 +85,17 @@ fn python_sdk_over_streamable_http() {
 }
 
 /// `/mcp` is behind the API token like the rest of the API, and refuses a
-/// Host that is not the daemon's own (DNS rebinding).
+/// Host that is not the daemon's own (DNS rebinding), and a browser Origin
+/// that is not the daemon's own.
 #[tokio::test]
-async fn mcp_endpoint_needs_the_token_and_its_own_host() {
+async fn mcp_endpoint_needs_the_token_and_its_own_host_and_origin() {
     let d = Daemon::start();
     let init = serde_json::json!({
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}
     });
-    let post = |token: Option<&str>, host: Option<&str>| {
+    let port = d.url.rsplit(':').next().unwrap().to_owned();
+    let send = |token: Option<&str>, host: Option<&str>, origin: Option<&str>| {
         let mut req = d
             .http
             .post(format!("{}/mcp", d.url))
@@ -105,8 +107,12 @@ async fn mcp_endpoint_needs_the_token_and_its_own_host() {
         if let Some(h) = host {
             req = req.header("host", h);
         }
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
         req.send()
     };
+    let post = |token, host| send(token, host, None);
     let resp = post(None, None).await.unwrap();
     assert_eq!(resp.status(), 401);
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -114,6 +120,13 @@ async fn mcp_endpoint_needs_the_token_and_its_own_host() {
     assert_eq!(post(Some("wrong"), None).await.unwrap().status(), 401);
     let resp = post(Some(&d.token), Some("evil.example")).await.unwrap();
     assert_eq!(resp.status(), 403, "a foreign Host is refused");
+    for origin in ["https://evil.example", "http://192.0.2.1:80", "null"] {
+        let resp = send(Some(&d.token), None, Some(origin)).await.unwrap();
+        assert_eq!(resp.status(), 403, "Origin {origin} is refused");
+    }
+    let own = format!("http://127.0.0.1:{port}");
+    let resp = send(Some(&d.token), None, Some(&own)).await.unwrap();
+    assert_eq!(resp.status(), 200, "the daemon's own Origin is served");
     let mut resp = post(Some(&d.token), None).await.unwrap();
     assert_eq!(resp.status(), 200);
     // The answer is an SSE stream that stays open: read until the result.

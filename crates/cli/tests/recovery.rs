@@ -83,7 +83,7 @@ async fn kill_9_during_an_image_import_leaves_nothing_half_done() {
     let mut d = Daemon::start();
     d.create_app("imp").await;
     // An image big enough that its import is still running when we kill.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::import_tempdir();
     let rootfs = dir.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("data")).unwrap();
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();

@@ -150,19 +150,32 @@ async fn a_volume_outlives_its_machine_and_belongs_to_one_at_a_time() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(!d.volume_pool_dir.join(format!("volume-{vid}")).exists());
     assert!(!d.volume_pool_dir.join(format!("volsnap-{snap}")).exists());
-    // Quotas are on for volumes only, never for the machines' pool (they
-    // would slow its snapshots several times).
-    let quota = |dir: &std::path::Path| {
-        std::process::Command::new("btrfs")
-            .args(["qgroup", "show"])
-            .arg(dir)
-            .output()
+    // Classic quota groups are on for volumes only, never in the machines'
+    // pool, where they would slow every snapshot several times: its
+    // machines' disk limits are simple quotas, which cost snapshots nothing.
+    let quota_mode = |pool: &std::path::Path| {
+        // The test pools are directories in the root of their filesystem.
+        let out = common::sh(
+            std::process::Command::new("btrfs")
+                .args(["filesystem", "show"])
+                .arg(pool.parent().unwrap()),
+        );
+        let uuid = out
+            .split("uuid: ")
+            .nth(1)
             .unwrap()
-            .status
-            .success()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        std::fs::read_to_string(format!("/sys/fs/btrfs/{uuid}/qgroups/mode")).unwrap_or_default()
     };
-    assert!(quota(&d.volume_pool_dir));
-    assert!(!quota(&d.pool_dir), "quotas are on in the machines' pool");
+    assert_eq!(quota_mode(&d.volume_pool_dir).trim(), "qgroup");
+    assert_eq!(
+        quota_mode(&d.pool_dir).trim(),
+        "squota",
+        "classic quotas in the machines' pool"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,11 +18,7 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            body: ErrorBody {
-                error: message.into(),
-                code: code.into(),
-                state: None,
-            },
+            body: ErrorBody::new(code, message),
         }
     }
 
@@ -45,10 +41,10 @@ impl From<Error> for ApiError {
             Error::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(e, Error::Internal(_)) {
             tracing::error!("{e}");
         }
-        let mut err = ApiError::new(status, code, e.to_string());
+        let mut err = ApiError::new(status, code, e.public_message());
         if let Error::WrongState { state, .. } = e {
             err.body.state = Some(state);
         }

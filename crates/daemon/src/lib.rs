@@ -259,7 +259,10 @@ pub async fn serve(
     proxy: hangar_ingress::Config,
     cfg: ManagerConfig,
 ) -> anyhow_like::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+    // 0700 from the start; Manager::open makes an older data dir so too.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&cfg.data_dir)
+        .map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
     let token = load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
     let mgr = Manager::open(cfg).await.map_err(|e| e.to_string())?;
     let report = mgr.recover().await.map_err(|e| format!("recovering machines: {e}"))?;
@@ -288,6 +291,7 @@ pub async fn serve(
         "url": url,
         "proxy_url": proxy_urls.first(),
         "proxy_urls": proxy_urls,
+        "import_dir": mgr.import_dir(),
         "pid": std::process::id(),
     });
     std::fs::write(mgr.data_dir().join("daemon.json"), about.to_string())

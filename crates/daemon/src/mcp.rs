@@ -65,6 +65,18 @@ pub fn service(
         hosts.push(listen.ip().to_string());
         config = config.with_allowed_hosts(hosts);
     }
+    // And a browser page from elsewhere may not call it (its Origin says
+    // where it comes from; clients that are not browsers send none). As
+    // for Host, loopback names count on any port.
+    let mut origins = vec![
+        "http://localhost:*".to_owned(),
+        "http://127.0.0.1:*".to_owned(),
+        "http://[::1]:*".to_owned(),
+    ];
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        origins.push(format!("http://{listen}"));
+    }
+    config = config.with_allowed_origins(origins).enforce_origin_validation();
     StreamableHttpService::new(
         move || Ok(HangarMcp::new(backend.clone())),
         LocalSessionManager::default().into(),

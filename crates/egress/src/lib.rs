@@ -261,13 +261,62 @@ impl Gateway {
         tokio::net::UnixListener::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))
     }
 
-    /// Whether `addr` is one of the daemon's own.
+    /// Whether `addr` reaches one of the daemon's own listeners: on one of
+    /// their ports, their address or any address of this host (0.0.0.0
+    /// and :: reach a local listener as loopback does).
     fn is_denied(&self, addr: SocketAddr) -> bool {
         let ip = hangar_api::egress::canonical(addr.ip());
-        self.deny.read().expect("deny").iter().any(|d| {
-            d.port() == addr.port() && (d.ip().is_unspecified() || hangar_api::egress::canonical(d.ip()) == ip)
-        })
+        let deny = self.deny.read().expect("deny");
+        let mut ours = deny.iter().filter(|d| d.port() == addr.port());
+        ours.any(|d| hangar_api::egress::canonical(d.ip()) == ip || is_host_address(ip))
     }
+}
+
+/// Whether a connection to `ip` stays on this host.
+fn is_host_address(ip: std::net::IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_loopback() || interface_addresses().contains(&ip)
+}
+
+/// The addresses of this host's interfaces, read afresh (they change).
+fn interface_addresses() -> Vec<std::net::IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we own into `list`, to be freed
+    // with freeifaddrs, which we do below and only on success.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        // Unknown: treat nothing more as local; loopback and the
+        // unspecified addresses are still refused by the caller.
+        tracing::warn!("getifaddrs: {}", std::io::Error::last_os_error());
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs gave us, not yet
+        // freed; `ifa_addr` is null or points to a sockaddr whose family
+        // says which struct it is.
+        unsafe {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(hangar_api::egress::canonical(
+                            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: `list` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out
 }
 
 fn netns_inode(path: &Path) -> Result<u64> {
@@ -303,4 +352,29 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod host_address_tests {
+    use super::*;
+
+    #[test]
+    fn this_hosts_addresses_are_its_own() {
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+        ] {
+            let ip = hangar_api::egress::canonical(ip.parse().unwrap());
+            assert!(is_host_address(ip), "{ip}");
+        }
+        for ip in interface_addresses() {
+            assert!(is_host_address(ip), "{ip}");
+        }
+        assert!(!is_host_address("192.0.2.1".parse().unwrap()));
+    }
 }

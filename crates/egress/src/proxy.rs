@@ -306,7 +306,7 @@ fn refuse(gw: &Gateway, mut rec: Record, start: Instant, r: Refused) -> Response
 }
 
 pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": message, "code": code }).to_string();
+    let body = hangar_api::ErrorBody::new(code, message).to_json();
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -98,6 +98,16 @@ pub enum ImageError {
         reason: String,
     },
 
+    /// A layer is larger than the store's limits allow (see
+    /// [`crate::ImageLimits`]).
+    #[error("{what} is too large: {reason}")]
+    TooLarge {
+        /// Which layer of which image.
+        what: String,
+        /// Which limit it passed, and how to raise it.
+        reason: String,
+    },
+
     /// A tar entry would escape the directory it is unpacked into, or is
     /// otherwise not safe to unpack.
     #[error("unsafe path {path:?} in {what}: {reason}")]

@@ -27,5 +27,5 @@ pub use gc::GcReport;
 pub use pull::{LayerProgress, LayerStatus, ProgressSink, PullProgress};
 pub use reference::{ImageRef, RegistryRef};
 pub use registry::{RegistryClient, RegistryConfig, install_crypto_provider};
-pub use store::{Image, ImageConfig, ImageStore, Layer};
+pub use store::{Image, ImageConfig, ImageLimits, ImageStore, Layer};
 pub use writer::{BaseLayer, LayerSource, write_derived_layout, write_oci_layout};

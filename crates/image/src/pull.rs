@@ -131,6 +131,7 @@ impl ImageStore {
         check_config_type(&manifest, &name)?;
         let config_bytes = fetch_small_blob(&repo, &manifest.config, &name).await?;
         let (config, plan) = plan_layers(&manifest, &desc.digest, &config_bytes, &name)?;
+        self.check_layer_sizes(&plan, &name)?;
 
         let present: Vec<bool> = plan
             .iter()

@@ -24,6 +24,43 @@ pub(crate) const MAX_JSON: u64 = 16 << 20;
 /// How many image indexes may nest before we give up.
 pub(crate) const MAX_INDEX_DEPTH: usize = 4;
 
+/// Bounds on what one layer may make the store hold: a registry or an
+/// archive can claim, and a gzip stream can expand to, anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// The largest layer blob (compressed), refused before it is fetched.
+    pub max_layer_bytes: u64,
+    /// The largest layer once decompressed (its tar stream).
+    pub max_unpacked_bytes: u64,
+    /// How many times its compressed size a layer may grow when
+    /// decompressed, once past [`ImageLimits::RATIO_FLOOR`]: a bomb of
+    /// zeros grows a thousandfold, real layers about tenfold.
+    pub max_ratio: u64,
+}
+
+impl ImageLimits {
+    /// Any layer may unpack to this much, whatever its ratio.
+    pub const RATIO_FLOOR: u64 = 64 << 20;
+
+    /// How far a layer of `compressed` bytes may unpack.
+    fn unpacked_cap(&self, compressed: u64) -> u64 {
+        compressed
+            .saturating_mul(self.max_ratio)
+            .max(Self::RATIO_FLOOR)
+            .min(self.max_unpacked_bytes)
+    }
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_layer_bytes: 8 << 30,
+            max_unpacked_bytes: 32 << 30,
+            max_ratio: 100,
+        }
+    }
+}
+
 /// An image imported into an [`ImageStore`]. Serializable: the daemon keeps
 /// it as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +159,7 @@ pub struct ImageStore {
     blob_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Disk usage of unpacked layers, by diff_id (they never change).
     layer_sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    limits: ImageLimits,
     /// Held (shared) for the store's lifetime so a later `open` knows not to
     /// clear `tmp/` under us.
     _lock: File,
@@ -148,6 +186,7 @@ impl ImageStore {
             root: root.to_owned(),
             blob_locks: Default::default(),
             layer_sizes: Default::default(),
+            limits: ImageLimits::default(),
             _lock: lock,
         };
         match rfs::flock(&store._lock, FlockOperation::NonBlockingLockExclusive) {
@@ -157,6 +196,27 @@ impl ImageStore {
         }
         rfs::flock(&store._lock, FlockOperation::LockShared).context(|| format!("locking {}", lock_path.display()))?;
         Ok(store)
+    }
+
+    /// Sets the bounds on layers (see [`ImageLimits`]).
+    pub fn with_limits(mut self, limits: ImageLimits) -> ImageStore {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses an image whose layers are larger than the limits allow,
+    /// before any of them is fetched.
+    pub(crate) fn check_layer_sizes(&self, plan: &[(Descriptor, String, Compression)], name: &str) -> Result<()> {
+        match plan.iter().find(|(desc, _, _)| desc.size > self.limits.max_layer_bytes) {
+            Some((desc, _, _)) => Err(ImageError::TooLarge {
+                what: format!("layer {} of {name}", desc.digest),
+                reason: format!(
+                    "it is {} bytes, over the limit of {} (hangar serve --image-max-layer-gb)",
+                    desc.size, self.limits.max_layer_bytes
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The directory the store lives in.
@@ -240,6 +300,7 @@ impl ImageStore {
         check_config_type(&manifest, name)?;
         let config_bytes = l.read_small_blob(&manifest.config, "config")?;
         let (config, plan) = plan_layers(&manifest, &desc.digest, &config_bytes, name)?;
+        self.check_layer_sizes(&plan, name)?;
 
         let mut layers = Vec::new();
         for (desc, diff_id, compression) in plan {
@@ -308,7 +369,10 @@ impl ImageStore {
         let tmp_layer = if have_layer { None } else { Some(self.tmp_dir("layer")?) };
         let unpacked: Result<()> = match &tmp_layer {
             None => Ok(()),
-            Some(tmp) => unpack_layer(&mut compressed, compression, &tmp.path, &what, diff_id),
+            Some(tmp) => {
+                let cap = self.limits.unpacked_cap(desc.size);
+                unpack_layer(&mut compressed, compression, &tmp.path, &what, diff_id, cap)
+            }
         };
 
         // Even if unpacking failed, read the blob to its end: if its digest
@@ -463,12 +527,15 @@ impl ImageStore {
 }
 
 /// Decompresses and unpacks one layer into `dest`, checking its diff_id.
+/// Unpacks a layer, refusing one that decompresses to more than `cap`
+/// bytes.
 fn unpack_layer<R: Read>(
     compressed: &mut R,
     compression: Compression,
     dest: &Path,
     what: &str,
     diff_id: &str,
+    cap: u64,
 ) -> Result<()> {
     let decoder: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(compressed),
@@ -478,7 +545,26 @@ fn unpack_layer<R: Read>(
             Box::new(zstd::stream::read::Decoder::new(compressed).context(|| format!("starting to decompress {what}"))?)
         }
     };
-    let uncompressed = unpack::unpack(HashReader::new(decoder), dest, what, UnpackMode::Layer)?;
+    let over = std::rc::Rc::new(std::cell::Cell::new(false));
+    let capped = Capped {
+        inner: decoder,
+        left: cap,
+        over: over.clone(),
+    };
+    let too_large = || ImageError::TooLarge {
+        what: what.to_owned(),
+        reason: format!(
+            "it decompresses to more than {cap} bytes: more than its compressed size allows \
+             (hangar serve --image-max-ratio, --image-max-unpacked-gb)"
+        ),
+    };
+    let uncompressed = match unpack::unpack(HashReader::new(capped), dest, what, UnpackMode::Layer) {
+        Err(_) if over.get() => return Err(too_large()),
+        other => other?,
+    };
+    if over.get() {
+        return Err(too_large());
+    }
     let (actual, _, _) = uncompressed.finish().context(|| format!("reading the end of {what}"))?;
     if actual != diff_id {
         return Err(ImageError::DigestMismatch {
@@ -488,6 +574,31 @@ fn unpack_layer<R: Read>(
         });
     }
     Ok(())
+}
+
+/// A reader that fails once more than `left` bytes have come through it,
+/// and says so in `over` (the error itself may reach us wrapped, or not
+/// at all if the tar parser stops first).
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    over: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match self.left.checked_sub(n as u64) {
+            Some(left) => {
+                self.left = left;
+                Ok(n)
+            }
+            None => {
+                self.over.set(true);
+                Err(io::Error::other("the layer is larger than allowed"))
+            }
+        }
+    }
 }
 
 /// Picks the `index.json` entry a tag (or its absence) selects.

@@ -130,26 +130,55 @@ pub(crate) fn unpack<R: Read>(reader: R, dest: &Path, what: &str, mode: UnpackMo
         .context(|| format!("opening {} to unpack {what}", dest.display()))?;
     let mut u = Unpacker {
         root,
-        dest,
         what,
         mode,
         dir_times: Vec::new(),
     };
     let mut archive = tar::Archive::new(reader);
     let entries = archive.entries().context(|| format!("reading {what}"))?;
-    for entry in entries {
-        let mut entry = entry.context(|| format!("reading an entry header of {what}"))?;
-        u.entry(&mut entry)?;
+    for (n, entry) in entries.enumerate() {
+        // The tar parser's own message can quote the bytes it choked on.
+        let mut entry = entry.map_err(|_| ImageError::Invalid {
+            image: what.to_owned(),
+            reason: format!("not a valid tar stream (entry {n} is corrupt or truncated)"),
+        })?;
+        u.entry(&mut entry).map_err(|e| blame_the_tar(e, what))?;
     }
-    u.finish()?;
+    u.finish().map_err(|e| blame_the_tar(e, what))?;
     Ok(archive.into_inner())
+}
+
+/// An I/O error while unpacking an entry is the tar's fault (a link to
+/// nothing, a file where a directory must be, a read past its end) unless
+/// it says the host ran short of something; then it stays an I/O error.
+fn blame_the_tar(e: ImageError, what: &str) -> ImageError {
+    match e {
+        ImageError::Io { context, source } if !is_host_trouble(&source) => ImageError::Invalid {
+            image: what.to_owned(),
+            reason: format!("{context}: {source}"),
+        },
+        other => other,
+    }
+}
+
+fn is_host_trouble(e: &io::Error) -> bool {
+    let host = [
+        Errno::NOSPC,
+        Errno::DQUOT,
+        Errno::IO,
+        Errno::NOMEM,
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::ROFS,
+    ];
+    e.raw_os_error()
+        .is_some_and(|n| host.iter().any(|h| h.raw_os_error() == n))
 }
 
 struct Unpacker<'a> {
     /// `O_PATH` descriptor of the destination: the root every lookup is
     /// confined to.
     root: OwnedFd,
-    dest: &'a Path,
     what: &'a str,
     mode: UnpackMode,
     /// Directory mtimes are set last: creating entries inside a directory
@@ -292,6 +321,16 @@ impl Unpacker<'_> {
                 );
                 self.clear_slot(&parent, name, false, &raw_path)?;
                 rfs::mknodat(&parent, name, ft, Mode::from_raw_mode(0o600), dev).context(c)?;
+                // A device node is root's alone on the host, whatever mode
+                // the image gave it: no host user may open a disk through
+                // a layer. (Inside machines, their mounts are nodev.)
+                let meta = match kind {
+                    EntryType::Fifo => meta,
+                    _ => Meta {
+                        mode: meta.mode & Mode::from_raw_mode(0o7700),
+                        ..meta
+                    },
+                };
                 self.apply_meta(&parent, name, &raw_path, &meta, false)?;
             }
             other => {
@@ -331,13 +370,11 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// Says what was being done to which entry of which tar. Never names
+    /// the host directory it is unpacked into: these messages reach API
+    /// callers.
     fn ctx(&self, doing: &str, raw_path: &[u8]) -> String {
-        format!(
-            "{doing} {:?} from {} into {}",
-            lossy(raw_path),
-            self.what,
-            self.dest.display()
-        )
+        format!("{doing} {:?} from {}", lossy(raw_path), self.what)
     }
 
     fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, raw_path: &[u8]) -> Result<Meta> {
@@ -367,6 +404,18 @@ impl Unpacker<'_> {
             for ext in pax {
                 let ext = ext.context(|| self.ctx("reading the PAX header of", raw_path))?;
                 let Ok(key) = ext.key() else { continue };
+                if key.starts_with("GNU.sparse.") {
+                    // Unpacked as it is, it would be a file of its sparse
+                    // map and data under GNUSparseFile.0/, not the file.
+                    return Err(ImageError::Invalid {
+                        image: self.what.to_owned(),
+                        reason: format!(
+                            "{:?} is a sparse file in GNU tar's PAX format, which Hangar does not unpack; \
+                             build the layer without sparse files (GNU tar's --sparse)",
+                            lossy(raw_path)
+                        ),
+                    });
+                }
                 if key == "mtime" {
                     if let Some(t) = ext.value().ok().and_then(parse_pax_time) {
                         mtime = t;
@@ -409,10 +458,9 @@ impl Unpacker<'_> {
         };
         let ctx = || {
             format!(
-                "resolving directory {:?} (for {:?}) in {} ({})",
+                "resolving directory {:?} (for {:?}) in {}",
                 lossy(&path),
                 lossy(raw_path),
-                self.dest.display(),
                 self.what
             )
         };
@@ -543,11 +591,10 @@ impl Unpacker<'_> {
         self.clear_slot(parent, name, false, raw_path)?;
         rfs::linkat(&tparent, tname, parent, name, AtFlags::empty()).context(|| {
             format!(
-                "linking {:?} to {:?} from {} in {}",
+                "linking {:?} to {:?} from {}",
                 lossy(raw_path),
                 lossy(&raw_target),
-                self.what,
-                self.dest.display()
+                self.what
             )
         })
     }
@@ -606,14 +653,8 @@ impl Unpacker<'_> {
             // A later entry may have replaced the directory; then its own
             // times were set when it was written.
             let Ok(dir) = dir else { continue };
-            rfs::utimensat(&dir, ".", &times, AtFlags::empty()).context(|| {
-                format!(
-                    "setting the times of {:?} in {} ({})",
-                    lossy(&path),
-                    self.dest.display(),
-                    self.what
-                )
-            })?;
+            rfs::utimensat(&dir, ".", &times, AtFlags::empty())
+                .context(|| format!("setting the times of {:?} in {}", lossy(&path), self.what))?;
         }
         Ok(())
     }

@@ -318,7 +318,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": message, "code": code }).to_string();
+    let body = hangar_api::ErrorBody::new(code, message).to_json();
     let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -332,7 +332,7 @@ fn error_response(e: &Error) -> Response<Body> {
         Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         _ => (StatusCode::BAD_GATEWAY, "machine_unavailable"),
     };
-    json_error(status, code, &e.to_string())
+    json_error(status, code, &e.public_message())
 }
 
 fn over_capacity(message: String) -> Response<Body> {

@@ -702,3 +702,34 @@ mod tests {
         );
     }
 }
+
+/// The machine log's segments, as hangar-init writes them and the daemon
+/// reads them: each starts with a header that numbers it, newest highest.
+pub mod log {
+    const MAGIC: &str = "hangar-log-segment ";
+
+    /// A header's length: the magic, 20 digits, a newline.
+    pub const HEADER_LEN: usize = MAGIC.len() + 20 + 1;
+
+    pub fn header(seq: u64) -> String {
+        format!("{MAGIC}{seq:020}\n")
+    }
+
+    /// The number in a segment's header, if `head` (its first bytes) is one.
+    pub fn parse_header(head: &[u8]) -> Option<u64> {
+        let head = head.get(..HEADER_LEN)?;
+        let digits = head.strip_prefix(MAGIC.as_bytes())?.strip_suffix(b"\n")?;
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn headers_round_trip() {
+            assert_eq!(super::header(7).len(), super::HEADER_LEN);
+            assert_eq!(super::parse_header(super::header(7).as_bytes()), Some(7));
+            assert_eq!(super::parse_header(b"hello, world"), None);
+            assert_eq!(super::parse_header(&super::header(7).as_bytes()[..10]), None);
+        }
+    }
+}

@@ -12,6 +12,7 @@
 mod exec;
 mod files;
 mod forward;
+mod output;
 mod ps;
 mod server;
 mod spawn;
@@ -29,9 +30,9 @@ use std::{mem, ptr, thread};
 
 use hangar_init_protocol::{ExitStatus, io_message};
 
-use crate::state::{Init, configure_child, kill, reset_inherited_dispositions, wait_any};
+use crate::state::{Init, OomScore, configure_child, kill, reset_inherited_dispositions, wait_any};
 
-const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] [--egress-forward PORT:SOCKET] -- CMD [ARGS...]";
+const USAGE: &str = "usage: hangar-init [--user USER] [--listen-fd N | --listen-path PATH] [--home-from-passwd] [--hold] [--exit-file PATH] [--egress-forward PORT:SOCKET] [--log-segment-bytes N] -- CMD [ARGS...]";
 
 /// Signals passed on to the main process.
 const FORWARDED: [libc::c_int; 8] = [
@@ -62,6 +63,9 @@ struct Args {
     exit_file: PathBuf,
     /// Relay 127.0.0.1:PORT to the egress gateway's unix socket.
     egress_forward: Option<(u16, PathBuf)>,
+    /// Stdout and stderr are the machine log's two segments, each to hold
+    /// at most this many bytes (see `output`).
+    log_segment_bytes: Option<u64>,
     command: Vec<String>,
 }
 
@@ -74,6 +78,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         home_from_passwd: false,
         exit_file: PathBuf::from("/.hangar/run/exit.json"),
         egress_forward: None,
+        log_segment_bytes: None,
         command: Vec::new(),
     };
     let mut args = args.into_iter();
@@ -108,6 +113,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     .split_once(':')
                     .and_then(|(port, path)| Some((port.parse().ok()?, PathBuf::from(path))));
                 parsed.egress_forward = Some(forward.ok_or(format!("bad --egress-forward {v:?}: want PORT:SOCKET"))?);
+            }
+            "--log-segment-bytes" => {
+                let v = value("--log-segment-bytes")?;
+                parsed.log_segment_bytes = Some(v.parse().map_err(|_| format!("bad --log-segment-bytes {v:?}"))?);
             }
             "--" => {
                 parsed.command = args.collect();
@@ -182,6 +191,13 @@ fn main() {
     // Before any thread exists, so that every thread inherits the mask and
     // signals can only be taken by the sigwaitinfo loop.
     let signals = block_signals();
+    let capture = args.log_segment_bytes.and_then(|bytes| match output::capture(bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("hangar-init: cannot cap the log, writing it as it comes: {e}");
+            None
+        }
+    });
     let listener = match &args.listen_path {
         Some(path) => bind_listener(path),
         None => adopt_listener(args.listen_fd),
@@ -224,7 +240,12 @@ fn main() {
 
     let status = signal_loop(init, &signals);
     write_exit_file(&exit_file, &status);
-    init.shut_down(status.shell_code(), terminate_all);
+    init.shut_down(status.shell_code(), || {
+        terminate_all();
+        if let Some(capture) = capture {
+            capture.finish(Duration::from_millis(500));
+        }
+    });
 }
 
 /// Blocks every signal except the synchronous fault signals (blocking those
@@ -319,7 +340,7 @@ fn spawn_main(args: &Args, init: &Init) -> Result<u32, (i32, String)> {
     {
         cmd.env("HOME", home);
     }
-    configure_child(&mut cmd, creds.as_ref(), false);
+    configure_child(&mut cmd, creds.as_ref(), false, OomScore::Main);
     match init.spawn_main(&mut cmd) {
         Ok(pid) => Ok(pid),
         Err(e) => {
@@ -452,9 +473,12 @@ mod tests {
                 home_from_passwd: false,
                 exit_file: "/x".into(),
                 egress_forward: None,
+                log_segment_bytes: None,
                 command: vec!["sleep".into(), "--help".into()]
             }
         );
+        let a = parse(&["--log-segment-bytes", "4096", "true"]).unwrap();
+        assert_eq!(a.log_segment_bytes, Some(4096));
         let a = parse(&["--egress-forward", "3128:/s/proxy.sock", "true"]).unwrap();
         assert_eq!(a.egress_forward, Some((3128, PathBuf::from("/s/proxy.sock"))));
         assert!(parse(&["--egress-forward", "/s/proxy.sock", "true"]).is_err());

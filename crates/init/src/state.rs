@@ -158,12 +158,38 @@ pub fn decode_wait_status(status: libc::c_int) -> ExitStatus {
     }
 }
 
+/// The OOM scores of the processes init starts, so that when a machine
+/// runs out of memory (a fork bomb, a leak) the kernel kills what an exec
+/// started first, then the main process, and never init before them: init
+/// gone, the machine is gone. Scores are raised, not init's lowered: a
+/// score below init's needs CAP_SYS_RESOURCE, which a host may not grant
+/// even to root. Among processes of one kind the order stays as it was
+/// (by size), and on a host short of memory a machine's processes go
+/// before the host's own.
+#[derive(Debug, Clone, Copy)]
+pub enum OomScore {
+    /// The main process and what it starts.
+    Main,
+    /// Exec'd commands and what they start.
+    Exec,
+}
+
+impl OomScore {
+    fn value(self) -> &'static std::ffi::CStr {
+        match self {
+            OomScore::Main => c"500",
+            OomScore::Exec => c"1000",
+        }
+    }
+}
+
 /// Makes `cmd` start the way a process expects: an empty signal mask (init
 /// blocks everything and the mask is inherited across exec), optionally a
-/// new session, and the given credentials. Dispositions need no work here:
+/// new session, the given credentials, and its [`OomScore`]. Dispositions
+/// need no work here:
 /// exec resets handled signals, init cleared inherited SIG_IGNs at start
 /// (see [`reset_inherited_dispositions`]), and std resets SIGPIPE.
-pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_session: bool) {
+pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_session: bool, oom: OomScore) {
     // Everything the closure needs is allocated here: after fork in a
     // multi-threaded process only async-signal-safe calls are allowed.
     let ids = creds.map(|c| {
@@ -179,6 +205,14 @@ pub fn configure_child(cmd: &mut Command, creds: Option<&Credentials>, new_sessi
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             if new_session && libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // Before the credentials change, while /proc/self is still
+            // root's. Best effort: a kernel without it runs the child anyway.
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                let score = oom.value().to_bytes();
+                libc::write(fd, score.as_ptr().cast(), score.len());
+                libc::close(fd);
             }
             if let Some((uid, gid, groups)) = &ids {
                 // Order matters: groups and gid need privileges that

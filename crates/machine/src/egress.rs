@@ -102,12 +102,8 @@ impl Egress {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<R> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            Error::Unavailable(format!(
-                "the egress gateway is not answering on {}: {e}",
-                self.socket.display()
-            ))
-        };
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::Unavailable(format!("the egress gateway is not answering: {e}"));
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -156,11 +152,9 @@ impl Egress {
     /// a daemon restart, and waits until it answers.
     async fn start_gateway(&self, cfg: &EgressConfig, deny: &[SocketAddr]) -> Result<()> {
         let Some(binary) = &cfg.binary else {
-            return Err(Error::Unavailable(format!(
-                "no egress gateway answers on {} (start hangar-egress --dir {})",
-                self.socket.display(),
-                self.dir.display()
-            )));
+            return Err(Error::Unavailable(
+                "no egress gateway answers (start hangar-egress --dir DATA_DIR/egress)".into(),
+            ));
         };
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::internal("creating the gateway's directory", e))?;
         let log = std::fs::OpenOptions::new()
@@ -195,8 +189,7 @@ impl Egress {
                 Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     return Err(Error::Unavailable(format!(
-                        "the egress gateway did not start (see {}): {e}",
-                        self.dir.join("gateway.log").display()
+                        "the egress gateway did not start (see DATA_DIR/egress/gateway.log): {e}"
                     )));
                 }
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,

@@ -44,6 +44,21 @@ impl Error {
     pub fn internal(context: &str, e: impl std::fmt::Display) -> Error {
         Error::Internal(format!("{context}: {e}"))
     }
+
+    /// The message a caller may see. An internal error's detail (host
+    /// paths, a library's message, file contents it quoted) is the
+    /// operator's: it goes to the log under a fresh id, and the caller gets
+    /// only the id (omicron's `InternalError` does the same).
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Internal(detail) => {
+                let id = crate::random_hex(6);
+                tracing::error!(error_id = %id, "internal error: {detail}");
+                format!("internal error (id {id}); the daemon's log has the detail under this id")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<hangar_store::StoreError> for Error {

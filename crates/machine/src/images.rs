@@ -11,6 +11,7 @@
 //! from the moment they have their image until their machine is recorded.
 
 use std::collections::HashMap;
+use std::path::Component;
 use std::sync::Arc;
 
 use hangar_api::{ImageInfo, ImageLayer, ImageList, ImageRunConfig, LayerProgress, PruneReport, PullProgress};
@@ -50,7 +51,39 @@ impl Manager {
     /// Starts pulling (or importing) `reference`, or joins the pull of it
     /// already under way.
     pub fn pull_image(&self, reference: &str) -> Result<Pull> {
-        Ok(self.pull(reference.parse()?))
+        Ok(self.pull(self.image_ref_from_caller(reference)?))
+    }
+
+    /// Parses an image reference an API caller gave. A local layout or
+    /// archive must be under an import directory (or the exports): a
+    /// caller must not make the daemon read any other file on the host.
+    /// The answer is the same whether or not a path outside exists.
+    pub(crate) fn image_ref_from_caller(&self, reference: &str) -> Result<ImageRef> {
+        let r: ImageRef = reference.parse()?;
+        let (ImageRef::Oci { path, .. } | ImageRef::OciArchive { path, .. }) = &r else {
+            return Ok(r);
+        };
+        let roots = &self.inner.cfg.import_dirs;
+        let outside = || {
+            Error::BadRequest(format!(
+                "image {reference}: oci: and oci-archive: may name only files under the daemon's import \
+                 directory (hangar serve --import-dir; DATA_DIR/imports by default) or its exports. \
+                 Copy the image there first (the hangar CLI does that itself for a daemon on this host)"
+            ))
+        };
+        // Lexically first, so nothing outside is even looked at; then
+        // once resolved, so no symlink inside leads out.
+        let lexical = path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !lexical || !roots.iter().any(|root| path.starts_with(root)) {
+            return Err(outside());
+        }
+        match std::fs::canonicalize(path) {
+            Ok(real) if roots.iter().any(|root| real.starts_with(root)) => Ok(r),
+            Ok(_) => Err(outside()),
+            Err(_) => Err(Error::NotFound(format!("image {reference}: no such file"))),
+        }
     }
 
     fn pull(&self, r: ImageRef) -> Pull {

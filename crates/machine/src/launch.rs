@@ -112,6 +112,12 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
                 g.memory_mb
             )));
         }
+        if g.disk_gb.is_some_and(|gb| !(1..=1 << 16).contains(&gb)) {
+            return Err(Error::BadRequest(format!(
+                "guest.disk_gb must be 1..=65536, got {}",
+                g.disk_gb.unwrap_or_default()
+            )));
+        }
     }
     for f in &config.files {
         hangar_rootfs::confined::components(&f.guest_path)?;

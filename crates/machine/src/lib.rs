@@ -21,6 +21,7 @@ mod export;
 mod images;
 mod ingress;
 pub mod launch;
+mod logs;
 mod ops;
 mod paths;
 mod recipe;
@@ -75,6 +76,17 @@ pub struct ManagerConfig {
     pub volume_retention: std::time::Duration,
     /// The egress gateway: where it is and how to start it.
     pub egress: EgressConfig,
+    /// The directories whose OCI layouts and archives API callers may name
+    /// (`oci:`, `oci-archive:`), besides the exports; none given means
+    /// `DATA_DIR/imports`.
+    pub import_dirs: Vec<PathBuf>,
+    /// How many processes all machines together may have; `None`: half of
+    /// what the kernel hands out.
+    pub pids_budget: Option<u64>,
+    /// How much of its newest output a machine's log keeps.
+    pub machine_log_bytes: u64,
+    /// Bounds on image layers, pulled or imported.
+    pub image_limits: hangar_image::ImageLimits,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -120,7 +132,12 @@ struct Inner {
     /// Where volumes live, once a volume operation needed it.
     volume_pool: tokio::sync::OnceCell<Arc<dyn Pool>>,
     egress: egress::Egress,
+    /// Whether machines' `disk_gb` is enforced (the pool has simple quotas).
+    disk_quotas: bool,
 }
+
+/// A machine's disk when its config names none, in GiB.
+const DEFAULT_DISK_GB: u32 = 10;
 
 /// The operations layer. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -164,6 +181,9 @@ impl Manager {
     /// sandboxes it starts (so it can collect their exit status). Call
     /// [`Manager::recover`] next.
     pub async fn open(mut cfg: ManagerConfig) -> Result<Manager> {
+        // Everything under the data dir is root's alone (machines' files,
+        // the state database, images, the token): see hangar_rootfs::private.
+        hangar_rootfs::private::make_private_dir(&cfg.data_dir)?;
         std::fs::create_dir_all(cfg.data_dir.join("machines"))
             .map_err(|e| Error::internal(&format!("creating {}", cfg.data_dir.display()), e))?;
         // Paths end up in bundles that runtimes read from other working
@@ -178,9 +198,17 @@ impl Manager {
                 cfg.init_binary.display()
             ))
         })?;
+        if cfg.import_dirs.is_empty() {
+            cfg.import_dirs.push(cfg.data_dir.join("imports"));
+        }
+        cfg.import_dirs.push(cfg.data_dir.join("exports"));
+        for dir in &mut cfg.import_dirs {
+            std::fs::create_dir_all(&*dir).map_err(|e| Error::internal(&format!("creating {}", dir.display()), e))?;
+            *dir = absolute(dir)?;
+        }
         let data = &cfg.data_dir;
         let store = Store::open(&data.join("state.db")).await?;
-        let images = ImageStore::open(&data.join("images"))?;
+        let images = ImageStore::open(&data.join("images"))?.with_limits(cfg.image_limits);
         let registry = hangar_image::RegistryClient::new(&cfg.registry)?;
         let pool: Arc<dyn Pool> = {
             let (pool_dir, data) = (cfg.pool_dir.clone(), data.clone());
@@ -208,6 +236,9 @@ impl Manager {
             runtimes.insert(kind, rt);
         }
         runtimes[&cfg.default_runtime].check().await?;
+        let budget = hangar_runtime::cgroup::set_pids_budget(cfg.pids_budget)
+            .map_err(|e| Error::internal("setting the machines' pids budget", e))?;
+        tracing::info!("machines may have {budget} processes in all");
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .map_err(|e| Error::internal("becoming the sandboxes' subreaper", e))?;
         let host = match store.get_setting("host_id").await? {
@@ -219,6 +250,18 @@ impl Manager {
             }
         };
         let egress = egress::Egress::new(data, &cfg.egress)?;
+        let disk_quotas = {
+            let pool = pool.clone();
+            tokio::task::spawn_blocking(move || pool.enable_simple_quotas())
+                .await
+                .map_err(|e| Error::internal("turning on the pool's quotas", e))??
+        };
+        if !disk_quotas {
+            tracing::warn!(
+                "machines' guest.disk_gb is not enforced: the storage pool can't have btrfs simple quotas \
+                 (kernel 6.7+), and classic ones would slow every checkpoint"
+            );
+        }
         Ok(Manager {
             inner: Arc::new(Inner {
                 egress,
@@ -235,6 +278,7 @@ impl Manager {
                 prepared_count: Default::default(),
                 volumes: Default::default(),
                 volume_pool: Default::default(),
+                disk_quotas,
             }),
         })
     }
@@ -246,6 +290,11 @@ impl Manager {
 
     pub fn data_dir(&self) -> &std::path::Path {
         &self.inner.cfg.data_dir
+    }
+
+    /// Where images API callers name by path go (the first import dir).
+    pub fn import_dir(&self) -> &std::path::Path {
+        &self.inner.cfg.import_dirs[0]
     }
 
     fn slot(&self, id: &str, state: MachineState) -> Arc<Slot> {
@@ -261,6 +310,13 @@ impl Manager {
                 })
             })
             .clone()
+    }
+
+    /// How much a machine with `config` may write to its root filesystem,
+    /// if that is enforced here.
+    fn disk_limit(&self, config: &hangar_api::MachineConfig) -> Option<u64> {
+        let gb = config.guest.as_ref().and_then(|g| g.disk_gb).unwrap_or(DEFAULT_DISK_GB);
+        self.inner.disk_quotas.then_some(u64::from(gb) << 30)
     }
 
     fn paths(&self, id: &str) -> MachinePaths {

@@ -275,7 +275,7 @@ impl Manager {
                 "config.image is required, e.g. \"oci:/path/to/layout:tag\"".into(),
             ));
         }
-        let image_ref: hangar_image::ImageRef = req.config.image.parse()?;
+        let image_ref = self.image_ref_from_caller(&req.config.image)?;
         self.validate_egress(app, &req.config).await?;
 
         // Recorded before the slow path (the pull), so that its progress
@@ -365,8 +365,12 @@ impl Manager {
             .map_err(|e| Error::internal(&format!("creating {}", paths.dir.display()), e))?;
         let pool = self.inner.pool.clone();
         let name = volume_name(&rec.id);
+        let limit = self.disk_limit(&rec.config);
         tokio::task::spawn_blocking(move || -> Result<()> {
             let vol = pool.create(&name)?;
+            if let Some(bytes) = limit {
+                pool.set_limit(&name, bytes)?;
+            }
             hangar_rootfs::overlay::WritableLayer::in_volume(&vol)?;
             Ok(())
         })
@@ -380,7 +384,9 @@ impl Manager {
         if let Err(e) = self.inner.pool.delete(&volume_name(&rec.id)) {
             tracing::warn!(machine = %rec.id, "removing volume of an unfinished create: {e}");
         }
-        let _ = std::fs::remove_dir_all(self.paths(&rec.id).dir);
+        let paths = self.paths(&rec.id);
+        let _ = hangar_rootfs::overlay::unmount(&paths.run);
+        let _ = std::fs::remove_dir_all(paths.dir);
         if let Err(e) = self.release_volumes(&rec.id).await {
             tracing::warn!(machine = %rec.id, "releasing the volumes of an unfinished create: {e}");
         }
@@ -503,6 +509,8 @@ impl Manager {
                     Some(status) => status,
                     None => {
                         running.signal(libc::SIGKILL).await?;
+                        let id = rec.id.clone();
+                        let _ = tokio::task::spawn_blocking(move || hangar_runtime::cgroup::kill_all(&id)).await;
                         running
                             .wait_exit(Duration::from_secs(30))
                             .await
@@ -582,7 +590,11 @@ impl Manager {
         tokio::task::spawn_blocking(move || pool.delete(&name))
             .await
             .map_err(|e| Error::internal("deleting the machine volume", e))??;
-        let dir = self.paths(&rec.id).dir;
+        let paths = self.paths(&rec.id);
+        if let Err(e) = hangar_rootfs::overlay::unmount(&paths.run) {
+            tracing::warn!(machine = %rec.id, "unmounting its run directory: {e}");
+        }
+        let dir = paths.dir;
         let mut retries = 0;
         loop {
             match std::fs::remove_dir_all(&dir) {
@@ -899,16 +911,6 @@ impl Manager {
                 .collect()),
             other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
         }
-    }
-
-    /// Where the machine's main-process output is.
-    pub async fn log_file(&self, app: &str, id: &str) -> Result<std::path::PathBuf> {
-        Ok(self.paths(&self.record(app, id).await?.id).log)
-    }
-
-    /// The current state of a machine, cheaply (for log follow).
-    pub async fn machine_state(&self, app: &str, id: &str) -> Result<MachineState> {
-        Ok(self.record(app, id).await?.state)
     }
 }
 

@@ -15,8 +15,11 @@ pub struct MachinePaths {
     pub run: PathBuf,
     /// The init's listening socket, bound by the daemon.
     pub socket: PathBuf,
-    /// Output of the machine's main process.
-    pub log: PathBuf,
+    /// Output of the machine's main process: two segments, written in
+    /// turns by its init (see `logs`).
+    pub log_segments: [PathBuf; 2],
+    /// The log as daemons before segments wrote it, whole.
+    pub legacy_log: PathBuf,
     /// A runsc machine's memory and processes while it is suspended.
     pub suspend_image: PathBuf,
 }
@@ -29,7 +32,8 @@ impl MachinePaths {
             rootfs: dir.join("rootfs"),
             run: dir.join("run"),
             socket: dir.join("init.sock"),
-            log: dir.join("output.log"),
+            log_segments: [dir.join("output-a.log"), dir.join("output-b.log")],
+            legacy_log: dir.join("output.log"),
             suspend_image: dir.join("suspend-image"),
             dir,
         }

@@ -39,6 +39,11 @@ impl Manager {
             }
             let slot = self.slot(&rec.id, rec.state);
             let _op = slot.op.lock().await;
+            let rootfs = self.paths(&rec.id).rootfs;
+            if hangar_rootfs::overlay::is_mounted(&rootfs) {
+                // Mounted by a daemon from before mounts were nosuid,nodev.
+                hangar_rootfs::private::ensure_nosuid_nodev(&rootfs)?;
+            }
             match rec.state {
                 MachineState::Creating => {
                     self.undo_create(&rec).await;

@@ -19,7 +19,13 @@ use tokio::sync::watch;
 use crate::paths::volume_name;
 use crate::{Error, Manager, Result, Slot, now_ms, random_hex, rfc3339};
 
-const DEFAULT_PIDS_LIMIT: u32 = 4096;
+/// Plenty for builds (threads count), and 16 machines at it take only
+/// half of a default host's 32768.
+const DEFAULT_PIDS_LIMIT: u32 = 1024;
+
+/// The size of a machine's run directory (see `hangar_rootfs::scratch`):
+/// it holds a few small files.
+const RUN_DIR_BYTES: u64 = 1 << 20;
 
 /// Where a runsc machine finds the egress gateway's socket.
 const EGRESS_SOCKET_DIR: &str = "/.hangar/egress-socket";
@@ -214,8 +220,8 @@ impl Manager {
         Ok(())
     }
 
-    /// Mounts the machine's root filesystem unless it is; returns how the
-    /// machine runs (its image's plan).
+    /// Mounts the machine's root filesystem and run directory unless they
+    /// are; returns how the machine runs (its image's plan).
     pub(crate) async fn mount_rootfs(&self, rec: &MachineRecord) -> Result<crate::launch::LaunchPlan> {
         let image = self.load_image(&rec.image_digest).await?;
         let egress_env = self.egress_env(rec).await?;
@@ -226,18 +232,27 @@ impl Manager {
         if !overlay::is_mounted(&paths.rootfs) {
             overlay::mount(&lowers, Some(&layer), &paths.rootfs)?;
         }
+        hangar_rootfs::scratch::mount(&paths.run, RUN_DIR_BYTES)?;
         Ok(plan)
     }
 
-    /// The machine's log, where its sandbox writes stdout and stderr.
-    pub(crate) fn open_output(&self, rec: &MachineRecord) -> Result<fs::File> {
-        let paths = self.paths(&rec.id);
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&paths.log)
-            .map_err(|e| Error::internal(&format!("machine {}: opening its log", rec.id), e))
+    /// The machine's log, its two segments as the sandbox's stdout and
+    /// stderr (its init writes them in turns, see `logs`).
+    pub(crate) fn open_output(&self, rec: &MachineRecord) -> Result<hangar_runtime::Output> {
+        let [a, b] = self.paths(&rec.id).log_segments;
+        let open = |path| {
+            fs::OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::internal(&format!("machine {}: opening its log", rec.id), e))
+        };
+        Ok(hangar_runtime::Output {
+            stdout: open(a)?,
+            stderr: open(b)?,
+        })
     }
 
     /// Mounts the root filesystem, writes the bundle, and has the runtime
@@ -249,9 +264,7 @@ impl Manager {
         if !prepare_only {
             self.write_config_files(rec)?;
         }
-        for dir in [&paths.bundle, &paths.run] {
-            fs::create_dir_all(dir).map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
-        }
+        fs::create_dir_all(&paths.bundle).map_err(|e| Error::internal(&ctx("creating its directories"), e))?;
         let _ = fs::remove_file(paths.run.join("exit.json"));
         let guest = rec.config.guest.clone().unwrap_or_default();
         let runtime = self.runtime(rec.config.runtime);
@@ -268,6 +281,7 @@ impl Manager {
             cpus: guest.cpus,
             memory_mb: guest.memory_mb,
             pids_limit: guest.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
+            extra_capabilities: guest.cap_add.iter().map(|c| c.kernel_name()).collect(),
             cgroup_path: hangar_runtime::cgroup::path_for(&rec.id),
             listen: runtime.init_listen(),
             // Held even for a cold start, and started below once the egress
@@ -279,6 +293,7 @@ impl Manager {
                 let socket = format!("{EGRESS_SOCKET_DIR}/{}", hangar_api::egress::gateway::SOCKET_NAME);
                 (hangar_api::egress::PROXY_PORT, socket)
             }),
+            log_segment_bytes: self.inner.cfg.machine_log_bytes / 2,
         };
         let config = serde_json::to_vec_pretty(&spec::oci_config(&spec)).expect("spec serializes");
         write_atomic(&paths.bundle.join("config.json"), &config)

@@ -4,12 +4,15 @@
 //! [`pool`], so that checkpoints and forks are O(1) snapshots below the
 //! overlay rather than copies. The [`overlay`] module mounts that layer over
 //! the image's read-only layers. [`confined`] writes files into a mounted root
-//! without ever following a symlink out of it.
+//! without ever following a symlink out of it. [`private`] keeps the host's
+//! other users out of all of it.
 
 pub mod confined;
 pub mod diff;
 pub mod overlay;
 pub mod pool;
+pub mod private;
+pub mod scratch;
 
 pub use pool::{BtrfsPool, Pool};
 

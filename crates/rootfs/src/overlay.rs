@@ -52,7 +52,8 @@ pub fn options(lowers: &[PathBuf], layer: Option<&WritableLayer>) -> Result<Stri
     for p in lowers.iter().chain(writable.into_iter().flatten()) {
         let s = p.to_str().unwrap_or(",");
         if s.contains([',', ':']) || !p.is_absolute() {
-            return Err(RootfsError::Invalid(format!(
+            // The data dir's path, the operator's choice: not the caller's.
+            return Err(RootfsError::Unsupported(format!(
                 "overlay layer path {} must be absolute and free of ',' and ':'",
                 p.display()
             )));
@@ -74,7 +75,7 @@ pub fn options(lowers: &[PathBuf], layer: Option<&WritableLayer>) -> Result<Stri
     // The kernel copies mount data into one page.
     if opts.len() >= 4096 {
         return Err(RootfsError::Invalid(format!(
-            "overlay options are {} bytes, over the kernel's 4095 (too many image layers or a long data dir path)",
+            "the image has too many layers: their overlay options are {} bytes, over the kernel's 4095",
             opts.len()
         )));
     }
@@ -87,11 +88,15 @@ pub fn mount(lowers: &[PathBuf], layer: Option<&WritableLayer>, target: &Path) -
     let opts = options(lowers, layer)?;
     fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
     let data = std::ffi::CString::new(opts).map_err(|_| RootfsError::Invalid("NUL in overlay options".into()))?;
-    let flags = if layer.is_some() {
-        MountFlags::empty()
-    } else {
-        MountFlags::RDONLY
-    };
+    // nosuid,nodev: see `crate::private` (machines run with no_new_privs
+    // and their own /dev, so nothing inside changes).
+    let flags = MountFlags::NOSUID
+        | MountFlags::NODEV
+        | if layer.is_some() {
+            MountFlags::empty()
+        } else {
+            MountFlags::RDONLY
+        };
     rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())
         .map_err(io_err(format!("mounting the overlay at {}", target.display())))
 }

@@ -23,6 +23,22 @@ const fn btrfs_iow(nr: u64) -> u64 {
 const BTRFS_IOC_SUBVOL_CREATE: u64 = btrfs_iow(14);
 const BTRFS_IOC_SNAP_DESTROY: u64 = btrfs_iow(15);
 const BTRFS_IOC_SNAP_CREATE_V2: u64 = btrfs_iow(23);
+// Quotas (linux/btrfs.h; checked against the kernel's uapi header).
+/// `_IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)`: a subvolume's id.
+const BTRFS_IOC_INO_LOOKUP: u64 = 0xD000_9412;
+/// `_IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)`: the filesystem's uuid.
+const BTRFS_IOC_FS_INFO: u64 = 0x8400_941F;
+/// `_IOWR(0x94, 40, struct btrfs_ioctl_quota_ctl_args)`.
+const BTRFS_IOC_QUOTA_CTL: u64 = 0xC010_9428;
+/// `_IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args)` (the kernel
+/// reads it, whatever the direction bits say).
+const BTRFS_IOC_QGROUP_LIMIT: u64 = 0x8030_942B;
+/// Simple quotas (kernel 6.7+): usage charged to the subvolume that wrote
+/// an extent, so snapshots cost no accounting.
+const BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
+const BTRFS_QGROUP_LIMIT_MAX_RFER: u64 = 1;
+/// The objectid of every subvolume's root directory.
+const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
 
 /// `struct btrfs_ioctl_vol_args`.
 #[repr(C)]
@@ -41,8 +57,47 @@ struct VolArgsV2 {
     name: [u8; 4040],
 }
 
+/// `struct btrfs_ioctl_ino_lookup_args`.
+#[repr(C)]
+struct InoLookupArgs {
+    treeid: u64,
+    objectid: u64,
+    name: [u8; 4080],
+}
+
+/// `struct btrfs_ioctl_fs_info_args` (what follows the uuid is unused).
+#[repr(C)]
+struct FsInfoArgs {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    rest: [u8; 1024 - 32],
+}
+
+/// `struct btrfs_ioctl_quota_ctl_args`.
+#[repr(C)]
+struct QuotaCtlArgs {
+    cmd: u64,
+    status: u64,
+}
+
+/// `struct btrfs_ioctl_qgroup_limit_args`, with its `btrfs_qgroup_limit`.
+#[repr(C)]
+struct QgroupLimitArgs {
+    qgroupid: u64,
+    flags: u64,
+    max_rfer: u64,
+    max_excl: u64,
+    rsv_rfer: u64,
+    rsv_excl: u64,
+}
+
 const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
 const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
+const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
+const _: () = assert!(std::mem::size_of::<FsInfoArgs>() == 1024);
+const _: () = assert!(std::mem::size_of::<QuotaCtlArgs>() == 16);
+const _: () = assert!(std::mem::size_of::<QgroupLimitArgs>() == 48);
 
 /// Volumes that can be created, snapshotted and deleted. Names are single
 /// path components chosen by the daemon (e.g. `machine-<id>`).
@@ -54,8 +109,13 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     /// Deletes a volume and everything in it. Deleting a missing one is fine.
     fn delete(&self, name: &str) -> Result<()>;
     /// Limits what a volume may reference to `bytes`, turning quotas on for
-    /// the pool first if they are off.
+    /// the pool first if they are off (classic ones, which slow snapshots:
+    /// call [`Pool::enable_simple_quotas`] first where that matters).
     fn set_limit(&self, name: &str, bytes: u64) -> Result<()>;
+    /// Turns on quotas that cost snapshots nothing (btrfs simple quotas,
+    /// kernel 6.7+; data written before counts for nobody). False if the
+    /// pool can't have them: then limits would slow every snapshot.
+    fn enable_simple_quotas(&self) -> Result<bool>;
     /// Bytes a volume references (its data, shared or not), if quotas know.
     fn usage(&self, name: &str) -> Result<Option<u64>>;
     /// Renames a volume (atomically; `dst` must not exist).
@@ -90,7 +150,7 @@ fn name_arg<const N: usize>(name: &str) -> Result<[u8; N]> {
 impl BtrfsPool {
     /// Uses `root`, which must be a directory on btrfs.
     pub fn open(root: &Path) -> Result<BtrfsPool> {
-        fs::create_dir_all(root).map_err(io_err(format!("creating pool dir {}", root.display())))?;
+        crate::private::make_private_dir(root)?;
         if !is_btrfs(root)? {
             return Err(RootfsError::Unsupported(format!(
                 "storage pool {} is not on btrfs: give a directory on btrfs, or let the daemon make a loop-mounted pool",
@@ -198,17 +258,11 @@ impl Pool for BtrfsPool {
 
     fn set_limit(&self, name: &str, bytes: u64) -> Result<()> {
         name_arg::<256>(name)?;
-        let path = self.path(name);
-        let limit = || {
-            run(
-                Command::new("btrfs")
-                    .args(["qgroup", "limit", &bytes.to_string()])
-                    .arg(&path),
-                "setting a volume's size limit",
-            )
-        };
-        if limit().is_ok() {
-            return Ok(());
+        let volume = fs::File::open(self.path(name)).map_err(io_err(format!("opening subvolume {name}")))?;
+        let limit = || qgroup_limit(&volume, bytes).map_err(io_err(format!("limiting subvolume {name}")));
+        match limit() {
+            Err(RootfsError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOTCONN) => {}
+            other => return other,
         }
         // Quotas are off on a fresh pool: turn them on once (the btrfs
         // CLI is fine here, off the hot paths).
@@ -217,6 +271,22 @@ impl Pool for BtrfsPool {
             "turning on quotas for the storage pool",
         )?;
         limit()
+    }
+
+    fn enable_simple_quotas(&self) -> Result<bool> {
+        let dir = self.dir_fd()?;
+        let mut args = QuotaCtlArgs {
+            cmd: BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA,
+            status: 0,
+        };
+        // SAFETY: `args` is a valid btrfs_ioctl_quota_ctl_args that outlives
+        // the call. With quotas already on (in any mode) it does nothing.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), BTRFS_IOC_QUOTA_CTL as _, &mut args) };
+        if rc != 0 {
+            // EINVAL: a kernel before 6.7, which knows no simple quotas.
+            return Ok(false);
+        }
+        Ok(quota_mode(&dir)?.as_deref() == Some("squota"))
     }
 
     fn usage(&self, name: &str) -> Result<Option<u64>> {
@@ -269,10 +339,64 @@ impl Pool for BtrfsPool {
     }
 }
 
+/// The id of the subvolume `volume` is the root of.
+fn subvolume_id(volume: &fs::File) -> std::io::Result<u64> {
+    let mut args = InoLookupArgs {
+        treeid: 0,
+        objectid: BTRFS_FIRST_FREE_OBJECTID,
+        name: [0; 4080],
+    };
+    // SAFETY: a valid btrfs_ioctl_ino_lookup_args that outlives the call;
+    // treeid 0 asks for the subvolume of the descriptor itself.
+    if unsafe { libc::ioctl(volume.as_raw_fd(), BTRFS_IOC_INO_LOOKUP as _, &mut args) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(args.treeid)
+}
+
+/// Limits what the subvolume `volume` may reference (its level-0 qgroup).
+fn qgroup_limit(volume: &fs::File, bytes: u64) -> std::io::Result<()> {
+    let mut args = QgroupLimitArgs {
+        qgroupid: subvolume_id(volume)?,
+        flags: BTRFS_QGROUP_LIMIT_MAX_RFER,
+        max_rfer: bytes,
+        max_excl: 0,
+        rsv_rfer: 0,
+        rsv_excl: 0,
+    };
+    // SAFETY: a valid btrfs_ioctl_qgroup_limit_args that outlives the call.
+    if unsafe { libc::ioctl(volume.as_raw_fd(), BTRFS_IOC_QGROUP_LIMIT as _, &mut args) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The filesystem's quota mode (`qgroup`, `squota`), if quotas are on.
+fn quota_mode(dir: &fs::File) -> Result<Option<String>> {
+    let mut args = FsInfoArgs {
+        max_id: 0,
+        num_devices: 0,
+        fsid: [0; 16],
+        rest: [0; 1024 - 32],
+    };
+    // SAFETY: a valid btrfs_ioctl_fs_info_args that outlives the call.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), BTRFS_IOC_FS_INFO as _, &mut args) } != 0 {
+        return Err(io_err("reading the pool's filesystem info")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let h = hex::encode(args.fsid);
+    let uuid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+    Ok(fs::read_to_string(format!("/sys/fs/btrfs/{uuid}/qgroups/mode"))
+        .ok()
+        .map(|m| m.trim().to_owned()))
+}
+
 /// Makes `mountpoint` a btrfs filesystem kept in the sparse file `image`
 /// (`size` bytes, formatted on first use), loop-mounted unless it already
 /// is. Serialised by a lock file beside the image, so processes sharing one
-/// image (test binaries, the benchmark) set it up once.
+/// image (test binaries, the benchmark) set it up once. The mount is
+/// `nosuid,nodev` (see [`crate::private`]), made so if an older one wasn't.
 pub fn mount_image(image: &Path, mountpoint: &Path, size: u64) -> Result<()> {
     fs::create_dir_all(mountpoint).map_err(io_err(format!("creating {}", mountpoint.display())))?;
     let lock_path = image.with_extension("lock");
@@ -280,7 +404,8 @@ pub fn mount_image(image: &Path, mountpoint: &Path, size: u64) -> Result<()> {
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
         .map_err(io_err(format!("locking {}", lock_path.display())))?;
     if is_btrfs(mountpoint)? {
-        return Ok(()); // mounted by an earlier run
+        // Mounted by an earlier run.
+        return crate::private::ensure_nosuid_nodev(mountpoint);
     }
     if !image.exists() {
         let tmp = image.with_extension("tmp");
@@ -294,7 +419,10 @@ pub fn mount_image(image: &Path, mountpoint: &Path, size: u64) -> Result<()> {
         fs::rename(&tmp, image).map_err(io_err("installing pool image"))?;
     }
     run(
-        Command::new("mount").args(["-o", "loop"]).arg(image).arg(mountpoint),
+        Command::new("mount")
+            .args(["-o", "loop,nosuid,nodev"])
+            .arg(image)
+            .arg(mountpoint),
         "loop-mounting the storage pool",
     )
 }

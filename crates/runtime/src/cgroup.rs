@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+/// The cgroup, under each hierarchy's root, that holds every sandbox's.
+const PARENT: &str = "hangar";
+
 /// The cgroup path Hangar asks the runtime to use for a sandbox.
 pub fn path_for(id: &str) -> String {
-    format!("/hangar/{id}")
+    format!("/{PARENT}/{id}")
 }
 
 fn is_v2(root: &Path) -> bool {
@@ -57,6 +60,77 @@ pub fn set_frozen(id: &str, frozen: bool) -> std::io::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
+}
+
+/// Kills every process in a sandbox's cgroup and lifts its memory limit
+/// and CPU quota, so that they can finish dying: processes killed while
+/// their cgroup is at its memory limit and out of CPU time (a fork bomb's)
+/// may otherwise never get to exit. Best effort: a cgroup already gone is
+/// fine.
+pub fn kill_all(id: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let rel = path_for(id);
+    let rel = rel.trim_start_matches('/');
+    if is_v2(root) {
+        let dir = root.join(rel);
+        let _ = std::fs::write(dir.join("memory.max"), "max");
+        let _ = std::fs::write(dir.join("cpu.max"), "max");
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        return;
+    }
+    // The swap limit first: the memory limit may not exceed it.
+    for (controller, file, value) in [
+        ("memory", "memory.memsw.limit_in_bytes", "-1"),
+        ("memory", "memory.limit_in_bytes", "-1"),
+        ("cpu", "cpu.cfs_quota_us", "-1"),
+    ] {
+        let _ = std::fs::write(root.join(controller).join(rel).join(file), value);
+    }
+    // Frozen, nothing forks between our reading the list and the kill.
+    let frozen = set_frozen(id, true).is_ok();
+    if let Ok(pids) = std::fs::read_to_string(root.join("pids").join(rel).join("cgroup.procs")) {
+        for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid read from the sandbox's cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if frozen {
+        let _ = set_frozen(id, false);
+    }
+}
+
+/// Caps how many processes all sandboxes together may have, through the
+/// parent of their cgroups (the pids controller counts a cgroup's
+/// descendants against its limit), so that machines can't take every pid
+/// the host has, however many there are. Returns the cap set.
+pub fn set_pids_budget(budget: Option<u64>) -> std::io::Result<u64> {
+    let root = Path::new("/sys/fs/cgroup");
+    let budget = match budget {
+        Some(b) => b,
+        // Half of what the kernel hands out, the other half the host's.
+        None => pid_max()? / 2,
+    };
+    let dir = if is_v2(root) {
+        // The controller must be on for children of the root first.
+        std::fs::write(root.join("cgroup.subtree_control"), "+pids")?;
+        root.join(PARENT)
+    } else {
+        root.join("pids").join(PARENT)
+    };
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("pids.max"), budget.to_string())?;
+    Ok(budget)
+}
+
+/// The most pids (and threads) the kernel hands out at once.
+fn pid_max() -> std::io::Result<u64> {
+    let read = |file: &str| -> std::io::Result<u64> {
+        std::fs::read_to_string(file)?
+            .trim()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{file}: {e}")))
+    };
+    Ok(read("/proc/sys/kernel/pid_max")?.min(read("/proc/sys/kernel/threads-max")?))
 }
 
 /// How many processes the kernel's OOM killer killed in the sandbox's cgroup.

@@ -7,7 +7,7 @@ pub mod cgroup;
 mod oci;
 pub mod spec;
 
-pub use oci::{ContainerStatus, OciRuntime};
+pub use oci::{ContainerStatus, OciRuntime, Output};
 
 /// Errors from a runtime backend.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,14 @@ pub struct ContainerStatus {
     pub pid: u32,
 }
 
+/// What a sandbox's init gets as stdout and stderr (and the runtime's own
+/// errors before the init runs go to stderr).
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: std::fs::File,
+    pub stderr: std::fs::File,
+}
+
 impl OciRuntime {
     pub fn new(kind: RuntimeKind, binary: PathBuf, state_root: PathBuf) -> OciRuntime {
         OciRuntime {
@@ -106,9 +114,9 @@ impl OciRuntime {
 
     /// Starts the sandbox described by `bundle/config.json` in the background.
     /// Its init inherits `listen` (when [`OciRuntime::init_listen`] says to
-    /// pass one) and `output` as stdout and stderr. Returns the host pid the
-    /// runtime reports for the sandbox.
-    pub async fn run(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: std::fs::File) -> Result<u32> {
+    /// pass one) and `output`. Returns the host pid the runtime reports for
+    /// the sandbox.
+    pub async fn run(&self, id: &str, bundle: &Path, listen: BorrowedFd<'_>, output: Output) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let log_file = bundle.join("runtime.log");
@@ -138,12 +146,9 @@ impl OciRuntime {
         id: &str,
         pid_file: &Path,
         log_file: &Path,
-        output: std::fs::File,
+        output: Output,
     ) -> Result<u32> {
-        let err_out = output
-            .try_clone()
-            .map_err(|e| io(e, "duplicating the machine log descriptor"))?;
-        cmd.stdout(output).stderr(err_out);
+        cmd.stdout(output.stdout).stderr(output.stderr);
         let status = cmd.status().await.map_err(|source| RuntimeError::Missing {
             runtime: self.name(),
             source,
@@ -180,9 +185,9 @@ impl OciRuntime {
     }
 
     /// Brings a checkpointed sandbox back from `image_dir`, in the
-    /// background, with `output` as its stdout and stderr. Returns the
-    /// sandbox's host pid. The stopped sandbox must be deleted first.
-    pub async fn restore(&self, id: &str, bundle: &Path, image_dir: &Path, output: std::fs::File) -> Result<u32> {
+    /// background, with `output`. Returns the sandbox's host pid. The
+    /// stopped sandbox must be deleted first.
+    pub async fn restore(&self, id: &str, bundle: &Path, image_dir: &Path, output: Output) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let log_file = bundle.join("runtime.log");

@@ -1,7 +1,7 @@
 //! The OCI runtime spec (`config.json`) for a machine.
 //!
 //! Hardened by default, not by option: own pid, mount, uts, ipc, network
-//! and cgroup namespaces; Docker's default capability set as the bounding
+//! and cgroup namespaces; Docker's default capabilities less NET_RAW as the bounding
 //! set; no_new_privs; a seccomp filter that refuses what a machine has no
 //! business doing (new user namespaces, the kernel keyring, module loading,
 //! …); Docker's masked and read-only /proc and /sys paths; `hangar-init`
@@ -43,6 +43,8 @@ pub struct SandboxSpec {
     pub cpus: u32,
     pub memory_mb: u64,
     pub pids_limit: u32,
+    /// Capabilities on top of [`CAPABILITIES`] (kernel names, `CAP_…`).
+    pub extra_capabilities: Vec<&'static str>,
     /// cgroup path (see [`crate::cgroup::path_for`]).
     pub cgroup_path: String,
     /// How the init gets its listening socket (see
@@ -53,6 +55,9 @@ pub struct SandboxSpec {
     /// Have the init relay 127.0.0.1:PORT to this unix socket inside the
     /// machine (the egress gateway's, where it can't listen itself).
     pub egress_forward: Option<(u16, String)>,
+    /// The init's stdout and stderr are the log's two segments, each to
+    /// hold at most this many bytes.
+    pub log_segment_bytes: u64,
 }
 
 /// A host directory made visible inside the machine.
@@ -73,14 +78,15 @@ pub enum InitListen {
     Path(String),
 }
 
-/// Docker's default capability set.
+/// Docker's default capability set without CAP_NET_RAW, as podman's: raw
+/// and packet sockets let a machine forge traffic. `guest.cap_add` gives it
+/// back to a machine that asks.
 const CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
     "CAP_MKNOD",
-    "CAP_NET_RAW",
     "CAP_SETGID",
     "CAP_SETUID",
     "CAP_SETFCAP",
@@ -202,6 +208,7 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
     if let Some((port, socket)) = &spec.egress_forward {
         args.extend(["--egress-forward".to_owned(), format!("{port}:{socket}")]);
     }
+    args.extend(["--log-segment-bytes".to_owned(), spec.log_segment_bytes.to_string()]);
     args.push("--".to_owned());
     args.extend(spec.args.iter().cloned());
     args
@@ -210,6 +217,7 @@ fn init_args(spec: &SandboxSpec) -> Vec<String> {
 /// The complete `config.json` for a machine's bundle.
 pub fn oci_config(spec: &SandboxSpec) -> Value {
     let memory = spec.memory_mb.saturating_mul(1024 * 1024);
+    let capabilities: Vec<&str> = CAPABILITIES.iter().chain(&spec.extra_capabilities).copied().collect();
     let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -219,9 +227,9 @@ pub fn oci_config(spec: &SandboxSpec) -> Value {
             "env": spec.env,
             "cwd": spec.cwd,
             "capabilities": {
-                "bounding": CAPABILITIES,
-                "effective": CAPABILITIES,
-                "permitted": CAPABILITIES,
+                "bounding": capabilities,
+                "effective": capabilities,
+                "permitted": capabilities,
             },
             "noNewPrivileges": true,
         },
@@ -282,6 +290,7 @@ mod tests {
             hostname: "m1".into(),
             mounts: Vec::new(),
             egress_forward: None,
+            log_segment_bytes: 1 << 20,
             rootfs: "/data/m1/rootfs".into(),
             init_binary: "/usr/lib/hangar/hangar-init".into(),
             run_dir: "/data/m1/run".into(),
@@ -294,6 +303,7 @@ mod tests {
             cpus: 2,
             memory_mb: 128,
             pids_limit: 512,
+            extra_capabilities: Vec::new(),
             cgroup_path: "/hangar/m1".into(),
             listen: InitListen::Fd(3),
         }
@@ -311,6 +321,8 @@ mod tests {
                 "1000",
                 "--listen-fd",
                 "3",
+                "--log-segment-bytes",
+                "1048576",
                 "--",
                 "sh",
                 "-c",

@@ -38,6 +38,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("starting the state database's thread")]
     Thread(#[source] std::io::Error),
+    #[error("state database: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The store's thread is gone (it panicked, or the process is ending).
     #[error("state database is closed")]
     Closed,
@@ -944,6 +950,10 @@ impl Store {
 
 fn open_connection(path: &Path) -> Result<Connection> {
     let opening = || format!("opening {}", path.display());
+    make_private(path).map_err(|e| StoreError::Io {
+        context: format!("making {} readable by root only", path.display()),
+        source: e,
+    })?;
     let mut conn = Connection::open(path).map_err(db(opening()))?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(db(opening()))?;
@@ -956,6 +966,27 @@ fn open_connection(path: &Path) -> Result<Connection> {
     .map_err(db(opening()))?;
     schema::migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// The database holds machines' environments: only root may read it.
+/// SQLite gives its WAL and shared-memory files the database's mode, so
+/// creating the database 0600 covers them; older files are made so too.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {

@@ -74,17 +74,24 @@ pub fn init_binary() -> PathBuf {
     p
 }
 
+/// Where test daemons may import images from by path (`--import-dir`).
+pub const IMPORTS: &str = "/var/tmp/hangar-test-imports";
+/// The Debian image's directory (kept across runs; also an import dir).
+const DEBIAN: &str = "/var/tmp/hangar-test-debian";
+
+/// A new directory under [`IMPORTS`], for an image a test makes.
+pub fn import_tempdir() -> tempfile::TempDir {
+    std::fs::create_dir_all(IMPORTS).unwrap();
+    tempfile::Builder::new().prefix("image").tempdir_in(IMPORTS).unwrap()
+}
+
 /// An OCI layout of busybox with image config exercising Entrypoint, Cmd,
 /// Env and WorkingDir. Built once per test process.
 pub fn busybox_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("hangar-test-image")
-                .tempdir()
-                .unwrap()
-                .keep();
+            let dir = import_tempdir().keep();
             let rootfs = dir.join("rootfs");
             for d in [
                 "bin",
@@ -137,7 +144,7 @@ pub fn debian_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let dir = PathBuf::from("/var/tmp/hangar-test-debian");
+            let dir = PathBuf::from(DEBIAN);
             sh(Command::new(workspace().join("scripts/debian-test-rootfs.sh")).arg(&dir));
             let layout = dir.join("layout");
             if !layout.join("index.json").exists() {
@@ -240,6 +247,7 @@ impl Daemon {
             .arg(&self.volume_pool_dir)
             .arg("--init-binary")
             .arg(init_binary())
+            .args(["--import-dir", IMPORTS, "--import-dir", DEBIAN])
             .args(&self.serve_args)
             .env("HANGAR_LOG", "info")
             .stdin(Stdio::null())
@@ -327,7 +335,19 @@ impl Daemon {
     /// Like [`Daemon::call`], asserting a 2xx answer.
     pub async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
         let (status, v) = self.call(method.clone(), path, body).await;
-        assert!(status.is_success(), "{method} {path} -> {status}: {v}");
+        // An internal error's detail is only in the daemon's log.
+        let detail = match v["error"].as_str().and_then(|e| e.split("(id ").nth(1)) {
+            Some(rest) => {
+                let id = rest.split(')').next().unwrap_or_default();
+                self.log()
+                    .lines()
+                    .filter(|l| l.contains(id))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            None => String::new(),
+        };
+        assert!(status.is_success(), "{method} {path} -> {status}: {v}\n{detail}");
         v
     }
 
@@ -362,23 +382,34 @@ impl Daemon {
         state["pid"].as_u64().expect("a pid") as u32
     }
 
-    /// A listener on `127.0.0.1:port` inside a (runc) machine's network
-    /// namespace, for a server the test itself runs.
-    pub fn listen_in_machine(&self, id: &str, port: u16) -> tokio::net::TcpListener {
+    /// Runs `f` on a thread inside a (runc) machine's network namespace.
+    fn in_machine_netns<T: Send + 'static>(&self, id: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
         let ns = File::open(format!("/proc/{}/ns/net", self.machine_pid(id))).unwrap();
         // A thread of its own: it stays in the namespace it entered.
-        let listener = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             rustix::thread::move_into_link_name_space(
                 std::os::fd::AsFd::as_fd(&ns),
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .unwrap();
-            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap()
+            f()
         })
         .join()
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A listener on `127.0.0.1:port` inside a (runc) machine's network
+    /// namespace, for a server the test itself runs.
+    pub fn listen_in_machine(&self, id: &str, port: u16) -> tokio::net::TcpListener {
+        let listener = self.in_machine_netns(id, move || std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
         listener.set_nonblocking(true).unwrap();
         tokio::net::TcpListener::from_std(listener).unwrap()
+    }
+
+    /// A connection to `127.0.0.1:port` made from inside a (runc)
+    /// machine's network namespace, as a process of the machine would.
+    pub fn connect_in_machine(&self, id: &str, port: u16) -> std::net::TcpStream {
+        self.in_machine_netns(id, move || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
     }
 
     pub async fn machine(&self, app: &str, config: Value) -> Value {

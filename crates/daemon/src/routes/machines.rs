@@ -13,7 +13,6 @@ use hangar_api::{
     MachineEvent, MachineState, ProcessInfo, SignalRequest, StopRequest, WaitQuery,
 };
 use hangar_machine::ExecOutput;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -261,54 +260,7 @@ pub async fn machine_logs(
     Path((app, id)): Path<(String, String)>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
-    let path = s.mgr.log_file(&app, &id).await?;
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(ApiError::from(hangar_machine::Error::internal(
-                "opening the machine log",
-                e,
-            )));
-        }
-    };
-    if let (Some(f), Some(tail)) = (file.as_mut(), q.tail_bytes) {
-        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(tail))).await;
-    }
-    let follow = q.follow;
-    let mgr = s.mgr.clone();
-    let stream = futures_util::stream::unfold(
-        (file, mgr, app, id, path),
-        move |(mut file, mgr, app, id, path)| async move {
-            loop {
-                if let Some(f) = file.as_mut() {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    match f.read(&mut buf).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            buf.truncate(n);
-                            return Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (file, mgr, app, id, path)));
-                        }
-                        Err(e) => return Some((Err(e), (None, mgr, app, id, path))),
-                    }
-                }
-                if !follow {
-                    return None;
-                }
-                // Polling keeps follow simple and costs one read per tick per
-                // follower; a destroyed machine ends the stream.
-                match mgr.machine_state(&app, &id).await {
-                    Ok(MachineState::Destroyed) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if file.is_none() {
-                    file = tokio::fs::File::open(&path).await.ok();
-                }
-            }
-        },
-    );
+    let stream = s.mgr.logs(&app, &id, &q).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))

@@ -175,7 +175,7 @@ pub enum OomScore {
 }
 
 impl OomScore {
-    fn value(self) -> &'static std::ffi::CStr {
+    pub fn value(self) -> &'static std::ffi::CStr {
         match self {
             OomScore::Main => c"500",
             OomScore::Exec => c"1000",

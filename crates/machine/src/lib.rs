@@ -236,9 +236,11 @@ impl Manager {
             runtimes.insert(kind, rt);
         }
         runtimes[&cfg.default_runtime].check().await?;
-        let budget = hangar_runtime::cgroup::set_pids_budget(cfg.pids_budget)
-            .map_err(|e| Error::internal("setting the machines' pids budget", e))?;
-        tracing::info!("machines may have {budget} processes in all");
+        match hangar_runtime::cgroup::set_pids_budget(cfg.pids_budget) {
+            Ok(budget) => tracing::info!("machines may have {budget} processes in all"),
+            // Each machine's own limit still holds.
+            Err(e) => tracing::warn!("machines have no pids budget in all (no pids cgroup controller?): {e}"),
+        }
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .map_err(|e| Error::internal("becoming the sandboxes' subreaper", e))?;
         let host = match store.get_setting("host_id").await? {

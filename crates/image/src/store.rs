@@ -274,7 +274,8 @@ impl ImageStore {
                 })?;
                 let tmp = self.tmp_dir("archive")?;
                 let what = format!("OCI archive {}", path.display());
-                unpack::unpack(BufReader::new(file), &tmp.path, &what, UnpackMode::Archive)?;
+                let budget = self.limits.max_unpacked_bytes;
+                unpack::unpack(BufReader::new(file), &tmp.path, &what, UnpackMode::Archive, budget)?;
                 self.import_layout(&tmp.path, tag.as_deref(), &name)
             }
         }
@@ -558,7 +559,7 @@ fn unpack_layer<R: Read>(
              (hangar serve --image-max-ratio, --image-max-unpacked-gb)"
         ),
     };
-    let uncompressed = match unpack::unpack(HashReader::new(capped), dest, what, UnpackMode::Layer) {
+    let uncompressed = match unpack::unpack(HashReader::new(capped), dest, what, UnpackMode::Layer, cap) {
         Err(_) if over.get() => return Err(too_large()),
         other => other?,
     };

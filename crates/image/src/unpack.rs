@@ -121,15 +121,19 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Unpacks the tar `reader` into the existing, empty directory `dest`.
+/// Unpacks the tar `reader` into the existing, empty directory `dest`,
+/// writing at most `budget` bytes of file contents (a sparse entry's holes
+/// are written too, and a tiny tar can claim terabytes of them).
 ///
 /// `what` names the tar in errors (e.g. `layer sha256:…`). Returns the reader
 /// so the caller can drain and hash what follows the end-of-archive marker.
-pub(crate) fn unpack<R: Read>(reader: R, dest: &Path, what: &str, mode: UnpackMode) -> Result<R> {
+pub(crate) fn unpack<R: Read>(reader: R, dest: &Path, what: &str, mode: UnpackMode, budget: u64) -> Result<R> {
     let root = rfs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .context(|| format!("opening {} to unpack {what}", dest.display()))?;
     let mut u = Unpacker {
         root,
+        budget: std::cell::Cell::new(budget),
+        limit: budget,
         what,
         mode,
         dir_times: Vec::new(),
@@ -179,6 +183,9 @@ struct Unpacker<'a> {
     /// `O_PATH` descriptor of the destination: the root every lookup is
     /// confined to.
     root: OwnedFd,
+    /// Bytes the files may hold in all, and still.
+    limit: u64,
+    budget: std::cell::Cell<u64>,
     what: &'a str,
     mode: UnpackMode,
     /// Directory mtimes are set last: creating entries inside a directory
@@ -556,7 +563,19 @@ impl Unpacker<'_> {
         )
         .context(|| self.ctx("creating", raw_path))?;
         let mut file = std::fs::File::from(fd);
-        io::copy(entry, &mut file).context(|| self.ctx("writing", raw_path))?;
+        let left = self.budget.get();
+        let written =
+            io::copy(&mut entry.take(left.saturating_add(1)), &mut file).context(|| self.ctx("writing", raw_path))?;
+        if written > left {
+            return Err(ImageError::TooLarge {
+                what: self.what.to_owned(),
+                reason: format!(
+                    "its files hold more than {} bytes (hangar serve --image-max-unpacked-gb, --image-max-ratio)",
+                    self.limit
+                ),
+            });
+        }
+        self.budget.set(left - written);
         if self.mode == UnpackMode::Archive {
             rfs::fchmod(&file, mode).context(|| self.ctx("setting the mode of", raw_path))?;
         }

@@ -892,6 +892,22 @@ fn oversized_layers_bombs_and_sparse_files_are_refused() {
     }
     assert!(list(&small.root().join("blobs/sha256")).is_empty());
 
+    // An old-style GNU sparse file is unpacked whole, holes and all: a tar
+    // of a few blocks that claims 1 GiB stops at the limit.
+    let mut h = Tar::header(EntryType::GNUSparse, "holes", 0o644);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.set_real_size(1 << 30);
+    gnu.sparse[0].set_offset((1 << 30) - 1);
+    gnu.sparse[0].set_length(1);
+    let holes = Tar::new().raw(h, b"x").finish();
+    let dir = t.path().join("holes");
+    single_layer_layout(&dir, &holes, "t");
+    match store.import(&oci_ref(&dir, None)) {
+        Err(ImageError::TooLarge { reason, .. }) => assert!(reason.contains("files hold more"), "{reason}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_store_clean(&store);
+
     // A sparse file in GNU's PAX format is refused, not unpacked as its map.
     let mut tar = Tar::new();
     let sparse = [

@@ -85,10 +85,27 @@ fn outcome_str(o: EgressOutcome) -> &'static str {
     }
 }
 
+/// How the log is kept small: a machine sending requests as fast as it can
+/// must not fill the host's disk with their records.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Entries older than this go, at most hourly.
+    pub age: std::time::Duration,
+    /// And only the newest this many are kept, checked every
+    /// [`PRUNE_EVERY`] records (or this many, if fewer).
+    pub max_entries: u64,
+}
+
+/// How many records are written between checks of [`Retention::max_entries`].
+const PRUNE_EVERY: u64 = 10_000;
+
+/// The longest path kept in a record (the rest is cut): a machine chooses
+/// its paths.
+const MAX_PATH: usize = 1024;
+
 impl AuditLog {
-    /// Opens the log; entries older than `retention` are deleted, at most
-    /// hourly.
-    pub fn open(path: &Path, retention: std::time::Duration) -> Result<AuditLog> {
+    /// Opens the log, kept within `retention`.
+    pub fn open(path: &Path, retention: Retention) -> Result<AuditLog> {
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA).context("creating the audit schema")?;
@@ -158,17 +175,27 @@ impl AuditLog {
     }
 }
 
-fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Message>, retention: std::time::Duration) {
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Message>, retention: Retention) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
     let mut pruned: Option<std::time::Instant> = None;
+    let mut since_count: u64 = PRUNE_EVERY;
     while let Ok(first) = rx.recv() {
         if pruned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(3600)) {
-            let cutoff = now_ms() - retention.as_millis() as i64;
+            let cutoff = now_ms() - retention.age.as_millis() as i64;
             if let Err(e) = conn.execute("DELETE FROM egress_log WHERE at_ms < ?", [cutoff]) {
                 tracing::warn!("pruning the audit log: {e}");
             }
             pruned = Some(std::time::Instant::now());
+        }
+        if since_count >= PRUNE_EVERY.min(retention.max_entries) {
+            // Ids only grow: the newest entries are the highest.
+            let keep = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
+            let sql = "DELETE FROM egress_log WHERE id <= (SELECT MAX(id) FROM egress_log) - ?";
+            if let Err(e) = conn.execute(sql, [keep]) {
+                tracing::warn!("pruning the audit log: {e}");
+            }
+            since_count = 0;
         }
         // Whatever else arrives within 50 ms goes into the same commit.
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
@@ -189,6 +216,7 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Message>, retention: std:
         {
             tracing::error!("writing {} egress records: {e}", batch.len());
         }
+        since_count += batch.len() as u64;
         batch.clear();
         for done in waiting.drain(..) {
             let _ = done.send(());
@@ -213,7 +241,7 @@ fn write_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> 
                 r.scheme,
                 r.host,
                 r.port,
-                r.path,
+                cut(&r.path, MAX_PATH),
                 r.status,
                 outcome_str(r.outcome),
                 r.reason,
@@ -228,6 +256,15 @@ fn write_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> 
     tx.commit()
 }
 
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
@@ -240,4 +277,56 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(path: &str) -> Record {
+        Record {
+            at_ms: now_ms(),
+            machine_id: "m".into(),
+            app: "a".into(),
+            method: "GET".into(),
+            scheme: "http",
+            host: "h".into(),
+            port: 80,
+            path: path.into(),
+            status: 200,
+            outcome: EgressOutcome::Allowed,
+            reason: None,
+            rule: None,
+            secrets: Vec::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_us: 0,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_entries_and_cuts_long_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            age: std::time::Duration::from_secs(86_400),
+            max_entries: 10,
+        };
+        let log = AuditLog::open(&dir.path().join("audit.db"), retention).unwrap();
+        let query = Query {
+            limit: 1000,
+            ..Default::default()
+        };
+        for round in 0..5 {
+            for i in 0..10 {
+                log.record(record(&format!("/{round}/{i}")));
+            }
+            log.query(&query).unwrap();
+        }
+        log.record(record(&"x".repeat(5000)));
+        let entries = log.query(&query).unwrap();
+        assert!(entries.len() <= 20, "{} entries kept", entries.len());
+        assert!(entries.iter().any(|e| e.path == "/4/9"), "the newest are kept");
+        assert!(!entries.iter().any(|e| e.path.starts_with("/0/")), "the oldest went");
+        assert!(entries.iter().any(|e| e.path.len() == MAX_PATH));
+    }
 }

@@ -54,8 +54,8 @@ pub struct Config {
     pub resolve: HashMap<String, IpAddr>,
     /// CAs trusted for upstreams besides the system's.
     pub upstream_cas: Vec<PathBuf>,
-    /// How long audit log entries are kept.
-    pub audit_retention: std::time::Duration,
+    /// How long, and how many, audit log entries are kept.
+    pub audit_retention: audit::Retention,
 }
 
 /// One machine's rules as the next request sees them. Replaced whole on

@@ -29,6 +29,9 @@ struct Args {
     /// Days audit log entries are kept.
     #[arg(long, default_value_t = 30)]
     audit_retention_days: u64,
+    /// The most audit log entries kept (the newest); about 300 bytes each.
+    #[arg(long, default_value_t = 1_000_000)]
+    audit_max_entries: u64,
 }
 
 fn parse_resolve(s: &str) -> Result<(String, IpAddr), String> {
@@ -55,7 +58,10 @@ async fn main() -> Result<()> {
         deny: args.deny,
         resolve: args.resolve.into_iter().collect::<HashMap<_, _>>(),
         upstream_cas: args.upstream_ca,
-        audit_retention: std::time::Duration::from_secs(args.audit_retention_days * 86_400),
+        audit_retention: hangar_egress::audit::Retention {
+            age: std::time::Duration::from_secs(args.audit_retention_days * 86_400),
+            max_entries: args.audit_max_entries,
+        },
     })?;
     std::fs::write(args.dir.join("pid"), std::process::id().to_string())?;
     let socket = args.dir.join("admin.sock");

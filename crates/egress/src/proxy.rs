@@ -59,13 +59,35 @@ impl Listener {
     }
 }
 
+/// Lets a log line through at most once a second. Machines decide how
+/// often what these lines report happens, and the gateway's log is a file
+/// on the host: it must not grow at their pace. (The audit log has every
+/// request.)
+struct OncePerSecond(std::sync::atomic::AtomicU64);
+
+impl OncePerSecond {
+    const fn new() -> OncePerSecond {
+        OncePerSecond(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    fn allow(&self) -> bool {
+        let second = now_ms() as u64 / 1000;
+        self.0.swap(second, std::sync::atomic::Ordering::Relaxed) != second
+    }
+}
+
+static ACCEPT_ERRORS: OncePerSecond = OncePerSecond::new();
+static EXFILTRATION: OncePerSecond = OncePerSecond::new();
+
 /// Accepts the machine's connections until the machine is unregistered.
 pub(crate) async fn serve(gw: Arc<Gateway>, listener: Listener, cell: Cell) {
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::warn!("accepting a machine's connection: {e}");
+                if ACCEPT_ERRORS.allow() {
+                    tracing::warn!("accepting a machine's connection: {e}");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
@@ -292,7 +314,7 @@ fn refuse(gw: &Gateway, mut rec: Record, start: Instant, r: Refused) -> Response
         EgressOutcome::Denied => "egress_denied",
         EgressOutcome::Allowed => "egress_upstream_failed",
     };
-    if r.outcome == EgressOutcome::Exfiltration {
+    if r.outcome == EgressOutcome::Exfiltration && EXFILTRATION.allow() {
         tracing::warn!(machine = %rec.machine_id, host = %rec.host, "exfiltration attempt refused: {}", r.reason);
     }
     rec.status = r.status.as_u16();

@@ -1096,7 +1096,13 @@ fn query_machines(conn: &Connection, sql: &str, params: impl rusqlite::Params) -
     Ok(machines)
 }
 
+/// The most events kept per machine (the newest): a machine whose main
+/// process exits and restarts in a loop must not grow the database without
+/// end.
+pub const MAX_EVENTS_PER_MACHINE: i64 = 1000;
+
 fn insert_event(tx: &Transaction<'_>, machine_id: &str, e: &MachineEvent) -> Result<()> {
+    let recording = || db(format!("recording event for machine {machine_id}"));
     tx.prepare_cached(
         "INSERT INTO events (machine_id, kind, status, source, timestamp_ms, detail_json) VALUES (?, ?, ?, ?, ?, ?)",
     )
@@ -1110,7 +1116,17 @@ fn insert_event(tx: &Transaction<'_>, machine_id: &str, e: &MachineEvent) -> Res
             e.detail.as_ref().map(|d| d.to_string()),
         ])
     })
-    .map_err(db(format!("recording event for machine {machine_id}")))?;
+    .map_err(recording())?;
+    // Pruned now and then, not on every insert (events are on the start
+    // path): a machine holds at most 64 more than the cap.
+    if tx.last_insert_rowid() % 64 == 0 {
+        tx.prepare_cached(
+            "DELETE FROM events WHERE machine_id = ?1 AND seq <= \
+             (SELECT seq FROM events WHERE machine_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+        )
+        .and_then(|mut s| s.execute(params![machine_id, MAX_EVENTS_PER_MACHINE]))
+        .map_err(recording())?;
+    }
     Ok(())
 }
 

@@ -160,3 +160,39 @@ async fn volumes_round_trip() {
     ));
     assert!(matches!(store.delete_app("a").await, Err(StoreError::Conflict(_))));
 }
+
+#[tokio::test]
+async fn a_machine_keeps_only_its_newest_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    store.create_app("a", 1).await.unwrap();
+    store
+        .insert_machine(&machine("m1", "loop"), &event("create"))
+        .await
+        .unwrap();
+    store
+        .insert_machine(&machine("m2", "calm"), &event("create"))
+        .await
+        .unwrap();
+    for i in 0..(MAX_EVENTS_PER_MACHINE + 500) {
+        let mut e = event("exit");
+        e.timestamp = i;
+        store.add_event("m1", &e).await.unwrap();
+    }
+    let events = store.list_events("m1").await.unwrap();
+    assert!(
+        events.len() as i64 <= MAX_EVENTS_PER_MACHINE + 64,
+        "{} kept",
+        events.len()
+    );
+    assert_eq!(
+        events.last().unwrap().timestamp,
+        MAX_EVENTS_PER_MACHINE + 499,
+        "the newest stay"
+    );
+    assert_eq!(
+        store.list_events("m2").await.unwrap().len(),
+        1,
+        "other machines keep theirs"
+    );
+}

@@ -437,7 +437,7 @@ impl Manager {
                         .transition(rec, MachineState::Started, "start", source, Some(detail))
                         .await;
                 }
-                Err(e) => resume_error = Some(e.to_string()),
+                Err(e) => resume_error = Some(e.public_message()),
             }
         }
         match self.launch(slot, rec).await {
@@ -453,7 +453,7 @@ impl Manager {
                     .await
             }
             Err(e) => {
-                let detail = serde_json::json!({ "error": e.to_string() });
+                let detail = serde_json::json!({ "error": e.public_message() });
                 self.transition(rec, MachineState::Stopped, "start", source, Some(detail))
                     .await?;
                 Err(e)

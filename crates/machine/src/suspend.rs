@@ -70,7 +70,7 @@ impl Manager {
         };
         if let Err(e) = suspended {
             // Still running as it was.
-            let detail = serde_json::json!({ "error": e.to_string() });
+            let detail = serde_json::json!({ "error": e.public_message() });
             self.transition(rec, MachineState::Started, "suspend", source, Some(detail))
                 .await?;
             return Err(e);

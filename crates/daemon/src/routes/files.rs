@@ -91,7 +91,7 @@ pub async fn write_file(
         Err(e) if too_big => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            e.to_string(),
+            e.public_message(),
         )),
         Err(e) => Err(e.into()),
     }

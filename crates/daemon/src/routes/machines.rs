@@ -237,7 +237,12 @@ pub async fn exec_stream(
                 false,
             ),
             Ok(None) => return None,
-            Err(e) => (ExecStreamEvent::Error { error: e.to_string() }, false),
+            Err(e) => (
+                ExecStreamEvent::Error {
+                    error: e.public_message(),
+                },
+                false,
+            ),
         };
         let mut line = serde_json::to_vec(&event).expect("event serializes");
         line.push(b'\n');

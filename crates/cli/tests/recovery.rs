@@ -202,3 +202,75 @@ async fn interrupted_checkpoints_and_rollbacks_are_cleaned_up() {
         .await;
     assert_eq!(d.sh("swap", &id, "cat /root/data").await, "precious\n");
 }
+
+/// A daemon killed at any step of a start leaves, once it is back, a
+/// machine whose main process runs or, if nothing ran yet, a stopped one
+/// with no exit it never had; either then starts and stops as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_cut_at_any_step_is_finished_or_undone() {
+    // (where the daemon dies, whether the machine runs after, prepared or
+    // cold): a prepared sandbox is there to be started even when the
+    // daemon died before it touched it.
+    let steps = [
+        ("start:starting-recorded", false, false),
+        ("start:starting-recorded", true, true),
+        ("start:sandbox-held", true, false),
+        ("start:prepared-held", true, true),
+        ("start:main-released", true, true),
+    ];
+    for (step, ran, prepared) in steps {
+        let args: &[&str] = if prepared { &[] } else { &["--prepared-limit", "0"] };
+        let mut d = Daemon::start_with_env(args, &[("HANGAR_CRASH_AT", step)]);
+        d.create_app("cut").await;
+        let m = d
+            .ok(
+                Method::POST,
+                "/v1/apps/cut/machines",
+                Some(json!({"skip_launch": true, "config": {"image": common::busybox_image()}})),
+            )
+            .await;
+        let id = m["id"].as_str().unwrap().to_owned();
+        if prepared {
+            // The next start's sandbox, held, is up.
+            let root = d.data_dir.path().join("runtime/runc");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["state", &id])
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                assert!(std::time::Instant::now() < deadline, "{step}: no prepared sandbox");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        let start = format!("{}/v1/apps/cut/machines/{id}/start", d.url);
+        let cut = d.http.post(start).bearer_auth(&d.token).send().await;
+        assert!(cut.is_err(), "{step}: the daemon answered: {cut:?}");
+        d.stop_daemon(libc::SIGKILL);
+        d.set_env(&[]);
+        d.start_daemon();
+
+        let m = d.ok(Method::GET, &format!("/v1/apps/cut/machines/{id}"), None).await;
+        assert!(m["last_exit"].is_null(), "{step}: an exit that never was: {m}");
+        if ran {
+            assert_eq!(m["state"], "started", "{step}: {m}");
+        } else {
+            assert_eq!(m["state"], "stopped", "{step}: {m}");
+            d.ok(Method::POST, &format!("/v1/apps/cut/machines/{id}/start"), None)
+                .await;
+        }
+        d.sh("cut", &id, "pidof sleep").await;
+        d.ok(
+            Method::POST,
+            &format!("/v1/apps/cut/machines/{id}/stop"),
+            Some(json!({})),
+        )
+        .await;
+        let m = d.wait_state("cut", &id, "stopped").await;
+        assert_eq!(m["last_exit"]["requested_stop"], true, "{step}: {m}");
+    }
+}

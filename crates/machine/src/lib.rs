@@ -152,6 +152,18 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Test hook: dies as `kill -9` would at `step` when `HANGAR_CRASH_AT`
+/// names it, so that tests can check what recovery makes of each step of
+/// an operation. Read once; unset, it costs a comparison.
+pub(crate) fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("HANGAR_CRASH_AT").ok()).as_deref() == Some(step) {
+        tracing::warn!("HANGAR_CRASH_AT={step}: dying here");
+        // SAFETY: kill(2) of our own process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 pub(crate) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()

@@ -427,6 +427,7 @@ impl Manager {
         let suspended = rec.state == MachineState::Suspended;
         self.transition(rec, MachineState::Starting, "start", source, None)
             .await?;
+        crate::crash_point("start:starting-recorded");
         let mut resume_error = None;
         if suspended {
             match self.resume(slot, rec).await {
@@ -442,6 +443,7 @@ impl Manager {
         }
         match self.launch(slot, rec).await {
             Ok((running, path)) => {
+                crate::crash_point("start:main-released");
                 rec.started_at_ms = Some(now_ms());
                 rec.instance_id = running.instance_id.clone();
                 *slot.running.lock().expect("running lock") = Some(running);

@@ -101,7 +101,7 @@ impl Manager {
             let egress_env = self.egress_env(rec).await?;
             let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config, &egress_env)?;
             let running = self.watch_sandbox(rec, status.pid, plan.env, rec.instance_id.clone())?;
-            *slot.running.lock().expect("running lock") = Some(running);
+            *slot.running.lock().expect("running lock") = Some(running.clone());
             if rec.state == MachineState::Stopping {
                 // The user asked for a stop that the crash interrupted.
                 let (mgr, slot, mut rec) = (self.clone(), slot.clone(), rec.clone());
@@ -113,6 +113,19 @@ impl Manager {
                     }
                 });
             } else if matches!(rec.state, MachineState::Starting | MachineState::Suspending) {
+                if rec.state == MachineState::Starting {
+                    // The crash may have come between the sandbox and the
+                    // order to start its main process, which the init holds
+                    // until told (a second order is a no-op).
+                    let release = async {
+                        running.wait_serving(&rec.id).await?;
+                        crate::agent::call(&running.agent, &hangar_init_protocol::Request::Start).await
+                    };
+                    if let Err(e) = release.await {
+                        // Its monitor records how the sandbox ends.
+                        tracing::warn!(machine = %rec.id, "starting the main process of an interrupted start: {e}");
+                    }
+                }
                 rec.started_at_ms.get_or_insert(now_ms());
                 let detail = serde_json::json!({ "recovered_from": rec.state.as_str() });
                 self.transition(rec, MachineState::Started, "start", "daemon", Some(detail))
@@ -121,7 +134,18 @@ impl Manager {
             return Ok(true);
         }
         let requested = rec.state == MachineState::Stopping;
-        let status = read_exit_file(&self.paths(&rec.id).run).unwrap_or(ExitStatus::signaled(libc::SIGKILL));
+        let exit = read_exit_file(&self.paths(&rec.id).run);
+        if rec.state == MachineState::Starting && exit.is_none() {
+            // Cut before its sandbox ran: nothing ran, nothing exited. The
+            // start did not happen; the machine is as it was.
+            let detail = serde_json::json!({ "recovered_from": "starting", "ran": false });
+            self.transition(rec, MachineState::Stopped, "start", "daemon", Some(detail))
+                .await?;
+            self.teardown(&slot, rec).await;
+            self.settle_in_background(&rec.id);
+            return Ok(false);
+        }
+        let status = exit.unwrap_or(ExitStatus::signaled(libc::SIGKILL));
         self.finish_run(rec, status, requested, "daemon").await?;
         if !requested {
             self.after_exit(&slot, rec).await;

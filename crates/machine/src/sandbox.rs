@@ -142,6 +142,7 @@ impl Manager {
         let prepared = slot.prepared.lock().expect("prepared lock").take();
         if let Some(prepared) = prepared {
             self.inner.prepared_count.fetch_sub(1, Ordering::Relaxed);
+            crate::crash_point("start:prepared-held");
             let started = match self.write_config_files(rec) {
                 Ok(()) => crate::agent::call(&prepared.agent, &hangar_init_protocol::Request::Start).await,
                 Err(e) => Err(e),
@@ -312,6 +313,7 @@ impl Manager {
         self.egress_attach(rec, pid, &running.instance_id).await;
         running.wait_serving(&rec.id).await?;
         if !prepare_only {
+            crate::crash_point("start:sandbox-held");
             crate::agent::call(&running.agent, &hangar_init_protocol::Request::Start).await?;
         }
         Ok(running)

@@ -196,6 +196,8 @@ pub struct Daemon {
     pub token: String,
     child: Option<Child>,
     serve_args: Vec<String>,
+    /// Environment for the daemon's next start (see [`Daemon::set_env`]).
+    serve_env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
@@ -206,6 +208,11 @@ impl Daemon {
 
     /// With extra `hangar serve` arguments.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_with_env(args, &[])
+    }
+
+    /// With extra `hangar serve` arguments and environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         require_root();
         let data_dir = tempfile::Builder::new().prefix("hangar-test").tempdir().unwrap();
         let pool_dir = test_pool_root().join(data_dir.path().file_name().unwrap());
@@ -220,6 +227,7 @@ impl Daemon {
             token: String::new(),
             child: None,
             serve_args: args.iter().map(|a| a.to_string()).collect(),
+            serve_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             http: {
                 hangar_image::install_crypto_provider();
                 reqwest::Client::builder().no_proxy().build().unwrap()
@@ -249,6 +257,7 @@ impl Daemon {
             .arg(init_binary())
             .args(["--import-dir", IMPORTS, "--import-dir", DEBIAN])
             .args(&self.serve_args)
+            .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .env("HANGAR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -306,6 +315,11 @@ impl Daemon {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
         child.wait().unwrap();
+    }
+
+    /// Sets the environment the daemon starts with from its next start on.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.serve_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     }
 
     /// Starts the daemon again on the same data dir.

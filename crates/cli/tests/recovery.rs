@@ -203,22 +203,20 @@ async fn interrupted_checkpoints_and_rollbacks_are_cleaned_up() {
     assert_eq!(d.sh("swap", &id, "cat /root/data").await, "precious\n");
 }
 
-/// A daemon killed at any step of a start leaves, once it is back, a
-/// machine whose main process runs or, if nothing ran yet, a stopped one
-/// with no exit it never had; either then starts and stops as usual.
+/// A daemon killed at any step of a start (or of a create's start) leaves,
+/// once it is back, a started machine running its main process, with no
+/// exit it never had; it then stops as usual.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_start_cut_at_any_step_is_finished_or_undone() {
-    // (where the daemon dies, whether the machine runs after, prepared or
-    // cold): a prepared sandbox is there to be started even when the
-    // daemon died before it touched it.
+async fn a_start_cut_at_any_step_is_finished() {
+    // (where the daemon dies, with a prepared sandbox or cold)
     let steps = [
-        ("start:starting-recorded", false, false),
-        ("start:starting-recorded", true, true),
-        ("start:sandbox-held", true, false),
-        ("start:prepared-held", true, true),
-        ("start:main-released", true, true),
+        ("start:starting-recorded", false),
+        ("start:starting-recorded", true),
+        ("start:sandbox-held", false),
+        ("start:prepared-held", true),
+        ("start:main-released", true),
     ];
-    for (step, ran, prepared) in steps {
+    for (step, prepared) in steps {
         let args: &[&str] = if prepared { &[] } else { &["--prepared-limit", "0"] };
         let mut d = Daemon::start_with_env(args, &[("HANGAR_CRASH_AT", step)]);
         d.create_app("cut").await;
@@ -254,15 +252,9 @@ async fn a_start_cut_at_any_step_is_finished_or_undone() {
         d.set_env(&[]);
         d.start_daemon();
 
-        let m = d.ok(Method::GET, &format!("/v1/apps/cut/machines/{id}"), None).await;
+        let m = d.wait_state("cut", &id, "started").await;
+        assert_eq!(m["state"], "started", "{step}: {m}");
         assert!(m["last_exit"].is_null(), "{step}: an exit that never was: {m}");
-        if ran {
-            assert_eq!(m["state"], "started", "{step}: {m}");
-        } else {
-            assert_eq!(m["state"], "stopped", "{step}: {m}");
-            d.ok(Method::POST, &format!("/v1/apps/cut/machines/{id}/start"), None)
-                .await;
-        }
         d.sh("cut", &id, "pidof sleep").await;
         d.ok(
             Method::POST,
@@ -272,5 +264,52 @@ async fn a_start_cut_at_any_step_is_finished_or_undone() {
         .await;
         let m = d.wait_state("cut", &id, "stopped").await;
         assert_eq!(m["last_exit"]["requested_stop"], true, "{step}: {m}");
+    }
+}
+
+/// After a create or fork was cut: its machine, if any is left, is started
+/// and runs its main process, with no exit it never had.
+async fn cut_machine_finished_or_gone(d: &Daemon, step: &str, before: usize) {
+    let list = d.ok(Method::GET, "/v1/apps/cut/machines", None).await;
+    let machines = list.as_array().unwrap();
+    assert!(machines.len() <= before + 1, "{step}: {machines:?}");
+    for m in &machines[before..] {
+        let id = m["id"].as_str().unwrap();
+        let m = d.wait_state("cut", id, "started").await;
+        assert_eq!(m["state"], "started", "{step}: {m}");
+        assert!(m["last_exit"].is_null(), "{step}: an exit that never was: {m}");
+        d.sh("cut", id, "pidof sleep").await;
+    }
+}
+
+/// A create or fork killed at any step either finishes (a started machine)
+/// or leaves nothing; never a machine marked failed or left stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_or_fork_cut_at_any_step_finishes_or_leaves_nothing() {
+    let steps = [
+        "create:creating-recorded",
+        "create:laid-out",
+        "start:starting-recorded",
+        "start:sandbox-held",
+        "fork:creating-recorded",
+        "fork:copied",
+    ];
+    for step in steps {
+        let mut d = Daemon::start_with_env(&["--prepared-limit", "0"], &[("HANGAR_CRASH_AT", step)]);
+        d.create_app("cut").await;
+        let (url, body, before) = if step.starts_with("fork") {
+            let parent = d.machine("cut", json!({})).await;
+            let url = format!("{}/v1/apps/cut/machines/{}/fork", d.url, parent["id"].as_str().unwrap());
+            (url, json!({}), 1)
+        } else {
+            let url = format!("{}/v1/apps/cut/machines", d.url);
+            (url, json!({"config": {"image": common::busybox_image()}}), 0)
+        };
+        let cut = d.http.post(url).bearer_auth(&d.token).json(&body).send().await;
+        assert!(cut.is_err(), "{step}: the daemon answered: {cut:?}");
+        d.stop_daemon(libc::SIGKILL);
+        d.set_env(&[]);
+        d.start_daemon();
+        cut_machine_finished_or_gone(&d, step, before).await;
     }
 }

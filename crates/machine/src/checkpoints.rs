@@ -251,6 +251,7 @@ impl Manager {
             .store
             .insert_machine(&rec, &event("fork", "creating", "user", Some(detail.clone())))
             .await?;
+        crate::crash_point("fork:creating-recorded");
         let fork_slot = self.slot(&fork_id, rec.state);
         let _fork_op = fork_slot.op.lock().await;
         // The parent's volumes stay the parent's: the fork mounts copies
@@ -290,13 +291,9 @@ impl Manager {
         self.keep_steps(&parent.id, &fork_id, from.as_ref().map(|c| c.steps));
         self.record_event(&parent, "fork", serde_json::json!({ "fork": fork_id }))
             .await;
-        self.transition(&mut rec, MachineState::Created, "fork", "user", Some(detail))
+        crate::crash_point("fork:copied");
+        self.launch_or_keep(&fork_slot, &mut rec, req.skip_launch, "fork")
             .await?;
-        if req.skip_launch {
-            self.settle_in_background(&rec.id);
-        } else {
-            self.start_locked(&fork_slot, &mut rec, "user").await?;
-        }
         Ok(machine_view(&rec))
     }
 

@@ -287,6 +287,7 @@ impl Manager {
             .store
             .insert_machine(&rec, &event("create", "creating", "user", None))
             .await?;
+        crate::crash_point("create:creating-recorded");
         // Held through the pull: anything else asked of this machine waits
         // for its create to finish.
         let slot = self.slot(&id, rec.state);
@@ -303,16 +304,30 @@ impl Manager {
             self.undo_create(&rec).await;
             return Err(e);
         }
-        self.transition(&mut rec, MachineState::Created, "create", "user", None)
-            .await?;
-        if req.skip_launch {
-            self.settle_in_background(&rec.id);
-        } else {
-            // A start failure leaves a created machine the user can inspect
-            // and retry, so it is reported, not undone.
-            self.start_locked(&slot, &mut rec, "user").await?;
-        }
+        crate::crash_point("create:laid-out");
+        self.launch_or_keep(&slot, &mut rec, req.skip_launch, "create").await?;
         Ok(machine_view(&rec))
+    }
+
+    /// Ends a create or fork whose machine is laid out: recorded `created`
+    /// with `skip_launch`, else straight from `creating` to `starting`, so
+    /// that a crash can't leave a machine nobody asked to keep stopped
+    /// (recovery finishes a start). A start failure leaves a machine the
+    /// user can inspect and retry, so it is reported, not undone.
+    pub(crate) async fn launch_or_keep(
+        &self,
+        slot: &Arc<Slot>,
+        rec: &mut MachineRecord,
+        skip_launch: bool,
+        kind: &str,
+    ) -> Result<()> {
+        if skip_launch {
+            self.transition(rec, MachineState::Created, kind, "user", None).await?;
+            self.settle_in_background(&rec.id);
+            Ok(())
+        } else {
+            self.start_locked(slot, rec, "user").await
+        }
     }
 
     /// A new machine's record, `creating`, owned by this daemon.

@@ -137,12 +137,25 @@ impl Manager {
         let exit = read_exit_file(&self.paths(&rec.id).run);
         if rec.state == MachineState::Starting && exit.is_none() {
             // Cut before its sandbox ran: nothing ran, nothing exited. The
-            // start did not happen; the machine is as it was.
+            // start was asked for (maybe by a create), so it is made now,
+            // once recovery lets go of the machine.
             let detail = serde_json::json!({ "recovered_from": "starting", "ran": false });
             self.transition(rec, MachineState::Stopped, "start", "daemon", Some(detail))
                 .await?;
             self.teardown(&slot, rec).await;
-            self.settle_in_background(&rec.id);
+            let (mgr, app, id) = (self.clone(), rec.app.clone(), rec.id.clone());
+            tokio::spawn(async move {
+                let started = async {
+                    let (slot, _op, mut rec) = mgr.lock_machine(&app, &id).await?;
+                    if rec.state != MachineState::Stopped {
+                        return Ok(()); // someone else has decided since
+                    }
+                    mgr.start_locked(&slot, &mut rec, "daemon").await
+                };
+                if let Err(e) = started.await {
+                    tracing::warn!(machine = %id, "finishing an interrupted start: {e}");
+                }
+            });
             return Ok(false);
         }
         let status = exit.unwrap_or(ExitStatus::signaled(libc::SIGKILL));

@@ -339,7 +339,7 @@ fn lifecycle(cli: &Cli) -> Result<i32> {
                     hangar: hangar_bin.clone(),
                     init_binary,
                     pool_root: cli.common.pool_root.clone(),
-                    serve_args: import_from(work.path()),
+                    serve_args: serve_args(work.path()),
                 };
                 let image = format!("oci:{}:latest", layout.display());
                 outcome(hangar::bench(&cfg, &image, iterations, settle))
@@ -421,14 +421,17 @@ fn daemon_and_image(common: &Common) -> Result<(hangar::Config, String, tempfile
         hangar: hangar_bin,
         init_binary: init_binary(common.init_binary.as_deref(), &bin_dir)?,
         pool_root: common.pool_root.clone(),
-        serve_args: import_from(work.path()),
+        serve_args: serve_args(work.path()),
     };
     Ok((cfg, format!("oci:{}:latest", layout.display()), work))
 }
 
-/// Lets the daemon import the images the benchmark makes in `dir`.
-fn import_from(dir: &std::path::Path) -> Vec<String> {
-    vec!["--import-dir".into(), dir.display().to_string()]
+/// What every benchmark's daemon is started with: it may import the
+/// images the benchmark makes in `dir`, and its pool (the tests', given by
+/// `--pool-root`) has machines' disk limits on, as a pool it makes itself
+/// would.
+fn serve_args(dir: &std::path::Path) -> Vec<String> {
+    vec!["--import-dir".into(), dir.display().to_string(), "--pool-simple-quotas".into()]
 }
 
 /// A scratch directory (removed when dropped) holding the busybox rootfs

@@ -355,6 +355,12 @@ struct ServeArgs {
     /// its first 64 MiB): a bound on decompression bombs.
     #[arg(long, default_value_t = 100)]
     image_max_ratio: u64,
+    /// Turn on btrfs simple quotas (what enforces machines' guest.disk_gb)
+    /// in the pool given by --pool-dir or a data dir on btrfs. Kernels
+    /// before 6.7 can't mount a filesystem with them. The pool the daemon
+    /// makes itself gets them anyway.
+    #[arg(long)]
+    pool_simple_quotas: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -940,6 +946,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<()> {
             max_unpacked_bytes: args.image_max_unpacked_gb << 30,
             max_ratio: args.image_max_ratio,
         },
+        pool_simple_quotas: args.pool_simple_quotas,
     };
     let mut proxy = hangar_ingress::Config {
         domain: args.proxy_domain,

@@ -512,7 +512,7 @@ async fn egress_through_the_gateway() {
         "eg",
         &id,
         &format!(
-            "echo $GH_TOKEN > /root/token.txt; grep -rs -l '{SECRET_VALUE}' /root /etc /tmp /.hangar /proc/1/environ /proc/self/environ /proc/1/cmdline"
+            "echo $GH_TOKEN > /root/token.txt; grep -rs -l '{SECRET_VALUE}' /root /etc /tmp /.hangar /proc/$(pidof sleep)/environ /proc/self/environ /proc/$(pidof sleep)/cmdline"
         ),
     )
     .await;

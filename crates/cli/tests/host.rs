@@ -87,6 +87,8 @@ fn image_with_a_device_node() -> String {
     )
     .unwrap();
     set_mode(&node, 0o666);
+    // Owned by a user the host may have: the layer's copy must still be root's.
+    std::os::unix::fs::lchown(&node, Some(1000), Some(1000)).unwrap();
     let config = hangar_image::ImageConfig {
         cmd: vec!["/bin/sleep".into(), "infinity".into()],
         ..Default::default()
@@ -152,7 +154,20 @@ async fn host_users_reach_nothing_through_the_data_dir() {
 
     // Fence two, with the first taken down: setuid bits and device nodes
     // mean nothing on Hangar's mounts, and a layer's device is root's.
-    for mount in mounts_under(&data).into_iter().chain(mounts_under(&d.pool_dir)) {
+    use std::os::unix::fs::MetadataExt;
+    let layer_node = std::fs::symlink_metadata(&layer_devices[0]).unwrap();
+    assert_eq!(
+        (layer_node.uid(), layer_node.mode() & 0o777),
+        (0, 0o600),
+        "the layer's device node"
+    );
+    // The machines' root filesystems and run directories, and the pool.
+    let mounts: Vec<_> = mounts_under(&data)
+        .into_iter()
+        .chain(mounts_under(d.pool_dir.parent().unwrap()))
+        .collect();
+    assert!(mounts.len() >= 5, "{mounts:?}");
+    for mount in mounts {
         let opts: Vec<&str> = mount.1.split(',').collect();
         assert!(opts.contains(&"nosuid") && opts.contains(&"nodev"), "{mount:?}");
     }
@@ -257,6 +272,14 @@ async fn api_callers_read_no_host_files() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{image}: {v}");
         assert!(!error_text(&v).contains("root:"), "{v}");
     }
+
+    // Nor does a link inside a layout.
+    let layout = dir.path().join("linked");
+    std::fs::create_dir_all(&layout).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", layout.join("index.json")).unwrap();
+    let (status, v) = create(format!("oci:{}", layout.display())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_text(&v).contains("symbolic link"), "{v}");
 
     // Inside it, a file that is no image is refused for what it is, with
     // neither its bytes nor the daemon's paths in the answer.

@@ -369,7 +369,9 @@ async fn logs_and_wait() {
     let mut wrote = false;
     while !seen.contains("later-line") {
         if !wrote && seen.contains("err-line") {
-            d.sh("logs", &id, "echo later-line >> /proc/1/fd/1").await;
+            // Through the main process's stdout (init's own is not
+            // reachable: it is not dumpable).
+            d.sh("logs", &id, "echo later-line >> /proc/$(pidof sleep)/fd/1").await;
             wrote = true;
         }
         let chunk = tokio::time::timeout_at(deadline, stream.next())
@@ -502,4 +504,78 @@ async fn stopped_machines_are_prepared_for_a_fast_start() {
     d.ok(Method::DELETE, &path("warm", &id), None).await;
     assert_eq!(runtime_state(&d, &id), serde_json::Value::Null);
     assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/hangar/{id}")).exists());
+}
+
+/// `--prepared-limit` holds however many machines stop at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_prepared_limit_holds_under_concurrent_stops() {
+    let d = Daemon::start_with(&["--prepared-limit", "2"]);
+    d.create_app("many").await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(d.machine("many", json!({})).await["id"].as_str().unwrap().to_owned());
+    }
+    let urls: Vec<String> = ids.iter().map(|id| format!("{}/stop", path("many", id))).collect();
+    let stops = urls.iter().map(|url| d.ok(Method::POST, url, Some(json!({}))));
+    futures_util::future::join_all(stops).await;
+    // Let every stop's preparing run its course.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let prepared = || ids.iter().filter(|id| runtime_state(&d, id) == "running").count();
+    while prepared() < 2 {
+        assert!(std::time::Instant::now() < deadline, "fewer than 2 prepared");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(prepared(), 2);
+}
+
+/// While a machine's main process exits on its own, requests for inside it
+/// answer as they did or 409 (it is stopping), never 500.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_racing_an_exit_get_409_not_500() {
+    let d = Daemon::start();
+    d.create_app("race").await;
+    for _ in 0..3 {
+        let m = d
+            .machine("race", json!({"init": {"cmd": ["sh", "-c", "sleep 0.3"]}}))
+            .await;
+        let id = m["id"].as_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            let exec = d
+                .call(
+                    Method::POST,
+                    &format!("{}/exec", path("race", &id)),
+                    Some(json!({"command": ["true"]})),
+                )
+                .await;
+            let ps = d.call(Method::GET, &format!("{}/ps", path("race", &id)), None).await;
+            for (status, body) in [exec, ps] {
+                assert!(
+                    status.is_success() || status == StatusCode::CONFLICT,
+                    "{status}: {body}"
+                );
+            }
+        }
+    }
+}
+
+/// A stop sent the moment a start returns (the main process may not be
+/// spawned yet: init answers the start first) is not lost: it ends the
+/// machine at once, never after the whole stop timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_right_after_a_start_is_not_lost() {
+    let d = Daemon::start();
+    d.create_app("quick").await;
+    let m = d.machine("quick", json!({})).await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let (start, stop) = (format!("{}/start", path("quick", &id)), format!("{}/stop", path("quick", &id)));
+    d.ok(Method::POST, &stop, Some(json!({}))).await;
+    for i in 0..50 {
+        d.ok(Method::POST, &start, None).await;
+        let t = std::time::Instant::now();
+        let stopped = d.ok(Method::POST, &stop, Some(json!({"timeout": "5s"}))).await;
+        assert!(t.elapsed() < std::time::Duration::from_secs(4), "cycle {i}: the stop took {:?}", t.elapsed());
+        assert_eq!(stopped["state"], "stopped");
+    }
 }

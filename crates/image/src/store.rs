@@ -355,7 +355,13 @@ impl ImageStore {
             return Ok(());
         }
         let what = format!("layer {}", desc.digest);
-        let src = BufReader::with_capacity(1 << 20, l.open_blob(desc, "layer")?);
+        let blob = l.open_blob(desc, "layer")?;
+        // Before a byte is unpacked: the size is what its caps are made of.
+        let size = blob.metadata().context(|| format!("reading the size of {what}"))?.len();
+        if size != desc.size {
+            return Err(l.invalid(format!("{what} is {size} bytes but its descriptor says {}", desc.size)));
+        }
+        let src = BufReader::with_capacity(1 << 20, blob);
 
         let tmp_blob = if have_blob { None } else { Some(self.tmp_file("blob")?) };
         let sink: Box<dyn Write> = match &tmp_blob {
@@ -563,10 +569,12 @@ fn unpack_layer<R: Read>(
         Err(_) if over.get() => return Err(too_large()),
         other => other?,
     };
+    // The rest of the stream, past the tar's end, still counts.
+    let finished = uncompressed.finish();
     if over.get() {
         return Err(too_large());
     }
-    let (actual, _, _) = uncompressed.finish().context(|| format!("reading the end of {what}"))?;
+    let (actual, _, _) = finished.context(|| format!("reading the end of {what}"))?;
     if actual != diff_id {
         return Err(ImageError::DigestMismatch {
             what: format!("{what} (uncompressed, config diff_id)"),
@@ -600,6 +608,11 @@ impl<R: Read> Read for Capped<R> {
             }
         }
     }
+}
+
+/// Whether `openat2` refused to follow a link (see [`Layout::open`]).
+fn is_link_refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(n) if n == Errno::LOOP.raw_os_error() || n == Errno::XDEV.raw_os_error())
 }
 
 /// Picks the `index.json` entry a tag (or its absence) selects.
@@ -694,6 +707,32 @@ impl Layout<'_> {
         invalid(self.name, reason)
     }
 
+    fn link_refused(&self, rel: &str) -> ImageError {
+        self.invalid(format!(
+            "{rel} is a symbolic link, or under one: a layout holds plain files only"
+        ))
+    }
+
+    /// Opens `rel` (`index.json`, `blobs/sha256/…`) in the layout without
+    /// following a symlink anywhere on the way: a layout is only files, and
+    /// one that links elsewhere must not make the daemon read it.
+    fn open(&self, rel: &str) -> io::Result<File> {
+        let dir = rfs::open(
+            self.dir,
+            rfs::OFlags::PATH | rfs::OFlags::DIRECTORY | rfs::OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let resolve = rfs::ResolveFlags::BENEATH | rfs::ResolveFlags::NO_SYMLINKS | rfs::ResolveFlags::NO_MAGICLINKS;
+        let fd = rfs::openat2(
+            &dir,
+            rel,
+            rfs::OFlags::RDONLY | rfs::OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        )?;
+        Ok(File::from(fd))
+    }
+
     fn hex<'d>(&self, digest: &'d str) -> Result<&'d str> {
         oci::sha256_hex(digest).ok_or_else(|| {
             self.invalid(format!(
@@ -704,12 +743,13 @@ impl Layout<'_> {
 
     fn read_index(&self) -> Result<Index> {
         let path = self.dir.join("index.json");
-        let file = File::open(&path).map_err(|e| match e.kind() {
+        let file = self.open("index.json").map_err(|e| match e.kind() {
             io::ErrorKind::NotFound if !self.dir.is_dir() => ImageError::NotFound {
                 what: format!("OCI layout {}", self.name),
                 detail: format!("{} is not a directory", self.dir.display()),
             },
             io::ErrorKind::NotFound => self.invalid("no index.json (is this an OCI image layout?)".into()),
+            _ if is_link_refused(&e) => self.link_refused("index.json"),
             _ => ImageError::Io {
                 context: format!("opening {}", path.display()),
                 source: e,
@@ -728,11 +768,12 @@ impl Layout<'_> {
     fn open_blob(&self, desc: &Descriptor, kind: &str) -> Result<File> {
         let hex = self.hex(&desc.digest)?;
         let path = self.dir.join("blobs/sha256").join(hex);
-        File::open(&path).map_err(|e| match e.kind() {
+        self.open(&format!("blobs/sha256/{hex}")).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ImageError::NotFound {
                 what: format!("{kind} blob {} in {}", desc.digest, self.name),
                 detail: format!("no file blobs/sha256/{hex}"),
             },
+            _ if is_link_refused(&e) => self.link_refused(&format!("blobs/sha256/{hex}")),
             _ => ImageError::Io {
                 context: format!("opening {kind} blob {}", path.display()),
                 source: e,

@@ -328,13 +328,15 @@ impl Unpacker<'_> {
                 );
                 self.clear_slot(&parent, name, false, &raw_path)?;
                 rfs::mknodat(&parent, name, ft, Mode::from_raw_mode(0o600), dev).context(c)?;
-                // A device node is root's alone on the host, whatever mode
-                // the image gave it: no host user may open a disk through
-                // a layer. (Inside machines, their mounts are nodev.)
+                // A device node is root's alone on the host, whatever owner
+                // and mode the image gave it: no host user may open a disk
+                // through a layer. (Inside machines, their mounts are nodev.)
                 let meta = match kind {
                     EntryType::Fifo => meta,
                     _ => Meta {
-                        mode: meta.mode & Mode::from_raw_mode(0o7700),
+                        uid: rfs::Uid::ROOT,
+                        gid: rfs::Gid::ROOT,
+                        mode: meta.mode & Mode::from_raw_mode(0o600),
                         ..meta
                     },
                 };

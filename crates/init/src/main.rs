@@ -188,6 +188,12 @@ fn main() {
         }
     };
     reset_inherited_dispositions();
+    // Not dumpable: a machine's own root (without CAP_SYS_PTRACE) can't
+    // reach our descriptors through /proc/1/fd, among them the log's
+    // segments, which live on the host. Children are dumpable again once
+    // they exec.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // Before any thread exists, so that every thread inherits the mask and
     // signals can only be taken by the sigwaitinfo loop.
     let signals = block_signals();
@@ -362,14 +368,8 @@ fn signal_loop(init: &Init, signals: &libc::sigset_t) -> ExitStatus {
             if let Some(status) = init.reap() {
                 return status;
             }
-        } else if FORWARDED.contains(&sig)
-            && init.main_exit().is_none()
-            && let Some(pid) = init.main_pid()
-        {
-            // The main process may just have exited (zombie or reaped): a
-            // failed kill then is expected and harmless. Before it is
-            // started (held), there is no one to pass a signal to.
-            let _ = kill(pid as i32, sig);
+        } else if FORWARDED.contains(&sig) && init.main_exit().is_none() {
+            init.forward(sig);
         }
         // Anything else (including EINTR, sig < 0) is ignored: PID 1 has no
         // default actions.

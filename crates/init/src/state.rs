@@ -31,6 +31,10 @@ pub struct Init {
     main_pid: AtomicU32,
     /// How to start the main process, until it is started.
     starter: Mutex<Option<MainStarter>>,
+    /// Signals for a main process ordered started but not spawned yet (the
+    /// start is answered before the spawn): delivered once it is. Also
+    /// guards setting `main_pid`, so that none falls between the two.
+    pending_signals: Mutex<Vec<i32>>,
     main_exit: Mutex<Option<ExitStatus>>,
     /// Held for reading while a child is spawned and registered, and for
     /// writing while the reaper calls `waitpid(-1)`.
@@ -39,9 +43,9 @@ pub struct Init {
     /// reaper can never collect an exec child before its waiter is
     /// registered (no early-exit bookkeeping needed), and any pid it reaps
     /// that has no waiter is an orphan that nobody will ever ask about.
-    /// It also protects the spawners: when exec fails, both glibc's
-    /// `posix_spawn` and std's `Command::spawn` reap the failed child
-    /// themselves with `waitpid(pid)` (std panics if someone else did).
+    /// It also protects the spawners: when exec fails, std's
+    /// `Command::spawn` reaps the failed child itself with `waitpid(pid)`
+    /// (and panics if someone else did).
     spawn_lock: RwLock<()>,
     waiters: Mutex<HashMap<u32, Arc<dyn ExitWatcher>>>,
 }
@@ -59,6 +63,7 @@ impl Init {
         Self {
             main_pid: AtomicU32::new(0),
             starter: Mutex::new(Some(starter)),
+            pending_signals: Mutex::new(Vec::new()),
             main_exit: Mutex::new(None),
             spawn_lock: RwLock::new(()),
             waiters: Mutex::new(HashMap::new()),
@@ -85,8 +90,25 @@ impl Init {
     pub fn spawn_main(&self, cmd: &mut Command) -> io::Result<u32> {
         let _guard = self.spawn_lock.read().unwrap_or_else(PoisonError::into_inner);
         let pid = cmd.spawn()?.id();
+        let mut pending = lock(&self.pending_signals);
         self.main_pid.store(pid, Ordering::SeqCst);
+        for sig in pending.drain(..) {
+            let _ = kill(pid as i32, sig);
+        }
         Ok(pid)
+    }
+
+    /// Passes `sig` on to the main process: now if it runs, once it does if
+    /// it has been ordered started; not at all while it is held.
+    pub fn forward(&self, sig: i32) {
+        let mut pending = lock(&self.pending_signals);
+        match self.main_pid() {
+            // It may just have exited (zombie or reaped): a failed kill
+            // then is expected and harmless.
+            Some(pid) => drop(kill(pid as i32, sig)),
+            None if lock(&self.starter).is_none() => pending.push(sig),
+            None => {}
+        }
     }
 
     /// How the main process ended, once it has.

@@ -169,7 +169,6 @@ impl Manager {
         self.teardown(&slot, &rec).await;
         let (pool, machine) = (self.inner.pool.clone(), rec.id.clone());
         let snapshot = checkpoint_volume(&c.id);
-        let limit = self.disk_limit(&rec.config);
         tokio::task::spawn_blocking(move || -> Result<()> {
             let (incoming, outgoing, live) = (
                 incoming_volume(&machine),
@@ -178,10 +177,6 @@ impl Manager {
             );
             pool.delete(&incoming)?;
             pool.snapshot(&snapshot, &incoming, false)?;
-            // A new subvolume: its own quota group, limited anew.
-            if let Some(bytes) = limit {
-                pool.set_limit(&incoming, bytes)?;
-            }
             // From here a crash leaves states recovery knows how to finish
             // (see `recover_layer_swap`).
             pool.rename(&live, &outgoing)?;
@@ -275,14 +270,7 @@ impl Manager {
                 None => (volume_name(&parent.id), is_live(&parent, &slot)),
             };
             self.snapshot_layer(&parent.id, &src, &volume_name(&fork_id), live, false)
-                .await?;
-            if let Some(bytes) = self.disk_limit(&rec.config) {
-                let (pool, name) = (self.inner.pool.clone(), volume_name(&fork_id));
-                tokio::task::spawn_blocking(move || pool.set_limit(&name, bytes))
-                    .await
-                    .map_err(|e| Error::internal("limiting the fork's disk", e))??;
-            }
-            Ok::<_, Error>(())
+                .await
         };
         if let Err(e) = copied.await {
             self.undo_create(&rec).await;

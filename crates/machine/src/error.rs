@@ -83,9 +83,11 @@ impl From<&hangar_image::ImageError> for Error {
         use hangar_image::ImageError as I;
         let message = e.to_string();
         match e {
-            I::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Error::NoSpace(format!(
-                "{message}: no space left on the device; free some (hangar image prune)"
-            )),
+            I::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                // The message names the store's files: the log has it.
+                tracing::warn!("{message}: {source}");
+                Error::NoSpace("no space left on the device for images; free some (hangar image prune)".into())
+            }
             I::Io { source, .. } => Error::Internal(format!("{message}: {source}")),
             I::NotFound { .. } => Error::NotFound(message),
             I::Unauthorized { .. } => Error::UpstreamAuth(message),

@@ -87,6 +87,10 @@ pub struct ManagerConfig {
     pub machine_log_bytes: u64,
     /// Bounds on image layers, pulled or imported.
     pub image_limits: hangar_image::ImageLimits,
+    /// Turn on btrfs simple quotas (machines' disk limits) in a pool the
+    /// operator gave (`pool_dir`, or a data dir on btrfs); the pool Hangar
+    /// makes itself gets them anyway.
+    pub pool_simple_quotas: bool,
 }
 
 /// Per-machine runtime bookkeeping, in memory only. Everything needed to
@@ -265,15 +269,20 @@ impl Manager {
         };
         let egress = egress::Egress::new(data, &cfg.egress)?;
         let disk_quotas = {
+            // The loop image Hangar makes is its own; a filesystem the
+            // operator gave is marked only if they say so.
+            let own = cfg.pool_dir.is_none() && !hangar_rootfs::pool::is_btrfs(&cfg.data_dir)?;
+            let turn_on = own || cfg.pool_simple_quotas;
             let pool = pool.clone();
-            tokio::task::spawn_blocking(move || pool.enable_simple_quotas())
+            tokio::task::spawn_blocking(move || pool.simple_quotas(turn_on))
                 .await
                 .map_err(|e| Error::internal("turning on the pool's quotas", e))??
         };
         if !disk_quotas {
             tracing::warn!(
-                "machines' guest.disk_gb is not enforced: the storage pool can't have btrfs simple quotas \
-                 (kernel 6.7+), and classic ones would slow every checkpoint"
+                "machines' guest.disk_gb is not enforced: the storage pool has no btrfs simple quotas \
+                 (kernel 6.7+; hangar serve --pool-simple-quotas turns them on in a pool you gave), and \
+                 classic ones would slow every checkpoint"
             );
         }
         Ok(Manager {

@@ -380,12 +380,8 @@ impl Manager {
             .map_err(|e| Error::internal(&format!("creating {}", paths.dir.display()), e))?;
         let pool = self.inner.pool.clone();
         let name = volume_name(&rec.id);
-        let limit = self.disk_limit(&rec.config);
         tokio::task::spawn_blocking(move || -> Result<()> {
             let vol = pool.create(&name)?;
-            if let Some(bytes) = limit {
-                pool.set_limit(&name, bytes)?;
-            }
             hangar_rootfs::overlay::WritableLayer::in_volume(&vol)?;
             Ok(())
         })
@@ -737,6 +733,8 @@ impl Manager {
     }
 
     /// Starts a command in a started machine and returns its output stream.
+    /// (An error of the stream after it started is the caller's to pass
+    /// through [`ended_under_us`].)
     pub async fn exec_stream(&self, app: &str, id: &str, req: ExecRequest) -> Result<Exec> {
         if req.command.is_empty() || req.command[0].is_empty() {
             return Err(Error::BadRequest(
@@ -776,7 +774,10 @@ impl Manager {
             timeout_ms: req.timeout.map(|s| s.saturating_mul(1000)),
             stdin: req.stdin.is_some(),
         };
-        agent::exec(&running.agent, request, req.stdin.map(Bytes::from)).await
+        match agent::exec(&running.agent, request, req.stdin.map(Bytes::from)).await {
+            Err(e) => Err(ended_under_us(&running, e).await),
+            ok => ok,
+        }
     }
 
     /// Runs a command to completion and returns its output.
@@ -787,7 +788,18 @@ impl Manager {
             let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
             buf.extend_from_slice(&data[..data.len().min(room)]);
         };
-        while let Some(out) = exec.next().await? {
+        let running = self.live_sandbox(app, id).await.ok();
+        loop {
+            let out = match exec.next().await {
+                Ok(Some(out)) => out,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(match &running {
+                        Some(r) => ended_under_us(r, e).await,
+                        None => e,
+                    });
+                }
+            };
             match out {
                 ExecOutput::Stdout(d) => keep(&mut stdout, &d),
                 ExecOutput::Stderr(d) => keep(&mut stderr, &d),
@@ -802,12 +814,19 @@ impl Manager {
                 }
             }
         }
-        Err(Error::Internal("exec ended without an exit status".into()))
+        let e = Error::Internal("exec ended without an exit status".into());
+        Err(match &running {
+            Some(r) => ended_under_us(r, e).await,
+            None => e,
+        })
     }
 
     async fn file_call(&self, app: &str, id: &str, req: Request) -> Result<Reply> {
         let running = self.live_sandbox(app, id).await?;
-        agent::call(&running.agent, &req).await
+        match agent::call(&running.agent, &req).await {
+            Err(e) => Err(ended_under_us(&running, e).await),
+            ok => ok,
+        }
     }
 
     pub async fn stat_file(&self, app: &str, id: &str, path: &str) -> Result<FileInfo> {
@@ -928,6 +947,26 @@ impl Manager {
                 .collect()),
             other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
         }
+    }
+}
+
+/// What to answer when talking to a machine's init failed: if the machine
+/// is ending (its main process exited, so init is going), that it is, a
+/// 409 to retry after a start, not the broken connection's 500.
+pub(crate) async fn ended_under_us(running: &crate::sandbox::Running, e: Error) -> Error {
+    if !matches!(e, Error::Internal(_) | Error::Unavailable(_)) {
+        return e;
+    }
+    match running.wait_exit(Duration::from_millis(500)).await {
+        Some(_) => Error::WrongState {
+            message: format!(
+                "machine {}: its main process has exited, and the machine is stopping; \
+                 start it again to run commands in it",
+                running.id
+            ),
+            state: MachineState::Stopping,
+        },
+        None => e,
     }
 }
 

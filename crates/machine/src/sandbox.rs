@@ -171,13 +171,26 @@ impl Manager {
     /// A prepared machine uses no CPU; its idle init costs about 1 MB of
     /// memory, so at most `prepared_limit` machines are kept prepared.
     async fn prepare(&self, slot: &Slot, rec: &MachineRecord) -> Result<()> {
-        if self.inner.prepared_count.load(Ordering::Relaxed) >= self.inner.cfg.prepared_limit {
+        // A place is taken before the sandbox is made, in one step: many
+        // machines stopping at once must not all see room and all take it.
+        let limit = self.inner.cfg.prepared_limit;
+        let took = self
+            .inner
+            .prepared_count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
+        if took.is_err() {
             return Ok(());
         }
-        let running = self.create_sandbox(rec, true).await?;
-        self.inner.prepared_count.fetch_add(1, Ordering::Relaxed);
-        *slot.prepared.lock().expect("prepared lock") = Some(running);
-        Ok(())
+        match self.create_sandbox(rec, true).await {
+            Ok(running) => {
+                *slot.prepared.lock().expect("prepared lock") = Some(running);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.prepared_count.fetch_sub(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
     }
 
     /// After a machine's sandbox ended: release it (its cgroup and runtime
@@ -229,7 +242,17 @@ impl Manager {
         let plan = crate::launch::plan(&rec.id, &rec.app, &rec.config, &image.config, &egress_env)?;
         let lowers = self.inner.images.layer_dirs(&image);
         let paths = self.paths(&rec.id);
-        let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume_name(&rec.id)))?;
+        let volume = volume_name(&rec.id);
+        let layer = WritableLayer::in_volume(&self.inner.pool.path(&volume))?;
+        // Each time, not once at create: the layer is a new subvolume after
+        // a rollback, and machines from before limits had none.
+        if let Some(bytes) = self.disk_limit(&rec.config) {
+            let (pool, volume) = (self.inner.pool.clone(), volume.clone());
+            // It may wait for a transaction another machine's checkpoint holds.
+            tokio::task::spawn_blocking(move || pool.set_limit(&volume, bytes))
+                .await
+                .map_err(|e| Error::internal("limiting the machine's disk", e))??;
+        }
         if !overlay::is_mounted(&paths.rootfs) {
             overlay::mount(&lowers, Some(&layer), &paths.rootfs)?;
         }

@@ -110,12 +110,15 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn delete(&self, name: &str) -> Result<()>;
     /// Limits what a volume may reference to `bytes`, turning quotas on for
     /// the pool first if they are off (classic ones, which slow snapshots:
-    /// call [`Pool::enable_simple_quotas`] first where that matters).
+    /// ask [`Pool::simple_quotas`] first where that matters).
     fn set_limit(&self, name: &str, bytes: u64) -> Result<()>;
-    /// Turns on quotas that cost snapshots nothing (btrfs simple quotas,
-    /// kernel 6.7+; data written before counts for nobody). False if the
-    /// pool can't have them: then limits would slow every snapshot.
-    fn enable_simple_quotas(&self) -> Result<bool>;
+    /// Whether the pool has quotas that cost snapshots nothing (btrfs
+    /// simple quotas, kernel 6.7+; data written before counts for nobody),
+    /// turning them on first with `turn_on`. That marks the filesystem so
+    /// that kernels before 6.7 can't mount it: only for a filesystem the
+    /// operator gave Hangar to own. False where limits would slow every
+    /// snapshot.
+    fn simple_quotas(&self, turn_on: bool) -> Result<bool>;
     /// Bytes a volume references (its data, shared or not), if quotas know.
     fn usage(&self, name: &str) -> Result<Option<u64>>;
     /// Renames a volume (atomically; `dst` must not exist).
@@ -273,8 +276,11 @@ impl Pool for BtrfsPool {
         limit()
     }
 
-    fn enable_simple_quotas(&self) -> Result<bool> {
+    fn simple_quotas(&self, turn_on: bool) -> Result<bool> {
         let dir = self.dir_fd()?;
+        if !turn_on {
+            return Ok(quota_mode(&dir)?.as_deref() == Some("squota"));
+        }
         let mut args = QuotaCtlArgs {
             cmd: BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA,
             status: 0,

@@ -71,13 +71,24 @@ pub fn kill_all(id: &str) {
     let root = Path::new("/sys/fs/cgroup");
     let rel = path_for(id);
     let rel = rel.trim_start_matches('/');
+    // Killed first, limits lifted after: nothing may run unlimited.
     if is_v2(root) {
         let dir = root.join(rel);
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         let _ = std::fs::write(dir.join("memory.max"), "max");
         let _ = std::fs::write(dir.join("cpu.max"), "max");
-        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         return;
     }
+    // Frozen (or freezing), nothing forks between our reading the list
+    // and the kill; thawed in any case, or a SIGKILL never lands.
+    let _ = set_frozen(id, true);
+    if let Ok(pids) = std::fs::read_to_string(root.join("pids").join(rel).join("cgroup.procs")) {
+        for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid read from the sandbox's cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let _ = set_frozen(id, false);
     // The swap limit first: the memory limit may not exceed it.
     for (controller, file, value) in [
         ("memory", "memory.memsw.limit_in_bytes", "-1"),
@@ -85,17 +96,6 @@ pub fn kill_all(id: &str) {
         ("cpu", "cpu.cfs_quota_us", "-1"),
     ] {
         let _ = std::fs::write(root.join(controller).join(rel).join(file), value);
-    }
-    // Frozen, nothing forks between our reading the list and the kill.
-    let frozen = set_frozen(id, true).is_ok();
-    if let Ok(pids) = std::fs::read_to_string(root.join("pids").join(rel).join("cgroup.procs")) {
-        for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-            // SAFETY: kill(2) with a pid read from the sandbox's cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-    if frozen {
-        let _ = set_frozen(id, false);
     }
 }
 

@@ -232,6 +232,9 @@ pub fn oci_config(spec: &SandboxSpec) -> Value {
                 "permitted": capabilities,
             },
             "noNewPrivileges": true,
+            // Not whatever the daemon runs with (a service manager may give
+            // it a negative score, which machines could then claim too).
+            "oomScoreAdj": 0,
         },
         "root": { "path": spec.rootfs, "readonly": false },
         "hostname": spec.hostname,

@@ -14,6 +14,7 @@
 
 mod schema;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -1118,8 +1119,21 @@ fn insert_event(tx: &Transaction<'_>, machine_id: &str, e: &MachineEvent) -> Res
     })
     .map_err(recording())?;
     // Pruned now and then, not on every insert (events are on the start
-    // path): a machine holds at most 64 more than the cap.
-    if tx.last_insert_rowid() % 64 == 0 {
+    // path): a machine holds at most 64 more than the cap. Counted per
+    // machine, on the store's one thread.
+    thread_local! {
+        static SINCE_PRUNED: std::cell::RefCell<HashMap<String, u32>> = Default::default();
+    }
+    let due = SINCE_PRUNED.with_borrow_mut(|counts| {
+        let n = counts.entry(machine_id.to_owned()).or_default();
+        *n += 1;
+        if *n < 64 {
+            return false;
+        }
+        counts.remove(machine_id);
+        true
+    });
+    if due {
         tx.prepare_cached(
             "DELETE FROM events WHERE machine_id = ?1 AND seq <= \
              (SELECT seq FROM events WHERE machine_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",

@@ -255,7 +255,7 @@ impl Daemon {
             .arg(&self.volume_pool_dir)
             .arg("--init-binary")
             .arg(init_binary())
-            .args(["--import-dir", IMPORTS, "--import-dir", DEBIAN])
+            .args(["--import-dir", IMPORTS, "--import-dir", DEBIAN, "--pool-simple-quotas"])
             .args(&self.serve_args)
             .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .env("HANGAR_LOG", "info")

@@ -20,10 +20,12 @@ if ((${#missing[@]})); then
 fi
 
 if [[ "${1:-}" == "--test" ]]; then
-  # The MCP tests' clients: the official Python SDK, pinned, in a venv.
+  # The MCP tests' clients (the official Python SDK) and the OpenAPI
+  # document's validator, pinned, in a venv.
   venv=target/test-tools/venv
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r crates/cli/tests/mcp/requirements.txt
+  "$venv/bin/pip" install -q --disable-pip-version-check -r crates/cli/tests/mcp/requirements.txt \
+    -r crates/daemon/tests/requirements.txt
   # And the MCP Inspector CLI and the conformance suite, pinned by the lock.
   npm_dir=target/test-tools/npm
   if ! cmp -s crates/cli/tests/mcp/package-lock.json "$npm_dir/package-lock.json"; then

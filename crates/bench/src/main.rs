@@ -431,7 +431,11 @@ fn daemon_and_image(common: &Common) -> Result<(hangar::Config, String, tempfile
 /// `--pool-root`) has machines' disk limits on, as a pool it makes itself
 /// would.
 fn serve_args(dir: &std::path::Path) -> Vec<String> {
-    vec!["--import-dir".into(), dir.display().to_string(), "--pool-simple-quotas".into()]
+    vec![
+        "--import-dir".into(),
+        dir.display().to_string(),
+        "--pool-simple-quotas".into(),
+    ]
 }
 
 /// A scratch directory (removed when dropped) holding the busybox rootfs

@@ -560,22 +560,35 @@ async fn requests_racing_an_exit_get_409_not_500() {
     }
 }
 
-/// A stop sent the moment a start returns (the main process may not be
-/// spawned yet: init answers the start first) is not lost: it ends the
-/// machine at once, never after the whole stop timeout.
+/// A stop sent the moment a start returns (init answers the start before
+/// it spawns the main process, here 300 ms before) is not lost: it ends
+/// the machine at once, never after the whole stop timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_right_after_a_start_is_not_lost() {
     let d = Daemon::start();
     d.create_app("quick").await;
-    let m = d.machine("quick", json!({})).await;
+    let m = d
+        .machine("quick", json!({"env": {"HANGAR_TEST_DELAY_MAIN_MS": "300"}}))
+        .await;
     let id = m["id"].as_str().unwrap().to_owned();
-    let (start, stop) = (format!("{}/start", path("quick", &id)), format!("{}/stop", path("quick", &id)));
+    let (start, stop) = (
+        format!("{}/start", path("quick", &id)),
+        format!("{}/stop", path("quick", &id)),
+    );
     d.ok(Method::POST, &stop, Some(json!({}))).await;
-    for i in 0..50 {
+    for i in 0..3 {
         d.ok(Method::POST, &start, None).await;
         let t = std::time::Instant::now();
         let stopped = d.ok(Method::POST, &stop, Some(json!({"timeout": "5s"}))).await;
-        assert!(t.elapsed() < std::time::Duration::from_secs(4), "cycle {i}: the stop took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "cycle {i}: the stop took {:?}",
+            t.elapsed()
+        );
         assert_eq!(stopped["state"], "stopped");
+        assert_ne!(
+            stopped["last_exit"]["signal"], 9,
+            "cycle {i}: killed, not stopped: {stopped}"
+        );
     }
 }

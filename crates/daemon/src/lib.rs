@@ -138,10 +138,50 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(egress::seal_key))
 }
 
+/// Every response in OpenAPI must say what it means; where a handler's
+/// annotation gives only a status and a body, say what the status means
+/// here.
+fn describe_responses(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    for item in openapi.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            for (status, response) in op.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = match status.as_str() {
+                        "200" | "201" => "success",
+                        "204" => "done; no body",
+                        "400" => "the request is invalid: the body says what to change",
+                        "403" => "refused: the body says why",
+                        "404" => "no such resource",
+                        "409" => "not now: the resource's state (in the body) does not allow it",
+                        "413" => "the request's body is too large",
+                        "500" => "internal error: the daemon's log has the detail under the id in the body",
+                        "502" => "an upstream (an image registry) failed",
+                        "503" => "a service Hangar depends on is not answering yet; retry",
+                        "507" => "no space left on the host",
+                        _ => "see the body",
+                    }
+                    .into();
+                }
+            }
+        }
+    }
+}
+
 /// The OpenAPI document, as served and as committed.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_router().split_for_parts().1;
     document_unauthorized(&mut doc);
+    describe_responses(&mut doc);
     doc
 }
 

@@ -31,3 +31,26 @@ fn every_operation_documents_its_errors() {
         }
     }
 }
+
+/// The committed document is valid OpenAPI, by a validator nobody here
+/// wrote (installed by `scripts/install-deps.sh --test`).
+#[test]
+fn committed_openapi_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let validator = root.join("target/test-tools/venv/bin/openapi-spec-validator");
+    assert!(
+        validator.is_file(),
+        "{} missing: run scripts/install-deps.sh --test",
+        validator.display()
+    );
+    let out = std::process::Command::new(&validator)
+        .arg(root.join("openapi/hangar.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openapi/hangar.json is not valid OpenAPI:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -220,12 +220,23 @@ fn main() {
 
     let (exit_file, hold) = (args.exit_file.clone(), args.hold);
     let listen_path = args.listen_path.clone();
-    let starter = Box::new(move |init: &Init| match spawn_main(&args, init) {
-        Ok(_) => Ok(()),
-        Err((code, message)) => {
-            eprintln!("hangar-init: {message}");
-            write_exit_file(&args.exit_file, &ExitStatus::exited(code));
-            Err(code)
+    let starter = Box::new(move |init: &Init| {
+        // Test hook: widens the window between the start's answer and the
+        // spawn, where a signal used to be lost (it harms only the start
+        // of the machine that sets it).
+        if let Some(ms) = std::env::var("HANGAR_TEST_DELAY_MAIN_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            thread::sleep(Duration::from_millis(ms));
+        }
+        match spawn_main(&args, init) {
+            Ok(_) => Ok(()),
+            Err((code, message)) => {
+                eprintln!("hangar-init: {message}");
+                write_exit_file(&args.exit_file, &ExitStatus::exited(code));
+                Err(code)
+            }
         }
     });
     let init: &'static Init = Box::leak(Box::new(Init::new(starter)));

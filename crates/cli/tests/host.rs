@@ -576,8 +576,23 @@ async fn a_machine_cannot_fill_the_hosts_disk() {
             Some(json!({})),
         )
         .await;
-    let r = d.exec("disk", fork["id"].as_str().unwrap(), &["sh", "-c", fill]).await;
-    check(r["stdout"].as_str().unwrap());
+    // (Their limits read back, rather than a GiB written into each.)
+    let limit_of = |id: &str| -> String {
+        let volume = d.pool_dir.join(format!("machine-{id}"));
+        let out = common::sh(
+            Command::new("btrfs")
+                .args(["qgroup", "show", "-r", "--raw", "-f"])
+                .arg(&volume),
+        );
+        out.lines()
+            .last()
+            .unwrap()
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(limit_of(fork["id"].as_str().unwrap()), (1u64 << 30).to_string());
     let cp_id = cp["id"].as_str().unwrap();
     d.ok(
         Method::POST,
@@ -585,8 +600,7 @@ async fn a_machine_cannot_fill_the_hosts_disk() {
         Some(json!({})),
     )
     .await;
-    let r = d.exec("disk", &id, &["sh", "-c", fill]).await;
-    check(r["stdout"].as_str().unwrap());
+    assert_eq!(limit_of(&id), (1u64 << 30).to_string());
 
     let (status, v) = d
         .call(

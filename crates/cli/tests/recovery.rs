@@ -313,3 +313,36 @@ async fn a_create_or_fork_cut_at_any_step_finishes_or_leaves_nothing() {
         cut_machine_finished_or_gone(&d, step, before).await;
     }
 }
+
+/// A restarted daemon serves at once: while it recovers a machine (here
+/// slowed on purpose), other requests are answered, and the machine's own
+/// get a 503 that says why, until it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_serves_while_machines_are_recovered() {
+    let mut d = Daemon::start();
+    d.create_app("rec").await;
+    let id = d.machine("rec", json!({})).await["id"].as_str().unwrap().to_owned();
+    d.stop_daemon(libc::SIGKILL);
+    d.set_env(&[("HANGAR_TEST_RECOVERY_DELAY_MS", "3000")]);
+    d.start_daemon_serving();
+    assert!(!d.ready());
+    d.ok(Method::GET, "/v1/apps", None).await;
+    let exec = format!("/v1/apps/rec/machines/{id}/exec");
+    let (status, body) = d.call(Method::POST, &exec, Some(json!({"command": ["true"]}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("being recovered"), "{body}");
+    let (status, _) = d
+        .call(
+            Method::POST,
+            &format!("/v1/apps/rec/machines/{id}/stop"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !d.ready() {
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.sh("rec", &id, "echo back").await, "back\n");
+}

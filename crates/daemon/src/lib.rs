@@ -209,6 +209,22 @@ async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
+/// Whether every machine has been recovered since the daemon started
+/// (until then, requests for the rest answer 503), and the egress gateway
+/// asked for.
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.mgr.is_ready() {
+        "ready\n".into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "recovering",
+            "machines are being recovered after the daemon's restart; retry in a moment",
+        )
+        .into_response()
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -257,6 +273,7 @@ pub fn router(mgr: Manager, token: String, proxy: Option<hangar_ingress::Proxy>,
             axum::routing::get(move || async move { axum::Json(doc) }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readyz).with_state(state.clone()))
         .merge(metrics)
         .merge(mcp)
         .merge(api)
@@ -305,8 +322,8 @@ pub async fn serve(
         .map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
     let token = load_or_create_token(&cfg.data_dir).map_err(|e| format!("writing the API token: {e}"))?;
     let mgr = Manager::open(cfg).await.map_err(|e| e.to_string())?;
-    let report = mgr.recover().await.map_err(|e| format!("recovering machines: {e}"))?;
-    tracing::info!(?report, "recovered machine state");
+    // Machines are taken now and recovered while the API already serves.
+    let recovery = mgr.recover().await.map_err(|e| format!("recovering machines: {e}"))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
@@ -322,7 +339,15 @@ pub async fn serve(
         proxy_listeners.push(listener);
     }
     let proxy_urls: Vec<String> = own[1..].iter().map(|a| format!("http://{a}")).collect();
-    mgr.start_egress(own).await;
+    let egress = mgr.clone();
+    tokio::spawn(async move {
+        match recovery.await {
+            Ok(report) => tracing::info!(?report, "recovered machine state"),
+            Err(e) => tracing::error!("recovering machines: {e}"),
+        }
+        // After recovery: it registers every live sandbox with the gateway.
+        egress.start_egress(own).await;
+    });
     let proxy = hangar_ingress::Proxy::new(mgr.clone(), proxy);
     tokio::spawn(proxy.clone().serve(proxy_listeners));
     let url = format!("http://{local}");

@@ -226,6 +226,9 @@ impl Manager {
         if let Err(e) = self.ensure_gateway(&deny).await {
             tracing::error!("egress gateway: {e}; machines have no egress until it answers");
         }
+        self.inner
+            .egress_asked
+            .store(true, std::sync::atomic::Ordering::Release);
         let mgr = self.clone();
         tokio::spawn(async move {
             loop {

@@ -138,6 +138,10 @@ struct Inner {
     egress: egress::Egress,
     /// Whether machines' `disk_gb` is enforced (the pool has simple quotas).
     disk_quotas: bool,
+    /// Machines taken by recovery and not yet let go (see `recover`).
+    recovering: Mutex<std::collections::HashSet<String>>,
+    /// Whether the egress gateway has been asked for (see `start_egress`).
+    egress_asked: std::sync::atomic::AtomicBool,
 }
 
 /// A machine's disk when its config names none, in GiB.
@@ -165,6 +169,14 @@ pub(crate) fn crash_point(step: &str) {
         tracing::warn!("HANGAR_CRASH_AT={step}: dying here");
         // SAFETY: kill(2) of our own process.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// Test hook: waits as many milliseconds as the environment variable
+/// `name` says, if it is set (to make a window a test needs wide).
+pub(crate) async fn test_delay(name: &str) {
+    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
 
@@ -302,6 +314,8 @@ impl Manager {
                 volumes: Default::default(),
                 volume_pool: Default::default(),
                 disk_quotas,
+                recovering: Default::default(),
+                egress_asked: Default::default(),
             }),
         })
     }

@@ -414,6 +414,7 @@ impl Manager {
         id_or_name: &str,
     ) -> Result<(Arc<Slot>, tokio::sync::OwnedMutexGuard<()>, MachineRecord)> {
         let rec = self.record(app, id_or_name).await?;
+        self.check_recovered(&rec.id)?;
         let slot = self.slot(&rec.id, rec.state);
         let guard = slot.op.clone().lock_owned().await;
         let rec = self.record(app, &rec.id).await?;
@@ -720,6 +721,7 @@ impl Manager {
             return Ok(running);
         }
         let rec = self.record(app, id_or_name).await?;
+        self.check_recovered(&rec.id)?;
         let running = self
             .slot(&rec.id, rec.state)
             .running

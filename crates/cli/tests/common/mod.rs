@@ -238,6 +238,12 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_and(true);
+    }
+
+    /// Starts the daemon; with `wait_ready`, returns once it has recovered
+    /// its machines.
+    fn spawn_and(&mut self, wait_ready: bool) {
         let about = self.data_dir.path().join("daemon.json");
         let _ = std::fs::remove_file(&about);
         let log = File::options()
@@ -285,6 +291,29 @@ impl Daemon {
             .unwrap()
             .trim()
             .to_owned();
+        if wait_ready {
+            while !self.ready() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon never recovered its machines:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Whether the daemon has recovered every machine (`GET /readyz`).
+    pub fn ready(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = conn.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
     }
 
     /// The egress gateway's pid, while it runs.
@@ -320,6 +349,12 @@ impl Daemon {
     /// Sets the environment the daemon starts with from its next start on.
     pub fn set_env(&mut self, env: &[(&str, &str)]) {
         self.serve_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Starts the daemon again on the same data dir, returning as soon as
+    /// it serves (it may still be recovering machines).
+    pub fn start_daemon_serving(&mut self) {
+        self.spawn_and(false);
     }
 
     /// Starts the daemon again on the same data dir.

@@ -2,13 +2,12 @@
 //! doing when it stopped (cleanly, by crash or by `kill -9`), finish it or
 //! undo it, and re-attach to sandboxes that kept running.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_api::MachineState;
 use hangar_init_protocol::ExitStatus;
 use hangar_store::MachineRecord;
-
-use std::sync::Arc;
 
 use crate::sandbox::read_exit_file;
 use crate::{Error, Manager, Result, Slot, now_ms};

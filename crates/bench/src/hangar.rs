@@ -285,6 +285,11 @@ impl Daemon {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Where the API is, and its token (for clients of the caller's own).
+    pub fn endpoint(&self) -> (&str, &str) {
+        (&self.url, &self.token)
+    }
+
     /// The daemon's directory in the btrfs pool.
     pub fn data_dir(&self) -> &Path {
         self.data_dir.path()

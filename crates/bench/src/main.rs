@@ -8,6 +8,7 @@
 //! Runs as root. Everything it makes (daemon, machines, containers, images,
 //! directories) is removed when it ends, also on error or Ctrl-C.
 
+mod burst;
 mod checkpoint;
 mod egress;
 mod floor;
@@ -203,6 +204,19 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+    /// Creates many machines at once, each timed from its create to its
+    /// first exec's answer, beside machines created one at a time. Run as
+    /// root.
+    Burst {
+        /// Machines created at once.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        machines: u32,
+        /// Machines created one at a time first (after an uncounted one).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        alone: u32,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Times requests through the egress gateway beside the same requests
     /// sent directly, to one loopback upstream, with wrk (HTTP, and HTTPS
     /// with a secret swapped in). Run as root.
@@ -299,6 +313,17 @@ fn run(cli: Cli) -> Result<i32> {
             common,
         }) => checkpoints(&common, iterations as usize, &sizes_mb),
         Some(Mode::Egress { seconds, common }) => egress_overhead(&common, seconds),
+        Some(Mode::Burst {
+            machines,
+            alone,
+            common,
+        }) => {
+            let (cfg, image, _work) = daemon_and_image(&common)?;
+            let report = burst::bench(&cfg, &image, machines as usize, alone as usize)?;
+            process::check_interrupt()?;
+            common.print(&report, burst::Report::table)?;
+            Ok(0)
+        }
         Some(Mode::Ingress {
             seconds,
             rounds,

@@ -2,6 +2,8 @@
 //! where the concepts match, so clients written for it port with little change.
 //! Everything here is plain data: no I/O, no behaviour beyond validation.
 
+#![forbid(unsafe_code)]
+
 mod checkpoint;
 pub mod egress;
 mod image;

@@ -1,5 +1,7 @@
 //! `hangar`: runs the daemon, and drives it through its REST API.
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod mcp;
 mod output;

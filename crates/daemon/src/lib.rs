@@ -4,6 +4,8 @@
 //! and served at `/v1/openapi.json`; a test keeps the committed copy
 //! (`openapi/hangar.json`) in step.
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod extract;
 pub mod mcp;

@@ -8,6 +8,8 @@
 //! (or suspends) machines whose service says `autostop` once they have
 //! been idle for their timeout.
 
+#![forbid(unsafe_code)]
+
 mod autostop;
 mod body;
 mod forward;

@@ -19,6 +19,8 @@
 //! the server closes the connection. A `read_file` whose read fails after the
 //! first reply ends with `Error` instead of `End`.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::io::{self, Read, Write};
 

@@ -7,6 +7,8 @@
 //! stdio with an HTTP backend; the daemon mounts it at `/mcp` (streamable
 //! HTTP) with its own router as the backend.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 mod args;
 mod resources;

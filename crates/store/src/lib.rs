@@ -12,6 +12,8 @@
 //! [`Store::open`]) so a Postgres/CockroachDB backend can take the same
 //! statements later.
 
+#![forbid(unsafe_code)]
+
 mod schema;
 
 use std::collections::HashMap;

@@ -530,7 +530,7 @@ async fn a_fork_bomb_leaves_its_machine_standing() {
 /// outside notices. Its forks and rollbacks are limited as it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_cannot_fill_the_hosts_disk() {
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     d.create_app("disk").await;
     let m = d.machine("disk", json!({"guest": {"disk_gb": 1}})).await;
     let id = m["id"].as_str().unwrap().to_owned();
@@ -610,4 +610,30 @@ async fn a_machine_cannot_fill_the_hosts_disk() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
+    // A destroyed machine's limited quota group is not left behind for
+    // good: the next daemon start removes it once it holds nothing.
+    let volume = d.pool_dir.join(format!("machine-{id}"));
+    let show =
+        |args: &[&str], path: &Path| common::sh(Command::new("btrfs").args(["qgroup", "show"]).args(args).arg(path));
+    let qgroup = show(&["--raw", "-f"], &volume)
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    d.ok(Method::DELETE, &format!("/v1/apps/disk/machines/{id}?force=true"), None)
+        .await;
+    let mount = d.pool_dir.parent().unwrap().to_owned();
+    common::sh(Command::new("btrfs").args(["subvolume", "sync"]).arg(&mount));
+    d.restart(libc::SIGTERM);
+    let left = show(&["--raw"], &mount);
+    assert!(
+        !left
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(qgroup.as_str())),
+        "{qgroup} left: {left}"
+    );
 }

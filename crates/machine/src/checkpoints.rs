@@ -354,7 +354,14 @@ impl Manager {
             sweep(pool.as_ref(), |name| {
                 name.starts_with(SCRATCH_PREFIX)
                     || name.strip_prefix("checkpoint-").is_some_and(|id| !known.contains(id))
-            })
+            })?;
+            // Each destroyed machine's layer leaves one behind.
+            match pool.remove_stale_quota_groups() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} quota groups of deleted volumes"),
+                Err(e) => tracing::warn!("removing quota groups of deleted volumes: {e}"),
+            }
+            Ok::<_, Error>(())
         })
         .await
         .map_err(|e| Error::internal("sweeping the storage pool", e))??;

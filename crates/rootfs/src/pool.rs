@@ -112,6 +112,10 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     /// the pool first if they are off (classic ones, which slow snapshots:
     /// ask [`Pool::simple_quotas`] first where that matters).
     fn set_limit(&self, name: &str, bytes: u64) -> Result<()>;
+    /// Removes the quota groups deleted volumes left behind once they
+    /// hold nothing any more (a limited one is not removed by itself);
+    /// returns how many. Off the hot paths: it runs the btrfs CLI.
+    fn remove_stale_quota_groups(&self) -> Result<usize>;
     /// Whether the pool has quotas that cost snapshots nothing (btrfs
     /// simple quotas, kernel 6.7+; data written before counts for nobody),
     /// turning them on first with `turn_on`. That marks the filesystem so
@@ -274,6 +278,35 @@ impl Pool for BtrfsPool {
             "turning on quotas for the storage pool",
         )?;
         limit()
+    }
+
+    fn remove_stale_quota_groups(&self) -> Result<usize> {
+        let out = Command::new("btrfs")
+            .args(["qgroup", "show", "--raw"])
+            .arg(&self.root)
+            .output()
+            .map_err(io_err("running btrfs qgroup show"))?;
+        if !out.status.success() {
+            return Ok(0); // quotas are off: nothing to clean
+        }
+        let mut removed = 0;
+        // "qgroupid rfer excl ... path", with "<stale>" as the path of one
+        // whose subvolume is gone.
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(id), Some(rfer)) = (fields.first(), fields.get(1)) else {
+                continue;
+            };
+            if fields.last() == Some(&"<stale>") && *rfer == "0" && id.starts_with("0/") {
+                let destroy = Command::new("btrfs")
+                    .args(["qgroup", "destroy", id])
+                    .arg(&self.root)
+                    .output()
+                    .map_err(io_err("running btrfs qgroup destroy"))?;
+                removed += usize::from(destroy.status.success());
+            }
+        }
+        Ok(removed)
     }
 
     fn simple_quotas(&self, turn_on: bool) -> Result<bool> {

@@ -68,10 +68,7 @@ impl MachineState {
             (Creating, Created | Starting | Destroying)
                 | (Created | Stopped | Failed, Starting | Destroying)
                 | (Starting, Started | Stopped | Failed)
-                | (
-                    Started,
-                    Stopping | Stopped | Failed | Starting | Destroying | Suspending
-                )
+                | (Started, Stopping | Stopped | Failed | Destroying | Suspending)
                 | (Stopping, Stopped | Failed)
                 | (Suspending, Suspended | Started | Stopped | Failed)
                 | (Suspended, Starting | Stopping | Stopped | Failed)
@@ -131,5 +128,9 @@ mod tests {
         assert!(Started.can_become(Stopping));
         assert!(!Stopping.can_become(Starting));
         assert!(!Started.can_become(Started));
+        // A started machine is not started again (no dead edge), while a
+        // suspended one is: a start resumes it.
+        assert!(!Started.can_become(Starting));
+        assert!(Suspended.can_become(Starting));
     }
 }

@@ -429,11 +429,11 @@ impl Manager {
     }
 
     pub(crate) async fn start_locked(&self, slot: &Arc<Slot>, rec: &mut MachineRecord, source: &str) -> Result<()> {
-        if !rec.state.can_become(MachineState::Starting) || rec.state == MachineState::Started {
+        if !rec.state.can_become(MachineState::Starting) {
             return Err(wrong_state(
                 rec,
                 "start",
-                "only created, stopped or failed machines start",
+                "only created, stopped, failed or suspended machines start",
             ));
         }
         let suspended = rec.state == MachineState::Suspended;

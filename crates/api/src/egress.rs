@@ -607,3 +607,25 @@ mod tests {
         assert!(r.validate().unwrap_err().contains("allowed_hosts"));
     }
 }
+
+/// Rules come from API callers: no string makes the parser panic, and what
+/// it accepts it prints back as it parses again.
+#[cfg(test)]
+mod rule_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_rule_parses_or_fails(rule in ".{0,80}") {
+            let _ = Rule::parse(&rule);
+        }
+
+        #[test]
+        fn hosts_and_ports_parse(host in "[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9-]{0,20}){0,3}", port in 1u16..) {
+            let rule = format!("{host}:{port}");
+            prop_assert!(Rule::parse(&rule).is_ok(), "{}", rule);
+        }
+    }
+}

@@ -718,3 +718,55 @@ mod tests {
         assert!(may_end_head(b"GET / HTTP/1.1\nHost: a\n\n", 20));
     }
 }
+
+/// The wire parsers face clients and machines nobody vouches for: no input
+/// makes them panic, and a chunked body split anywhere is followed alike.
+#[cfg(test)]
+mod properties {
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn heads_of_any_bytes_parse_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_request(&mut BytesMut::from(&bytes[..]));
+            let _ = parse_response(&mut BytesMut::from(&bytes[..]));
+        }
+
+        #[test]
+        fn chunks_split_anywhere_end_at_the_same_place(
+            sizes in proptest::collection::vec(1usize..300, 0..6),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+        ) {
+            let mut body = Vec::new();
+            for n in &sizes {
+                body.extend(format!("{n:x}\r\n").into_bytes());
+                body.extend(std::iter::repeat_n(b'x', *n));
+                body.extend(b"\r\n");
+            }
+            body.extend(b"0\r\n\r\nextra");
+            let end = body.len() - "extra".len();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(body.len())).collect();
+            points.push(0);
+            points.push(body.len());
+            points.sort_unstable();
+            let mut chunks = Chunks::default();
+            let mut taken = 0;
+            for w in points.windows(2) {
+                if chunks.done() {
+                    break;
+                }
+                taken += chunks.advance(&body[w[0]..w[1]]).unwrap();
+            }
+            prop_assert!(chunks.done());
+            prop_assert_eq!(taken, end);
+        }
+
+        #[test]
+        fn chunks_of_any_bytes_follow_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = Chunks::default().advance(&bytes);
+        }
+    }
+}

@@ -735,3 +735,43 @@ pub mod log {
         }
     }
 }
+
+/// The frame reader faces a peer it doesn't trust (the daemon reads what a
+/// machine's init writes): no input makes it panic or read past a frame.
+#[cfg(test)]
+mod frame_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_read_as_frames_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = read_frame(&mut r) {}
+        }
+
+        #[test]
+        fn frames_round_trip(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..2048), 0..8)) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                write_frame(&mut wire, FrameKind::Data, p).unwrap();
+            }
+            let mut r = &wire[..];
+            for p in &payloads {
+                let (kind, read) = read_frame(&mut r).unwrap().unwrap();
+                prop_assert_eq!(kind, FrameKind::Data);
+                prop_assert_eq!(&read, p);
+            }
+            prop_assert!(read_frame(&mut r).unwrap().is_none());
+        }
+
+        #[test]
+        fn log_headers_round_trip_and_nothing_else_parses(seq: u64, junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(log::parse_header(log::header(seq).as_bytes()), Some(seq));
+            if !junk.starts_with(b"hangar-log-segment ") {
+                prop_assert_eq!(log::parse_header(&junk), None);
+            }
+        }
+    }
+}

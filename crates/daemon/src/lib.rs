@@ -73,18 +73,26 @@ fn document_unauthorized(openapi: &mut utoipa::openapi::OpenApi) {
                 .build(),
         )
         .build();
-    for item in openapi.paths.paths.values_mut() {
-        let ops = [
+    for op in operations_mut(openapi) {
+        op.responses.responses.insert("401".into(), unauthorized.clone().into());
+    }
+}
+
+/// Every operation of the document, whatever its method.
+fn operations_mut(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
             &mut item.get,
             &mut item.put,
             &mut item.post,
             &mut item.delete,
             &mut item.patch,
-        ];
-        for op in ops.into_iter().flatten() {
-            op.responses.responses.insert("401".into(), unauthorized.clone().into());
-        }
-    }
+        ]
+        .into_iter()
+        .flatten()
+    })
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
@@ -145,35 +153,26 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// here.
 fn describe_responses(openapi: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::RefOr;
-    for item in openapi.paths.paths.values_mut() {
-        let ops = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ];
-        for op in ops.into_iter().flatten() {
-            for (status, response) in op.responses.responses.iter_mut() {
-                if let RefOr::T(response) = response
-                    && response.description.is_empty()
-                {
-                    response.description = match status.as_str() {
-                        "200" | "201" => "success",
-                        "204" => "done; no body",
-                        "400" => "the request is invalid: the body says what to change",
-                        "403" => "refused: the body says why",
-                        "404" => "no such resource",
-                        "409" => "not now: the resource's state (in the body) does not allow it",
-                        "413" => "the request's body is too large",
-                        "500" => "internal error: the daemon's log has the detail under the id in the body",
-                        "502" => "an upstream (an image registry) failed",
-                        "503" => "a service Hangar depends on is not answering yet; retry",
-                        "507" => "no space left on the host",
-                        _ => "see the body",
-                    }
-                    .into();
+    for op in operations_mut(openapi) {
+        for (status, response) in op.responses.responses.iter_mut() {
+            if let RefOr::T(response) = response
+                && response.description.is_empty()
+            {
+                response.description = match status.as_str() {
+                    "200" | "201" => "success",
+                    "204" => "done; no body",
+                    "400" => "the request is invalid: the body says what to change",
+                    "403" => "refused: the body says why",
+                    "404" => "no such resource",
+                    "409" => "not now: the resource's state (in the body) does not allow it",
+                    "413" => "the request's body is too large",
+                    "500" => "internal error: the daemon's log has the detail under the id in the body",
+                    "502" => "an upstream (an image registry) failed",
+                    "503" => "a service Hangar depends on is not answering yet; retry",
+                    "507" => "no space left on the host",
+                    _ => "see the body",
                 }
+                .into();
             }
         }
     }

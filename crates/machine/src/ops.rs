@@ -735,9 +735,14 @@ impl Manager {
     }
 
     /// Starts a command in a started machine and returns its output stream.
-    /// (An error of the stream after it started is the caller's to pass
-    /// through [`ended_under_us`].)
     pub async fn exec_stream(&self, app: &str, id: &str, req: ExecRequest) -> Result<Exec> {
+        Ok(self.start_exec(app, id, req).await?.1)
+    }
+
+    /// Starts a command, and returns the sandbox it runs in with its output
+    /// stream. (An error of the stream after it started is the caller's to
+    /// pass through [`ended_under_us`].)
+    async fn start_exec(&self, app: &str, id: &str, req: ExecRequest) -> Result<(Arc<crate::sandbox::Running>, Exec)> {
         if req.command.is_empty() || req.command[0].is_empty() {
             return Err(Error::BadRequest(
                 "command must name a program, e.g. [\"ls\", \"-l\"]".into(),
@@ -777,49 +782,39 @@ impl Manager {
             stdin: req.stdin.is_some(),
         };
         match agent::exec(&running.agent, request, req.stdin.map(Bytes::from)).await {
+            Ok(exec) => Ok((running, exec)),
             Err(e) => Err(ended_under_us(&running, e).await),
-            ok => ok,
         }
     }
 
     /// Runs a command to completion and returns its output.
     pub async fn exec(&self, app: &str, id: &str, req: ExecRequest) -> Result<ExecResponse> {
-        let mut exec = self.exec_stream(app, id, req).await?;
+        let (running, mut exec) = self.start_exec(app, id, req).await?;
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let keep = |buf: &mut Vec<u8>, data: &[u8]| {
             let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
             buf.extend_from_slice(&data[..data.len().min(room)]);
         };
-        let running = self.live_sandbox(app, id).await.ok();
-        loop {
-            let out = match exec.next().await {
-                Ok(Some(out)) => out,
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(match &running {
-                        Some(r) => ended_under_us(r, e).await,
-                        None => e,
-                    });
-                }
-            };
-            match out {
-                ExecOutput::Stdout(d) => keep(&mut stdout, &d),
-                ExecOutput::Stderr(d) => keep(&mut stderr, &d),
-                ExecOutput::Exit(status) => {
-                    return Ok(ExecResponse {
-                        exit_code: status.code,
-                        exit_signal: status.signal,
-                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-                        timed_out: status.timed_out,
-                    });
+        let finished = async {
+            while let Some(out) = exec.next().await? {
+                match out {
+                    ExecOutput::Stdout(d) => keep(&mut stdout, &d),
+                    ExecOutput::Stderr(d) => keep(&mut stderr, &d),
+                    ExecOutput::Exit(status) => return Ok(status),
                 }
             }
-        }
-        let e = Error::Internal("exec ended without an exit status".into());
-        Err(match &running {
-            Some(r) => ended_under_us(r, e).await,
-            None => e,
+            Err(Error::Internal("exec ended without an exit status".into()))
+        };
+        let status = match finished.await {
+            Ok(status) => status,
+            Err(e) => return Err(ended_under_us(&running, e).await),
+        };
+        Ok(ExecResponse {
+            exit_code: status.code,
+            exit_signal: status.signal,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            timed_out: status.timed_out,
         })
     }
 

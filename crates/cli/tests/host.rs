@@ -525,6 +525,23 @@ async fn a_fork_bomb_leaves_its_machine_standing() {
     assert!(!events.to_string().contains("\"failed\""), "{events}");
 }
 
+/// The columns of the quota group of a machine's layer, as `btrfs qgroup
+/// show -r --raw` prints them: id, referenced, exclusive, limit, path.
+fn quota_group_of(d: &Daemon, id: &str) -> Vec<String> {
+    let volume = d.pool_dir.join(format!("machine-{id}"));
+    let out = common::sh(
+        Command::new("btrfs")
+            .args(["qgroup", "show", "-r", "--raw", "-f"])
+            .arg(&volume),
+    );
+    out.lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A machine writes at most its `disk_gb` to its root filesystem, and a
 /// few bytes to its run directory: the kernel says no inside, and nothing
 /// outside notices. Its forks and rollbacks are limited as it is.
@@ -577,21 +594,7 @@ async fn a_machine_cannot_fill_the_hosts_disk() {
         )
         .await;
     // (Their limits read back, rather than a GiB written into each.)
-    let limit_of = |id: &str| -> String {
-        let volume = d.pool_dir.join(format!("machine-{id}"));
-        let out = common::sh(
-            Command::new("btrfs")
-                .args(["qgroup", "show", "-r", "--raw", "-f"])
-                .arg(&volume),
-        );
-        out.lines()
-            .last()
-            .unwrap()
-            .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .to_owned()
-    };
+    let limit_of = |id: &str| quota_group_of(&d, id)[3].clone();
     assert_eq!(limit_of(fork["id"].as_str().unwrap()), (1u64 << 30).to_string());
     let cp_id = cp["id"].as_str().unwrap();
     d.ok(
@@ -613,23 +616,13 @@ async fn a_machine_cannot_fill_the_hosts_disk() {
 
     // A destroyed machine's limited quota group is not left behind for
     // good: the next daemon start removes it once it holds nothing.
-    let volume = d.pool_dir.join(format!("machine-{id}"));
-    let show =
-        |args: &[&str], path: &Path| common::sh(Command::new("btrfs").args(["qgroup", "show"]).args(args).arg(path));
-    let qgroup = show(&["--raw", "-f"], &volume)
-        .lines()
-        .last()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let qgroup = quota_group_of(&d, &id)[0].clone();
     d.ok(Method::DELETE, &format!("/v1/apps/disk/machines/{id}?force=true"), None)
         .await;
     let mount = d.pool_dir.parent().unwrap().to_owned();
     common::sh(Command::new("btrfs").args(["subvolume", "sync"]).arg(&mount));
     d.restart(libc::SIGTERM);
-    let left = show(&["--raw"], &mount);
+    let left = common::sh(Command::new("btrfs").args(["qgroup", "show", "--raw"]).arg(&mount));
     assert!(
         !left
             .lines()

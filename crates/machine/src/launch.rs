@@ -112,11 +112,10 @@ pub fn validate(config: &MachineConfig) -> Result<()> {
                 g.memory_mb
             )));
         }
-        if g.disk_gb.is_some_and(|gb| !(1..=1 << 16).contains(&gb)) {
-            return Err(Error::BadRequest(format!(
-                "guest.disk_gb must be 1..=65536, got {}",
-                g.disk_gb.unwrap_or_default()
-            )));
+        if let Some(gb) = g.disk_gb
+            && !(1..=1 << 16).contains(&gb)
+        {
+            return Err(Error::BadRequest(format!("guest.disk_gb must be 1..=65536, got {gb}")));
         }
     }
     for f in &config.files {
